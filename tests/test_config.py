@@ -1,0 +1,66 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from twist_fl.config import RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_are_the_dataclass_defaults():
+    app_cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+    run = RunConfig.from_flat(app_cfg)
+
+    assert run == RunConfig()
+    assert set(app_cfg) == set(RunConfig().to_flat())
+
+
+def test_every_key_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+
+    missing = [k for k in RunConfig().to_flat() if f"`{k}`" not in readme]
+
+    assert missing == []
+
+
+def test_resolved_defaults():
+    run = RunConfig()
+    cfg = run.model_config()
+
+    assert run.keep_for(cfg) == 4 and run.eval_keeps_for(cfg) == (2, 4, 6)
+    assert run.lr_at(1) == pytest.approx(3e-3) and run.lr_at(30) == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"keep": 9}, r"keep=9 is out of range for model 'cpu-small': allowed 1\.\.8"),
+    ({"model": "gpt5"}, r"model='gpt5' is not allowed; allowed: \["),
+    ({"dataset": "c4"}, r"dataset='c4' is not allowed; allowed: \['shakespeare'"),
+    ({"strategy": "fedprox"}, r"strategy='fedprox' is not allowed"),
+    ({"mode": "sparse"}, r"mode='sparse' is not allowed"),
+    ({"lr": -1.0}, r"lr=-1.0 must be a positive finite number"),
+    ({"local-steps": 0}, r"local-steps=0 must be >= 1"),
+    ({"eval-keeps": "2,x"}, r"eval-keeps='2,x' must be a comma list of integers"),
+    ({"eval-keeps": "12"}, r"eval-keeps has 12, out of range"),
+    ({"seq-len": 4096}, None),
+    ({"dataset": "wikitext-103", "data-path": "/nonexistent"}, r"data-path='/nonexistent' is not a readable folder"),
+    ({"dataset": "text"}, r"dataset='text' needs data-path"),
+    ({"not-a-key": 1}, r"unknown run-config key 'not-a-key'; allowed keys: .*alpha"),
+    ({"keep": "four"}, r"keep='four' must be an integer"),
+    ({"weighted-average": 3}, r"weighted-average=3 must be true or false"),
+])
+def test_bad_run_config_is_refused_with_key_and_allowed_values(values, match):
+    if match is None:  # a longer sequence grows the position table instead of failing
+        assert RunConfig.from_flat(values).model_config().block_size == 4096
+        return
+    with pytest.raises(ValueError, match=match):
+        RunConfig.from_flat(values)
+
+
+def test_hydra_config_mirrors_the_run_config():
+    import yaml
+
+    conf = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+
+    assert RunConfig.from_flat(conf["run"]) == RunConfig()

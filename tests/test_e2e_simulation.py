@@ -1,0 +1,41 @@
+"""The real `flwr run` simulation (Ray, a detached local SuperLink) on a tiny run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .procs import flwr_env, pids_with, stop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_flwr_run_simulation_two_rounds(tmp_path):
+    env = flwr_env(tmp_path / "flwr-home")
+    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+    out = tmp_path / "out"
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    run_config = (f'model="tiny" num-server-rounds=2 local-steps=2 seq-len=32 batch-size=4 eval-every=1 '
+                  f'eval-tokens=1024 eval-draws=1 out-dir="{out}" run-name="e2e"')
+    try:
+        proc = subprocess.run([flwr, "run", str(ROOT), "--stream", "--run-config", run_config,
+                               "--federation-config", "num-supernodes=3"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        run_dir = out / "e2e"
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert [r["round"] for r in rows] == [1, 2] and all(r["updated"] for r in rows)
+        assert all(len(r["nodes"]) == 3 and not r["rejected"] for r in rows)
+        assert summary["final"]["full"]["ppl"] < 257
+        for f in ("model/model.safetensors", "model/config.json", "rounds.png", "keeps.png", "config.json"):
+            assert (run_dir / f).is_file(), f
+        assert "final validation perplexity" in log or "final validation perplexity" in \
+            (tmp_path / "flwr-home" / "local-superlink" / "superlink.log").read_text()
+    finally:
+        stop(pids_with(f"--port {port}"))
+    assert pids_with(f"--port {port}") == []

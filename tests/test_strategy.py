@@ -1,0 +1,214 @@
+"""TwistStrategy driven by Flower's own round loop over an in-process Grid (no Ray)."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from twist_fl.blocks import block_indices, slice_spec
+from twist_fl.blueprint import Blueprint
+from twist_fl.config import RunConfig
+
+from .helpers import TINY, checkpoint_weights, final_weights, run_local
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def sent_train(grid, round_):
+    return [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == round_]
+
+
+def test_rounds_send_each_node_only_its_slices_and_cover_every_block(tmp_path):
+    summary, grid, run_dir = run_local(tmp_path, "basic", num_nodes=2, num_server_rounds=2, eval_every=2)
+
+    msgs = sent_train(grid, 1)
+    cfg = RunConfig.from_flat(TINY).model_config()
+    bps = [Blueprint.from_config(m.content["config"]) for m in msgs]
+    first = {k: v.numpy() for k, v in msgs[0].content["arrays"].items()}
+    assert len(msgs) == 2 and first["h.1.attn.c_attn.weight"].shape == (3 * 2 * 8, 32)  # 2 of 4 heads
+    assert set(bps[0].heads[1]) | set(bps[1].heads[1]) == set(range(4))
+    assert msgs[0].content["config"]["nonce"] == msgs[1].content["config"]["nonce"]
+    assert summary["rounds"] == 2 and summary["rejected_replies"] == 0
+    r = rows(run_dir)
+    assert [x["round"] for x in r] == [1, 2] and all(x["updated"] for x in r)
+    assert r[0]["bytes_down_total"] == sum(n["bytes_down"] for n in r[0]["nodes"]) > 0
+    assert r[1]["valid"]["full"]["ppl"] < summary["unigram_ppl_valid"] * 10
+    for f in ("config.json", "summary.json", "rounds.png", "keeps.png", "model/model.safetensors"):
+        assert (run_dir / f).is_file(), f
+    assert cfg.n_head == 4
+
+
+def test_true_masked_and_hybrid_give_the_same_weights(tmp_path):
+    _, _, d_true = run_local(tmp_path, "true", num_nodes=3, mode="true", keep=2)
+    _, g_masked, d_masked = run_local(tmp_path, "masked", num_nodes=3, mode="masked", keep=2)
+    _, g_hybrid, d_hybrid = run_local(tmp_path, "hybrid", num_nodes=3, mode="hybrid", keep=2)
+
+    a, b, c = final_weights(d_true), final_weights(d_masked), final_weights(d_hybrid)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(c[k], a[k], atol=1e-5, rtol=1e-5)
+    modes = sorted(m.content["config"]["mode"] for m in sent_train(g_hybrid, 1))
+    assert modes == ["masked", "true", "true"]
+    full = sent_train(g_masked, 1)[0].content["arrays"]["h.1.attn.c_attn.weight"].numpy()
+    assert full.shape == (3 * 4 * 8, 32)  # masked nodes get the full tensors
+
+
+def test_fedavg_baseline_sends_the_full_model_to_every_node(tmp_path):
+    summary, grid, _ = run_local(tmp_path, "dense", num_nodes=2, strategy="fedavg")
+
+    for m in sent_train(grid, 1):
+        assert m.content["arrays"]["h.1.mlp.c_fc.weight"].numpy().shape == (4 * 32, 32)
+        assert list(m.content["config"]["bp-heads-count"]) == [4, 4, 4]
+    assert summary["strategy"] == "fedavg" and summary["rounds"] == 2
+
+
+def test_optimizer_state_keep_stores_moments_on_the_node(tmp_path):
+    _, grid, _ = run_local(tmp_path, "keepopt", num_nodes=2, optimizer_state="keep")
+
+    state = next(iter(grid.contexts.values())).state
+    assert "twist-opt-exp_avg" in state and int(state["twist-opt-meta"]["step"]) == 4  # 2 rounds x 2 steps
+    m = state["twist-opt-exp_avg"]["h.0.attn.c_attn.weight"].numpy()
+    assert m.shape == (3 * 4 * 8, 32) and np.abs(m).sum() > 0
+
+
+# --- bad replies: one test per kind ------------------------------------------------------------
+
+FAULTS = {
+    "nan": "contains NaN or Inf", "inf": "contains NaN or Inf", "shape": "shape", "dtype": "dtype float64",
+    "missing-key": "array keys differ: missing", "extra-key": "unexpected ['h.0.attn.extra.weight']",
+    "stale-round": "stale reply: round 0, expected 1", "nonce": "wrong nonce", "norm": "update norm",
+    "num-examples": "num-examples=1000000000000", "raise": "error reply (code 2): RuntimeError: injected",
+}
+
+
+def blocks_of(weights, cfg, bp):
+    """Every sliced tensor of the non-shared layers, at bp's blocks."""
+    out = {}
+    for name, w in weights.items():
+        spec = slice_spec(name)
+        if spec is not None and spec.layer not in cfg.shared_layer_ids:
+            out[name] = np.take(w, block_indices(cfg, spec, bp.ids(spec.kind, spec.layer)), axis=spec.axis)
+    return out
+
+
+def check_rejected_and_blocks_kept(grid, run_dir, reason, bad_node):
+    cfg = RunConfig.from_flat(TINY).model_config()
+    r = rows(run_dir)
+    assert len(r) == 2 and r[1]["updated"]  # the run went on
+    assert len(r[0]["rejected"]) == 1 and reason in r[0]["rejected"][0]["reason"]
+    assert r[0]["rejected"][0]["node_id"] == bad_node
+    msg = next(m for m in sent_train(grid, 1) if m.metadata.dst_node_id == bad_node)
+    bp = Blueprint.from_config(msg.content["config"])
+    after = blocks_of(checkpoint_weights(run_dir, 1), cfg, bp)
+    # true mode: the message holds exactly the node's blocks, in order
+    sent = {k: msg.content["arrays"][k].numpy() for k in after}
+    assert len(after) > 0
+    for k in after:
+        assert after[k].tobytes() == sent[k].tobytes(), k
+    assert np.all(np.isfinite(np.concatenate([w.ravel() for w in final_weights(run_dir).values()])))
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_bad_reply_is_rejected_and_its_blocks_are_unchanged(tmp_path, monkeypatch, fault):
+    monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
+    seen = {"round": 0}
+
+    def only_first_round(sent, reply, node):
+        seen["round"] = max(seen["round"], int(sent.content["config"].get("server-round", 0)))
+        return reply
+
+    # node 1 (partition 1) misbehaves in every round; keep 2 of 4 with 2 nodes: disjoint blocks
+    summary, grid, run_dir = run_local(tmp_path, fault, num_nodes=2, keep=2, max_failed_rounds=0,
+                                       node_configs=[{}, {"twist-fault": fault}], reply_hook=only_first_round)
+
+    bad = sorted(grid.contexts)[1]
+    check_rejected_and_blocks_kept(grid, run_dir, FAULTS[fault], bad)
+    assert summary["rejected_replies"] == 2
+
+
+def test_faults_are_off_unless_enabled(tmp_path, monkeypatch):
+    monkeypatch.delenv("TWIST_FL_ENABLE_FAULTS", raising=False)
+
+    summary, _, _ = run_local(tmp_path, "nofault", num_nodes=2, node_configs=[{}, {"twist-fault": "nan"}])
+
+    assert summary["rejected_replies"] == 0
+
+
+def _tamper(fn):
+    """A reply hook that rewrites the reply of the second node (round 1 only)."""
+    def hook(sent, reply, node):
+        if sent.metadata.message_type != "train" or node != 1017 or sent.content["config"]["server-round"] != 1:
+            return reply
+        return fn(sent, reply)
+    return hook
+
+
+def test_lying_declared_shape_is_checked_against_the_real_array(tmp_path):
+    def lie(sent, reply):
+        arrays = reply.content["arrays"]
+        name = sorted(arrays)[0]
+        real = arrays[name].numpy()
+        bogus = Array(np.zeros(7, dtype=np.float64))
+        bogus.shape, bogus.dtype = list(real.shape), str(real.dtype)  # declared metadata says all is well
+        arrays[name] = bogus
+        return reply
+
+    _, grid, run_dir = run_local(tmp_path, "lie", num_nodes=2, keep=2, reply_hook=_tamper(lie))
+
+    check_rejected_and_blocks_kept(grid, run_dir, "dtype float64", 1017)
+
+
+def test_reply_to_unknown_message_and_extra_record_are_rejected(tmp_path):
+    def unknown(sent, reply):
+        reply.metadata.__dict__["_reply_to_message_id"] = "not-a-message"
+        return reply
+
+    _, grid, run_dir = run_local(tmp_path, "unknown", num_nodes=2, keep=2, reply_hook=_tamper(unknown))
+    r = rows(run_dir)
+    assert any("unknown message" in x["reason"] for x in r[0]["rejected"])
+    assert any("no reply" in x["reason"] for x in r[0]["rejected"])
+
+    def extra(sent, reply):
+        return Message(content=RecordDict({"arrays": reply.content["arrays"], "metrics": reply.content["metrics"],
+                                           "more": MetricRecord({"x": 1})}), reply_to=sent)
+
+    _, grid, run_dir = run_local(tmp_path, "extra", num_nodes=2, keep=2, reply_hook=_tamper(extra))
+    check_rejected_and_blocks_kept(grid, run_dir, "reply records are ['arrays', 'metrics', 'more']", 1017)
+
+
+def test_bad_num_examples_values(tmp_path):
+    for i, value in enumerate([0, -3, float("nan"), 9]):  # 9 > local-steps x batch-size = 8
+        def hook(sent, reply, value=value):
+            reply.content["metrics"]["num-examples"] = value
+            return reply
+
+        _, grid, run_dir = run_local(tmp_path, f"nex{i}", num_nodes=2, keep=2, reply_hook=_tamper(hook))
+        check_rejected_and_blocks_kept(grid, run_dir, "num-examples=", 1017)
+
+
+def test_round_with_every_reply_rejected_keeps_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
+
+    summary, grid, run_dir = run_local(tmp_path, "allbad", num_nodes=2, max_failed_rounds=0,
+                                       node_configs=[{"twist-fault": "nan"}, {"twist-fault": "inf"}])
+
+    first = {k: v.numpy() for k, v in sent_train(grid, 1)[0].content["arrays"].items()}
+    assert summary["rounds_without_update"] == [1, 2]
+    w = final_weights(run_dir)
+    assert all(w[k].tobytes() == first[k].tobytes() for k in ("wte.weight", "h.0.attn.c_attn.weight"))
+
+
+def test_consecutive_failed_rounds_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
+
+    with pytest.raises(RuntimeError, match=r"stopping: 2 consecutive rounds without a valid reply"):
+        run_local(tmp_path, "stop", num_nodes=2, num_server_rounds=3, max_failed_rounds=2,
+                  node_configs=[{"twist-fault": "raise"}, {"twist-fault": "raise"}])
+
+
+def test_too_few_nodes_fails_after_a_bounded_wait(tmp_path):
+    with pytest.raises(RuntimeError, match=r"only 2 node\(s\) connected after waiting 1 s; the run needs min-nodes=3"):
+        run_local(tmp_path, "few", num_nodes=2, min_nodes=3, node_wait_timeout=1.0)

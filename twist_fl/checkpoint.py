@@ -1,0 +1,111 @@
+"""Round checkpoints that are either complete or never seen.
+
+Each checkpoint is a folder `checkpoints/round-NNNNN/` (`weights.safetensors`, `state.json` with
+the round, the weights' sha256, RNG states and strategy state). It is written under a temporary
+name, every file fsynced, then renamed into place, and `checkpoints/LATEST` is replaced
+atomically to point at it. Loading verifies the hash; a half-written or corrupt checkpoint is
+skipped in favour of the newest complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+KEEP_LAST = 2
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_states() -> dict[str, Any]:
+    st = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(), "python": repr(random.getstate()),
+            "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]}
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    n = states["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+
+
+def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
+    from safetensors.numpy import save_file
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"round-{round_:05d}"
+    tmp = root / f".tmp-round-{round_:05d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    wpath = tmp / "weights.safetensors"
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(wpath))
+    digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    (tmp / "state.json").write_text(json.dumps({"round": round_, "weights_sha256": digest, **state}))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    atomic_write_text(root / "LATEST", final.name + "\n")
+    for old in sorted(root.glob("round-*"))[:-KEEP_LAST]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _read(ckpt: Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    from safetensors.numpy import load_file
+
+    state = json.loads((ckpt / "state.json").read_text())
+    wpath = ckpt / "weights.safetensors"
+    if hashlib.sha256(wpath.read_bytes()).hexdigest() != state["weights_sha256"]:
+        raise ValueError("weights do not match the recorded sha256")
+    return int(state["round"]), load_file(str(wpath)), state
+
+
+def load_checkpoint(run_dir: str | os.PathLike) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """(round, weights, state) of the newest complete checkpoint of a run folder."""
+    root = Path(run_dir).expanduser() / "checkpoints"
+    if not root.is_dir():
+        raise ValueError(f"resume-from={str(run_dir)!r} has no checkpoints/ folder: is it a twist-fl run folder?")
+    candidates = sorted(root.glob("round-*"), reverse=True)
+    latest = root / "LATEST"
+    if latest.is_file():
+        named = root / latest.read_text().strip()
+        candidates = [named] + [c for c in candidates if c != named]
+    for ckpt in candidates:
+        try:
+            return _read(ckpt)
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            log.warning("skipping checkpoint %s: %s", ckpt, e)
+    raise ValueError(f"resume-from={str(run_dir)!r} has no complete checkpoint")

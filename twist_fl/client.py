@@ -1,0 +1,127 @@
+"""The ClientApp's logic: turn a TRAIN message into a local update and a reply, and answer the
+server's node-info query. Flower glue over `node.local_update`; `client_app/` only wires it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .blueprint import Blueprint
+from .config import RunConfig
+from .node import local_update, node_tokens
+from .strategy import record_bytes, to_numpy, to_record
+from .train import MOMENTS, pick_device
+
+log = logging.getLogger(__name__)
+
+FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
+
+
+def node_mode(run: RunConfig, node_config: dict[str, Any]) -> str:
+    """The node's mode: node config `twist-mode` wins; else the run's mode, where `hybrid`
+    alternates true (even partition ids) and masked (odd)."""
+    mode = str(node_config.get("twist-mode", "") or run.mode)
+    if mode == "hybrid":
+        mode = "masked" if int(node_config.get("partition-id", 0)) % 2 else "true"
+    if mode not in ("true", "masked"):
+        raise ValueError(f"node config twist-mode={mode!r} is not allowed; allowed: ['true', 'masked']")
+    return mode
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    pid = int(context.node_config.get("partition-id", 0))
+    num = int(context.node_config.get("num-partitions", 1))
+    if not 0 <= pid < num:
+        raise ValueError(f"node config partition-id={pid} is outside 0..{num - 1} (num-partitions={num})")
+    return pid, num
+
+
+def handle_query(msg: Message, context: Context, run: RunConfig) -> Message:
+    pid, num = _partition(context)
+    info = ConfigRecord({"twist-mode": node_mode(run, dict(context.node_config)), "partition-id": pid,
+                         "num-partitions": num, "device": str(pick_device(run.device))})
+    return Message(content=RecordDict({"node-info": info}), reply_to=msg)
+
+
+def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
+    cfg_rec = msg.content["config"]
+    bp = Blueprint.from_config(cfg_rec)
+    mode = str(cfg_rec["mode"])
+    rnd = int(cfg_rec["server-round"])
+    pid, num = _partition(context)
+    cfg = model_config_for_run(run)
+    bp.validate(cfg)
+    tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, num, pid, run.seq_len,
+                         run.seed)
+    moments, step = _load_moments(context) if run.optimizer_state == "keep" else (None, 0)
+    received = msg.content["arrays"]
+    result = local_update(cfg, run, bp, mode, to_numpy(received), tokens, pid, rnd, float(cfg_rec["lr"]),
+                          int(cfg_rec["local-steps"]), moments, step, run.device)
+    if result.moments is not None:
+        _store_moments(context, result.moments, result.moment_step)
+    arrays, metrics = result.arrays, dict(result.metrics)
+    if os.environ.get(FAULTS_ENV) == "1" and context.node_config.get("twist-fault"):
+        from .faults import inject
+
+        arrays, metrics = inject(str(context.node_config["twist-fault"]), arrays, metrics, rnd)
+    out = to_record(arrays)
+    metrics.update({"server-round": metrics.get("server-round", rnd), "nonce": metrics.get("nonce", cfg_rec["nonce"]),
+                    "bytes-received": record_bytes(received), "bytes-sent": record_bytes(out)})
+    return Message(content=RecordDict({"arrays": out, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+_MODEL_CFG_CACHE: dict[str, Any] = {}
+
+
+def model_config_for_run(run: RunConfig):
+    """The run's GPTConfig; with `init-from`, the architecture of that model (read once)."""
+    if not run.init_from:
+        return run.model_config()
+    if run.init_from not in _MODEL_CFG_CACHE:
+        from .server import initial_model
+
+        _MODEL_CFG_CACHE[run.init_from] = initial_model(run).cfg
+    return _MODEL_CFG_CACHE[run.init_from]
+
+
+def _load_moments(context: Context) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:
+    state = context.state
+    if "twist-opt-meta" not in state:
+        return None, 0
+    step = int(state["twist-opt-meta"]["step"])
+    return {m: {k: torch.from_numpy(v) for k, v in to_numpy(state[f"twist-opt-{m}"]).items()} for m in MOMENTS}, step
+
+
+def _store_moments(context: Context, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+    for m in MOMENTS:
+        context.state[f"twist-opt-{m}"] = to_record({k: v.numpy().astype(np.float32) for k, v in moments[m].items()})
+    context.state["twist-opt-meta"] = ConfigRecord({"step": step})
+
+
+def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
+    """A ClientApp reading `[tool.flwr.app.config]`, with `overrides` on top (run_simulation
+    gives an empty run config, so the sweep CLI and tests pass theirs here)."""
+    app = ClientApp()
+    ov = dict(overrides or {})
+
+    def run_of(context: Context) -> RunConfig:
+        return RunConfig.from_flat({**dict(context.run_config), **ov})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, run_of(context))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        if "num-threads" in context.node_config:  # e.g. several SuperNodes sharing one machine
+            torch.set_num_threads(int(context.node_config["num-threads"]))
+        return handle_train(msg, context, run_of(context))
+
+    return app
+

@@ -1,0 +1,312 @@
+"""Flat, commented configuration dataclasses.
+
+`GPTConfig` describes the network (and is what a saved model carries); `RunConfig` is the
+flat run configuration that `[tool.flwr.app.config]` (kebab-case keys) and the Hydra CLI
+(snake_case keys) both map onto, validated once, before round 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 50257  # GPT-2 BPE; the byte tokenizer uses 257 (256 bytes + end-of-text)
+    block_size: int = 1024  # maximum sequence length (positions in wpe)
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads per layer in the FULL model (N for heads)
+    n_embd: int = 768  # residual-stream width
+    head_dim: int = 64  # width of one head; attention width = n_head * head_dim (not tied to n_embd)
+    n_ffn_blocks: int = 12  # FFN hidden layer cut into this many equal blocks (N for FFN)
+    ffn_block_size: int = 256  # hidden units per FFN block; hidden width = n_ffn_blocks * ffn_block_size
+    alpha: float = 0.5  # activation scaling exponent: outputs of n of N blocks are scaled by (N/n)**alpha
+    shared_layers: tuple[int, ...] = (0, -1)  # layers always kept whole (negative = from the end)
+    dropout: float = 0.0  # dropout on attention probs and residual branches (0 for the paper's setup)
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shared_layers", tuple(int(i) for i in self.shared_layers))
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "head_dim",
+                     "n_ffn_blocks", "ffn_block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(f"GPTConfig.alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for i in self.shared_layers:
+            if not -self.n_layer <= i < self.n_layer:
+                raise ValueError(
+                    f"GPTConfig.shared_layers has layer {i}, outside the model's "
+                    f"{self.n_layer} layers (allowed: {-self.n_layer}..{self.n_layer - 1})"
+                )
+
+    @property
+    def shared_layer_ids(self) -> tuple[int, ...]:
+        """The shared layers as sorted non-negative indices."""
+        return tuple(sorted({i % self.n_layer for i in self.shared_layers}))
+
+    @property
+    def ffn_hidden(self) -> int:
+        return self.n_ffn_blocks * self.ffn_block_size
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shared_layers"] = list(self.shared_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**{**d, "shared_layers": tuple(d.get("shared_layers", (0, -1)))})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Presets: the architecture only; vocab_size comes from the tokenizer at run time.
+PRESETS: dict[str, dict[str, Any]] = {
+    # GPT-2 124M: 12 layers x (12 heads of 64 + 12 FFN blocks of 256 = 3072 hidden).
+    "gpt2": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768, head_dim=64,
+                 n_ffn_blocks=12, ffn_block_size=256),
+    # The CPU default of `flwr run .`: 1.25 M parameters with the byte tokenizer.
+    "cpu-small": dict(block_size=256, n_layer=6, n_head=8, n_embd=128, head_dim=16,
+                      n_ffn_blocks=8, ffn_block_size=64),
+    # Tests and smoke runs: a few hundred thousand parameters.
+    "tiny": dict(block_size=64, n_layer=3, n_head=4, n_embd=32, head_dim=8,
+                 n_ffn_blocks=4, ffn_block_size=32),
+}
+
+
+def preset(name: str, **overrides: Any) -> GPTConfig:
+    """A GPTConfig from a named preset, with field overrides (e.g. vocab_size)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; allowed: {sorted(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+# --- the run configuration ------------------------------------------------------------------
+
+TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every key of `[tool.flwr.app.config]` (kebab-case there, snake_case here)."""
+
+    # TwIST
+    strategy: str = "twist"  # twist | fedavg (the dense data-parallel baseline: every node trains the full model)
+    keep: int = 0  # blocks of each kind a subnet keeps per non-shared layer (X of N); 0 = N/2 (50%)
+    alpha: float = 0.5  # activation scaling exponent, (N/n)**alpha
+    shared_layers: str = "0,-1"  # comma list of layers kept whole ("" for none)
+    mode: str = "true"  # true (sliced dense subnets) | masked (full model + mask) | hybrid (alternate by partition)
+    # rounds and local work
+    num_server_rounds: int = 60  # federated rounds
+    local_steps: int = 15  # batches each node trains per round (the repartition interval)
+    num_nodes: int = 0  # nodes sampled per round; 0 = every connected node
+    min_nodes: int = 2  # wait for at least this many nodes before a round
+    node_wait_timeout: float = 300.0  # seconds to wait for min-nodes before failing
+    round_timeout: float = 600.0  # seconds to wait for replies in a round
+    max_failed_rounds: int = 3  # stop after this many consecutive rounds with no valid reply (0: never)
+    # model and data
+    model: str = "cpu-small"  # preset: cpu-small | tiny | gpt2
+    init_from: str = ""  # start from a model: a HF GPT-2 save_pretrained folder or a twist-fl model folder
+    dataset: str = "shakespeare"  # shakespeare (embedded) | wikitext-103 | wikitext-2 | text
+    data_path: str = ""  # local folder for wikitext-* (wiki.*.raw) or text (train/valid/test.txt)
+    tokenizer: str = "bytes"  # bytes | gpt2
+    partitioning: str = "iid"  # iid | document (non-IID: whole documents per node)
+    seq_len: int = 64  # tokens per training sequence
+    batch_size: int = 16  # sequences per batch
+    # optimizer
+    lr: float = 3e-3  # peak AdamW learning rate
+    lr_schedule: str = "cosine"  # constant | cosine (per round, down to lr * lr_min_ratio)
+    lr_min_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables
+    optimizer_state: str = "reset"  # reset (fresh AdamW each round) | keep (nodes keep moments of blocks they held)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
+    # aggregation and reply validation
+    weighted_average: bool = True  # weight replies by num-examples
+    max_update_ratio: float = 10.0  # reject a reply whose update norm exceeds this times the sent tensors' norm
+    # evaluation and outputs
+    eval_every: int = 10  # server-side evaluation every this many rounds (and after the last)
+    eval_keeps: str = ""  # subnet sizes evaluated (comma list), mean +- std over eval-draws random subnets; "" = N/4, N/2, 3N/4
+    eval_draws: int = 3
+    eval_tokens: int = 16384  # validation tokens per evaluation (0 = the whole split)
+    out_dir: str = "outputs"
+    run_name: str = ""  # default: <time>-<strategy>-k<keep>
+    resume_from: str = ""  # a run folder to continue from its last complete round
+
+    # --- parsing ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+        """From run-config values (kebab- or snake-case keys); types are checked and coerced."""
+        types = {f.name: f.type for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                allowed = ", ".join(sorted(k.replace("_", "-") for k in types))
+                raise ValueError(f"unknown run-config key {key!r}; allowed keys: {allowed}")
+            kwargs[name] = _coerce(key, value, types[name])
+        run = cls(**kwargs)
+        run.validate()
+        return run
+
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case scalars, as `[tool.flwr.app.config]` and `--run-config` take them."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        run = dataclasses.replace(self, **changes)
+        run.validate()
+        return run
+
+    # --- derived values --------------------------------------------------------------------
+
+    @property
+    def shared_layer_list(self) -> tuple[int, ...]:
+        return _int_list("shared-layers", self.shared_layers)
+
+    def keep_for(self, cfg: GPTConfig) -> int:
+        """`keep`, with 0 resolved to half the blocks of the model."""
+        return self.keep or max(1, min(cfg.n_head, cfg.n_ffn_blocks) // 2)
+
+    def eval_keeps_for(self, cfg: GPTConfig) -> tuple[int, ...]:
+        """`eval-keeps`, with "" resolved to a quarter, half and three quarters of the blocks."""
+        if self.eval_keeps.strip():
+            return _int_list("eval-keeps", self.eval_keeps)
+        n = min(cfg.n_head, cfg.n_ffn_blocks)
+        return tuple(sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75)} - {n}))
+
+    def model_config(self) -> GPTConfig:
+        """The GPTConfig of this run (without `init-from`, which brings its own architecture)."""
+        base = preset(self.model, vocab_size=TOKENIZER_VOCAB[self.tokenizer], alpha=self.alpha,
+                      shared_layers=self.shared_layer_list)
+        if self.seq_len > base.block_size:
+            base = dataclasses.replace(base, block_size=self.seq_len)
+        return base
+
+    def lr_at(self, round_: int) -> float:
+        """Learning rate of a round (1-based): constant, or cosine from lr to lr * lr_min_ratio."""
+        if self.lr_schedule == "constant" or self.num_server_rounds <= 1:
+            return self.lr
+        t = (round_ - 1) / (self.num_server_rounds - 1)
+        lo = self.lr * self.lr_min_ratio
+        return lo + 0.5 * (self.lr - lo) * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+    def default_run_name(self) -> str:
+        import time
+
+        return time.strftime("%Y%m%d-%H%M%S") + f"-{self.strategy}-k{self.keep or 'half'}"
+
+    # --- validation --------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the key, the value and what is allowed."""
+        from .data import DATASETS, PARTITIONINGS
+
+        _choice("strategy", self.strategy, ("twist", "fedavg"))
+        _choice("mode", self.mode, ("true", "masked", "hybrid"))
+        _choice("model", self.model, tuple(PRESETS))
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("tokenizer", self.tokenizer, tuple(TOKENIZER_VOCAB))
+        _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
+        _choice("optimizer-state", self.optimizer_state, ("reset", "keep"))
+        _choice("device", self.device, ("auto", "cpu", "cuda"))
+        for key in ("num_server_rounds", "local_steps", "min_nodes", "seq_len", "batch_size", "eval_every",
+                    "eval_draws"):
+            _positive(key, getattr(self, key))
+        for key in ("keep", "num_nodes", "max_failed_rounds", "eval_tokens", "seed"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"run-config {key.replace('_', '-')}={getattr(self, key)!r} must be >= 0")
+        for key in ("lr", "node_wait_timeout", "round_timeout", "max_update_ratio"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"run-config {key.replace('_', '-')}={v!r} must be a positive finite number")
+        for key in ("weight_decay", "grad_clip", "alpha"):
+            v = getattr(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"run-config {key.replace('_', '-')}={v!r} must be a finite number >= 0")
+        if not 0 <= self.lr_min_ratio <= 1:
+            raise ValueError(f"run-config lr-min-ratio={self.lr_min_ratio!r} must be in [0, 1]")
+        if self.dataset in ("wikitext-103", "wikitext-2", "text") and self.data_path:
+            from pathlib import Path
+
+            if not Path(self.data_path).expanduser().is_dir():
+                raise ValueError(f"run-config data-path={self.data_path!r} is not a readable folder")
+        if self.dataset == "text" and not self.data_path:
+            raise ValueError("run-config dataset='text' needs data-path (a folder with train.txt, valid.txt, test.txt)")
+        if self.init_from:
+            from pathlib import Path
+
+            if not Path(self.init_from).expanduser().is_dir():
+                raise ValueError(f"run-config init-from={self.init_from!r} is not a readable folder")
+        if not self.init_from:  # with init-from the architecture is checked once the model is loaded
+            self.check_model(self.model_config())
+
+    def check_model(self, cfg: GPTConfig) -> None:
+        """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
+        hi = min(cfg.n_head, cfg.n_ffn_blocks)
+        if not 1 <= self.keep_for(cfg) <= hi:
+            raise ValueError(f"run-config keep={self.keep} is out of range for model {self.model!r}: "
+                             f"allowed 1..{hi} (n_head={cfg.n_head}, n_ffn_blocks={cfg.n_ffn_blocks})")
+        for k in self.eval_keeps_for(cfg):
+            if not 1 <= k <= hi:
+                raise ValueError(f"run-config eval-keeps has {k}, out of range for model {self.model!r}: allowed 1..{hi}")
+        for i in self.shared_layer_list:
+            if not -cfg.n_layer <= i < cfg.n_layer:
+                raise ValueError(f"run-config shared-layers has {i}; the model has layers 0..{cfg.n_layer - 1}")
+        if self.seq_len > cfg.block_size:
+            raise ValueError(f"run-config seq-len={self.seq_len} exceeds the model's block_size {cfg.block_size}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ) if isinstance(typ, str) else typ
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"run-config {key}={value!r} must be true or false")
+    if typ is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"run-config {key}={value!r} must be an integer")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"run-config {key}={value!r} must be a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"run-config {key}={value!r} must be a string")
+    return value
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"run-config {key.replace('_', '-')}={value!r} is not allowed; allowed: {list(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"run-config {key.replace('_', '-')}={value!r} must be >= 1")
+
+
+def _int_list(key: str, text: str) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"run-config {key}={text!r} must be a comma list of integers, e.g. '0,-1'") from None

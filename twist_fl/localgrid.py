@@ -1,0 +1,77 @@
+"""An in-process Flower Grid: calls a ClientApp directly (no Ray, no SuperLink).
+
+For tests and for measuring the federated runtime's overhead against the same work done in
+one process. Each node has a persistent Context (node config, state), as in a simulation.
+It relies on two flwr 1.41 internals, as Flower's own tests do: `TaskIdentity` (a Message
+built outside a Flower runtime needs a run id) and the message id set on push.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+ErrorCode_CLIENT_APP_RAISED_EXCEPTION = 2
+
+
+class LocalGrid(Grid):
+    def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
+                 run_config: dict[str, Any] | None = None,
+                 node_configs: list[dict[str, Any]] | None = None,
+                 reply_hook: Callable[[Message, Message, int], Message | None] | None = None):
+        """`reply_hook(sent, reply, node_id)` may replace or drop (None) a reply: fault injection."""
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.client_app = client_app
+        self.reply_hook = reply_hook
+        self.contexts = {}
+        for i in range(num_nodes):
+            node_cfg = {"partition-id": i, "num-partitions": num_nodes, **((node_configs or [{}] * num_nodes)[i])}
+            self.contexts[1000 + 17 * i] = Context(run_id=1, node_id=1000 + 17 * i, node_config=node_cfg,
+                                                   state=RecordDict(), run_config=dict(run_config or {}))
+        self.offline: set[int] = set()
+        self._run = None
+        self._inbox: dict[str, Message] = {}
+        self.sent: list[Message] = []
+
+    def set_run(self, run):
+        self._run = run
+
+    @property
+    def run(self):
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id,
+                       ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.contexts if n not in self.offline]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(m)
+            node = m.metadata.dst_node_id
+            try:
+                reply = self.client_app(m, self.contexts[node])
+            except Exception as e:  # noqa: BLE001 - as the runtime does: an error reply
+                reply = Message(error=Error(code=ErrorCode_CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
+                                reply_to=m)
+            if self.reply_hook is not None:
+                reply = self.reply_hook(m, reply, node)
+            if reply is not None:
+                self._inbox[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._inbox.pop(i) for i in message_ids if i in self._inbox]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))

@@ -1,0 +1,292 @@
+"""A GPT-2 style decoder whose layers can run any subset of their heads and FFN blocks.
+
+nanoGPT's structure with GPT-2 parameter names (`wte`, `wpe`, `h.{l}.attn.c_attn`, ...), two
+changes for TwIST: attention width is `n_heads * head_dim` (decoupled from `n_embd`), and the
+FFN hidden layer is `n_ffn_blocks` blocks of `ffn_block_size`. `GPT(cfg)` is the full model;
+`GPT(cfg, blueprint=bp)` the dense subnet holding only `bp`'s blocks; `model(idx, mask=bp)` runs
+a full model with the other blocks zeroed. Either way a layer running n of N blocks scales its
+attention and FFN outputs by (N/n)**alpha before the residual add.
+
+Weights are stored in `nn.Linear` orientation, (out_features, in_features). Hugging Face's GPT-2
+uses `Conv1D`, (in, out): `from_hf` transposes exactly the four tensors in `_HF_TRANSPOSED`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blueprint import Blueprint
+from .config import GPTConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT = "twist-fl/model-v1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def layer_scale(cfg: GPTConfig, n_kept: int, n_total: int) -> float:
+    """(N/n)**alpha: keeps the expected magnitude of a layer's output when n of N blocks run."""
+    return (n_total / n_kept) ** cfg.alpha if n_kept != n_total else 1.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, cfg.head_dim
+        width = n_heads * cfg.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * width, bias=cfg.bias)  # q, k, v fused along out
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.n_heads * self.head_dim, dim=2)
+        q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        if head_mask is not None:  # (nh,) of 0/1: dropped heads contribute exactly zero
+            y = y * head_mask.view(1, -1, 1, 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig, n_blocks: int):
+        super().__init__()
+        self.block_size = cfg.ffn_block_size
+        self.c_fc = nn.Linear(cfg.n_embd, n_blocks * cfg.ffn_block_size, bias=cfg.bias)
+        self.c_proj = nn.Linear(n_blocks * cfg.ffn_block_size, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's gelu_new
+        if block_mask is not None:  # (n_blocks,) of 0/1 -> one value per hidden unit
+            h = h * block_mask.repeat_interleave(self.block_size)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, n_heads: int, n_blocks: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, n_heads)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg, n_blocks)
+        # This module's own scales (a dense subnet); a masked forward passes its own.
+        self.attn_scale = layer_scale(cfg, n_heads, cfg.n_head)
+        self.mlp_scale = layer_scale(cfg, n_blocks, cfg.n_ffn_blocks)
+
+    def forward(self, x, head_mask=None, block_mask=None, attn_scale=None, mlp_scale=None):
+        a = self.attn_scale if attn_scale is None else attn_scale
+        m = self.mlp_scale if mlp_scale is None else mlp_scale
+        x = x + a * self.attn(self.ln_1(x), head_mask)
+        return x + m * self.mlp(self.ln_2(x), block_mask)
+
+
+class GPT(nn.Module):
+    """GPT(cfg) is the full model; GPT(cfg, blueprint=bp) the dense subnet of `bp`."""
+
+    def __init__(self, cfg: GPTConfig, blueprint: Blueprint | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.blueprint = None if blueprint is None or blueprint.is_full(cfg) else blueprint.validate(cfg)
+        bp = self.blueprint or Blueprint.full(cfg)
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, len(bp.heads[i]), len(bp.ffn[i])) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        # lm_head is tied to wte (GPT-2): logits use wte.weight, so no separate tensor exists.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                mask: Blueprint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
+
+        `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
+        exactly zero (so they get zero gradients) and the kept ones are scaled as in the subnet.
+        """
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.cfg.block_size}")
+        if mask is not None:
+            if self.blueprint is not None:
+                raise ValueError("a masked forward needs the full model, not a subnet")
+            mask.validate(self.cfg)
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for i, block in enumerate(self.h):
+            if mask is None:
+                x = block(x)
+                continue
+            hm = torch.zeros(self.cfg.n_head, device=x.device, dtype=x.dtype)
+            hm[list(mask.heads[i])] = 1
+            fm = torch.zeros(self.cfg.n_ffn_blocks, device=x.device, dtype=x.dtype)
+            fm[list(mask.ffn[i])] = 1
+            x = block(x, hm, fm,
+                      layer_scale(self.cfg, len(mask.heads[i]), self.cfg.n_head),
+                      layer_scale(self.cfg, len(mask.ffn[i]), self.cfg.n_ffn_blocks))
+        x = self.ln_f(x)
+        logits = F.linear(x, self.wte.weight)  # tied lm_head
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append `max_new_tokens` tokens; temperature 0 is greedy decoding."""
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.cfg.block_size:]
+            logits, _ = self(ctx)
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx
+
+    # --- persistence ---------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+        """Write `model.safetensors` + `config.json` (config, blueprint of a subnet, extra)."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "gpt": self.cfg.to_dict(),
+                "blueprint": None if self.blueprint is None else self.blueprint.to_dict(),
+                "num_params": self.num_params(), **(extra or {})}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        _atomic_write(d / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "GPT":
+        """Load a model written by `save` (full or pruned), with no knowledge of its parent."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg_path, w_path = d / CONFIG_FILE, d / WEIGHTS_FILE
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise ValueError(f"{d} is not a twist-fl model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+        cfg = GPTConfig.from_dict(meta["gpt"])
+        bp = Blueprint.from_dict(meta["blueprint"]) if meta.get("blueprint") else None
+        model = cls(cfg, blueprint=bp)
+        load_state_strict(model, load_file(str(w_path), device=map_location))
+        return model
+
+    # --- Hugging Face GPT-2 import ---------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, source: Any, **cfg_overrides: Any) -> "GPT":
+        """A full GPT from a `transformers.GPT2LMHeadModel`, a local `save_pretrained` dir, or a
+        hub name (when online). Every tensor is mapped by `HF_NAME_MAP`; key sets must match."""
+        from transformers import GPT2LMHeadModel
+
+        hf = source if isinstance(source, nn.Module) else GPT2LMHeadModel.from_pretrained(str(source))
+        c = hf.config
+        n_inner = c.n_inner if c.n_inner is not None else 4 * c.n_embd
+        if c.n_embd % c.n_head:
+            raise ValueError(f"HF config n_embd={c.n_embd} is not divisible by n_head={c.n_head}")
+        act = getattr(c, "activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"HF activation {act!r} is not supported; twist-fl uses GPT-2's gelu_new")
+        n_blocks = cfg_overrides.pop("n_ffn_blocks", c.n_head)
+        if n_inner % n_blocks:
+            raise ValueError(f"HF n_inner={n_inner} cannot be cut into n_ffn_blocks={n_blocks} equal blocks")
+        cfg = GPTConfig(**{**dict(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer,
+                                  n_head=c.n_head, n_embd=c.n_embd, head_dim=c.n_embd // c.n_head,
+                                  n_ffn_blocks=n_blocks, ffn_block_size=n_inner // n_blocks,
+                                  dropout=0.0, bias=True), **cfg_overrides})
+        model = cls(cfg)
+        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        lm_head = sd_hf.pop("lm_head.weight", None)
+        if lm_head is not None and not torch.equal(lm_head, sd_hf["transformer.wte.weight"]):
+            raise ValueError("HF lm_head.weight is not tied to wte; twist-fl models tie them")
+        ours = {}
+        for name in model.state_dict():
+            hf_name = _hf_name(name)
+            if hf_name not in sd_hf:
+                raise ValueError(f"HF state dict lacks {hf_name!r} (for {name!r})")
+            t = sd_hf.pop(hf_name)
+            ours[name] = t.t() if _is_transposed(name) else t
+        if sd_hf:
+            raise ValueError(f"HF state dict has tensors with no twist-fl counterpart: {sorted(sd_hf)}")
+        load_state_strict(model, ours)
+        return model
+
+
+# Hugging Face name of each native tensor: "transformer." + the same GPT-2 name. The four
+# Conv1D weights are stored (in, out) by HF and (out, in) here, so they are transposed.
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _hf_name(name: str) -> str:
+    return "transformer." + name
+
+
+def _is_transposed(name: str) -> bool:
+    return name.startswith("h.") and name.endswith(_HF_TRANSPOSED)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, Any]) -> None:
+    """load_state_dict with an error that names missing/extra keys and wrong shapes."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"state dict does not fit the model: missing keys {missing}, unexpected keys {extra}")
+    bad = [f"{k}: got {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+           for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError("state dict shapes do not fit the model: " + "; ".join(bad))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

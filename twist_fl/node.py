@@ -1,0 +1,81 @@
+"""What a node does in a round, without Flower: build its model from the tensors it received,
+train `local_steps` batches of its partition, and return the tensors to send back.
+
+In `true` mode the node receives the sliced tensors of its blueprint and trains the small dense
+subnet; in `masked` mode it receives the full tensors and trains the full model with the other
+blocks masked to zero. Both reply with the sliced tensors of the blueprint (a masked node's
+other blocks are unchanged by construction), so the server validates and averages one format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import slice_state
+from .blueprint import Blueprint
+from .config import GPTConfig, RunConfig
+from .data import check_split, load_tokens, partition, random_batches
+from .model import GPT, load_state_strict
+from .train import OptimConfig, export_moments, import_moments, make_optimizer, merge_moments, pick_device, \
+    train_steps
+
+log = logging.getLogger(__name__)
+
+MODES = ("true", "masked")
+
+
+@dataclass
+class LocalResult:
+    arrays: dict[str, np.ndarray]  # the blueprint's sliced tensors, float32
+    metrics: dict[str, float | int]
+    moments: dict[str, dict[str, torch.Tensor]] | None  # full-size AdamW moments (optimizer-state=keep)
+    moment_step: int
+
+
+@lru_cache(maxsize=8)
+def node_tokens(dataset: str, tokenizer: str, data_path: str, partitioning: str, num_partitions: int,
+                partition_id: int, seq_len: int, seed: int) -> np.ndarray:
+    """The training tokens of one node (cached per process; the token cache is on disk)."""
+    splits = load_tokens(dataset, tokenizer, data_path or None)
+    check_split(splits["train"], seq_len, "train", min_windows=num_partitions)
+    return partition(splits["train"], num_partitions, partition_id, partitioning, seq_len, seed)
+
+
+def local_update(cfg: GPTConfig, run: RunConfig, bp: Blueprint, mode: str, arrays: Mapping[str, Any],
+                 tokens: np.ndarray, partition_id: int, round_: int, lr: float, local_steps: int,
+                 moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None, moment_step: int = 0,
+                 device: str = "auto") -> LocalResult:
+    """One round of local training. Batches are drawn from (seed, partition_id, round_), so
+    the same inputs give the same update in either mode and after a resume."""
+    if mode not in MODES:
+        raise ValueError(f"node mode {mode!r} is not allowed; allowed: {list(MODES)}")
+    dev = pick_device(device)
+    masked = mode == "masked"
+    model = GPT(cfg) if masked else GPT(cfg, blueprint=bp)
+    load_state_strict(model, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
+    model.to(dev)
+    opt = make_optimizer(model, OptimConfig(lr=lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
+    keep_state = run.optimizer_state == "keep"
+    if keep_state and moments is not None:
+        import_moments(model, opt, moments if masked else {m: slice_state(v, cfg, bp) for m, v in moments.items()},
+                       moment_step)
+    rng = np.random.default_rng([run.seed, partition_id, round_])
+    batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
+    stats = train_steps(model, batches, local_steps, opt, grad_clip=run.grad_clip,
+                        mask=bp if masked and not bp.is_full(cfg) else None)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    reply = slice_state(state, cfg, bp) if masked else state
+    new_moments, step = None, 0
+    if keep_state:
+        trained, step = export_moments(model, opt)
+        new_moments = merge_moments(moments, cfg, bp, trained, trained_is_full=masked)
+    return LocalResult(arrays={k: v.numpy().astype(np.float32, copy=False) for k, v in reply.items()},
+                       metrics={"train-loss": stats["train_loss"], "num-examples": stats["num_examples"]},
+                       moments=new_moments, moment_step=step)

@@ -1,0 +1,317 @@
+"""TwistStrategy: TwIST as FedAvg with partial models, on Flower's own round loop.
+
+Each round `configure_train` draws one blueprint per node (`sample_blueprints`, deterministic
+from (seed, round)) and sends every node its own Message: the sliced tensors of its subnet
+(`true` nodes) or the full tensors plus the blueprint (`masked` nodes). `aggregate_train`
+validates every reply against what was sent to that node, rejects (logs, counts, never raises)
+whatever does not fit, and averages each block over the valid replies that held it
+(`coverage_average`). `strategy="fedavg"` is the same class with the full blueprint for every
+node: the dense data-parallel baseline with the same data, steps, optimizer and checks.
+
+A node's mode is learnt once per node with a QUERY message (its node config `twist-mode`, or the
+run's `mode`), because the server cannot read node configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from .blocks import coverage_average, slice_state, state_shapes
+from .blueprint import Blueprint, sample_blueprints
+from .config import GPTConfig, RunConfig
+
+log = logging.getLogger(__name__)
+
+WIRE_DTYPE = np.float32
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    """Bytes of the serialized arrays of a record (numpy .npy payloads, headers included)."""
+    return sum(len(a.data) for a in record.values())
+
+
+def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v))) for k, v in arrays.items()})
+
+
+@dataclass
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    mode: str
+    device: str = "cpu"
+
+
+@dataclass
+class Assignment:
+    node: NodeInfo
+    blueprint: Blueprint
+    round: int
+    nonce: int
+    sent: dict[str, np.ndarray]  # the sliced tensors this node's reply must match (float32)
+    bytes_down: int
+    message: Message | None = None
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    train_loss: float | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+    wall_s: float = 0.0
+    updated: bool = False
+    lr: float = 0.0
+
+
+class RejectedReply(Exception):
+    pass
+
+
+class TwistStrategy(FedAvg):
+    """TwIST (or the dense `fedavg` baseline) over Flower's Message API."""
+
+    def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=run.min_nodes,
+                         min_available_nodes=run.min_nodes)
+        self.cfg, self.run = cfg, run
+        self.round_offset = round_offset  # rounds already done before this start() (resume)
+        self.keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
+        self.nodes: dict[int, NodeInfo] = {}
+        self.records: dict[int, RoundRecord] = {}
+        self.failed_rounds = 0
+        self._global: dict[str, np.ndarray] = {}
+        self._assignments: list[Assignment] = []
+        self._t0 = 0.0
+
+    def summary(self) -> None:
+        log.info("TwistStrategy: strategy=%s keep=%d/%d heads, %d/%d FFN blocks, shared layers %s, "
+                 "alpha=%.2f, local-steps=%d", self.run.strategy, self.keep, self.cfg.n_head, self.keep,
+                 self.cfg.n_ffn_blocks, list(self.cfg.shared_layer_ids), self.cfg.alpha, self.run.local_steps)
+
+    # --- nodes --------------------------------------------------------------------------------
+
+    def _wait_for_nodes(self, grid: Grid) -> list[int]:
+        deadline = time.monotonic() + self.run.node_wait_timeout
+        while True:
+            ids = sorted(grid.get_node_ids())
+            if len(ids) >= self.run.min_nodes:
+                return ids
+            if time.monotonic() >= deadline:
+                raise RuntimeError(
+                    f"only {len(ids)} node(s) connected after waiting {self.run.node_wait_timeout:.0f} s; the run "
+                    f"needs min-nodes={self.run.min_nodes} (in simulation pass --federation-config "
+                    f"'num-supernodes={self.run.min_nodes}', or lower min-nodes)")
+            log.info("waiting for nodes: %d connected, %d required", len(ids), self.run.min_nodes)
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _learn_nodes(self, grid: Grid, node_ids: list[int]) -> None:
+        new = [n for n in node_ids if n not in self.nodes]
+        if not new:
+            return
+        msgs = [Message(content=RecordDict({"config": ConfigRecord({"twist-query": "node-info"})}),
+                        message_type=MessageType.QUERY, dst_node_id=n) for n in new]
+        for reply in grid.send_and_receive(msgs, timeout=self.run.round_timeout):
+            try:
+                if reply.has_error():
+                    raise ValueError(f"error {reply.error.code}: {reply.error.reason}")
+                info = reply.content["node-info"]
+                node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
+                                mode=str(info["twist-mode"]), device=str(info.get("device", "cpu")))
+                if node.mode not in ("true", "masked") or node.node_id not in new:
+                    raise ValueError(f"bad node info {dict(info)}")
+                self.nodes[node.node_id] = node
+                log.info("node %d: partition %d, mode %s, device %s", node.node_id, node.partition_id,
+                         node.mode, node.device)
+            except Exception as e:  # noqa: BLE001 - a bad query reply excludes the node, never the run
+                log.warning("node-info query failed for a node (%s); it is left out this round", e)
+
+    # --- configure ----------------------------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._t0 = time.monotonic()
+        rnd = server_round + self.round_offset
+        connected = self._wait_for_nodes(grid)
+        self._learn_nodes(grid, connected)
+        nodes = sorted((self.nodes[n] for n in connected if n in self.nodes),
+                       key=lambda n: (n.partition_id, n.node_id))
+        if self.run.num_nodes and len(nodes) > self.run.num_nodes:
+            pick = np.random.default_rng([self.run.seed, rnd, 1]).choice(len(nodes), self.run.num_nodes, replace=False)
+            nodes = [nodes[i] for i in sorted(pick)]
+        record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
+        self._assignments = []
+        if not nodes:
+            log.warning("round %d: no node answered the node-info query; nothing is trained", rnd)
+            return []
+        self._global = {k: v.astype(WIRE_DTYPE, copy=False) for k, v in to_numpy(arrays).items()}
+        partial = len(nodes) * self.keep < max(self.cfg.n_head, self.cfg.n_ffn_blocks)
+        if partial:
+            log.warning("round %d: %d node(s) at keep %d cannot cover every block; blocks nobody holds keep "
+                        "their values this round", rnd, len(nodes), self.keep)
+        bps = sample_blueprints(self.cfg, len(nodes), self.keep, self.run.seed, rnd, allow_partial=partial)
+        nonce = secrets.randbits(62)
+        messages = []
+        for node, bp in zip(nodes, bps):
+            sent = slice_state(self._global, self.cfg, bp)
+            payload = to_record(self._global if node.mode == "masked" else sent)
+            cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "mode": node.mode, "lr": record.lr,
+                                    "local-steps": self.run.local_steps, **bp.to_config()})
+            msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
+                          message_type=MessageType.TRAIN, dst_node_id=node.node_id)
+            a = Assignment(node, bp, rnd, nonce, sent, record_bytes(payload), msg)
+            self._assignments.append(a)
+            messages.append(msg)
+        log.info("round %d: %d nodes, keep %d, lr %.2e, %.2f MB down in total", rnd, len(nodes), self.keep,
+                 record.lr, sum(a.bytes_down for a in self._assignments) / 2**20)
+        return messages
+
+    # --- aggregate ----------------------------------------------------------------------------
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        record = self.records.setdefault(rnd, RoundRecord(round=rnd))
+        by_id = {a.message.metadata.message_id: a for a in self._assignments if a.message is not None}
+        answered: set[str] = set()
+        contributions, losses, weights = [], [], []
+        for reply in replies:
+            try:
+                a = self._match(reply, by_id, answered)
+            except RejectedReply as e:
+                self._reject(record, None, str(e))
+                continue
+            entry = {"node_id": a.node.node_id, "partition_id": a.node.partition_id, "mode": a.node.mode,
+                     "bytes_down": a.bytes_down, "bytes_up": 0, "status": "ok"}
+            record.nodes.append(entry)
+            try:
+                arrays, metrics, nbytes = self._validate(reply, a)
+            except RejectedReply as e:
+                entry["status"] = "rejected"
+                self._reject(record, a, str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - a malformed reply must never stop the run
+                entry["status"] = "rejected"
+                self._reject(record, a, f"malformed reply: {type(e).__name__}: {e}")
+                continue
+            entry["bytes_up"] = nbytes
+            w = float(metrics["num-examples"]) if self.run.weighted_average else 1.0
+            contributions.append((a.blueprint, arrays, w))
+            losses.append(float(metrics["train-loss"]))
+            weights.append(w)
+        for a in self._assignments:  # sent but never answered (e.g. timed out)
+            if a.message is not None and a.message.metadata.message_id not in answered:
+                record.nodes.append({"node_id": a.node.node_id, "partition_id": a.node.partition_id,
+                                     "mode": a.node.mode, "bytes_down": a.bytes_down, "bytes_up": 0,
+                                     "status": "no reply"})
+                self._reject(record, a, "no reply before the round timeout")
+        record.bytes_down = sum(n["bytes_down"] for n in record.nodes)
+        record.bytes_up = sum(n["bytes_up"] for n in record.nodes)
+        record.wall_s = time.monotonic() - self._t0
+        if not contributions:
+            self.failed_rounds += 1
+            log.warning("round %d: every reply was rejected (%d); the model is unchanged", rnd, len(record.rejected))
+            if self.run.max_failed_rounds and self.failed_rounds >= self.run.max_failed_rounds:
+                raise RuntimeError(f"stopping: {self.failed_rounds} consecutive rounds without a valid reply "
+                                   f"(max-failed-rounds={self.run.max_failed_rounds}); last reasons: "
+                                   f"{[r['reason'] for r in record.rejected]}")
+            return None, MetricRecord({"num-valid": 0, "num-rejected": len(record.rejected)})
+        self.failed_rounds = 0
+        new = coverage_average(self._global, self.cfg, contributions)
+        record.updated = True
+        record.train_loss = float(np.average(losses, weights=weights))
+        log.info("round %d: %d valid, %d rejected replies, train loss %.4f", rnd, len(contributions),
+                 len(record.rejected), record.train_loss)
+        return to_record(new), MetricRecord({"train-loss": record.train_loss, "num-valid": len(contributions),
+                                             "num-rejected": len(record.rejected)})
+
+    def _match(self, reply: Message, by_id: dict[str, Assignment], answered: set[str]) -> Assignment:
+        mid = reply.metadata.reply_to_message_id
+        a = by_id.get(mid)
+        if a is None:
+            raise RejectedReply(f"reply to an unknown message {mid!r} from node {reply.metadata.src_node_id}")
+        if mid in answered:
+            raise RejectedReply(f"duplicate reply from node {a.node.node_id}")
+        answered.add(mid)
+        return a
+
+    def _reject(self, record: RoundRecord, a: Assignment | None, reason: str) -> None:
+        entry = {"node_id": None if a is None else a.node.node_id,
+                 "partition_id": None if a is None else a.node.partition_id, "reason": reason}
+        record.rejected.append(entry)
+        log.warning("round %d: rejected reply of node %s: %s", record.round, entry["node_id"], reason)
+
+    def _validate(self, reply: Message, a: Assignment) -> tuple[dict[str, np.ndarray], Any, int]:
+        if reply.has_error():
+            raise RejectedReply(f"error reply (code {reply.error.code}): {reply.error.reason}")
+        if reply.metadata.src_node_id != a.node.node_id:
+            raise RejectedReply(f"sent by node {reply.metadata.src_node_id}, but the message went to {a.node.node_id}")
+        content = reply.content
+        keys = set(content.keys())
+        if keys != {"arrays", "metrics"}:
+            raise RejectedReply(f"reply records are {sorted(keys)}; expected ['arrays', 'metrics']")
+        record, metrics = content["arrays"], content["metrics"]
+        if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
+            raise RejectedReply("reply 'arrays' must be an ArrayRecord and 'metrics' a MetricRecord")
+        for key in ("server-round", "nonce", "num-examples", "train-loss"):
+            if key not in metrics:
+                raise RejectedReply(f"reply metrics lack {key!r}")
+        if metrics["server-round"] != a.round:
+            raise RejectedReply(f"stale reply: round {metrics['server-round']}, expected {a.round}")
+        if metrics["nonce"] != a.nonce:
+            raise RejectedReply("wrong nonce")
+        n = metrics["num-examples"]
+        cap = self.run.local_steps * self.run.batch_size
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or not 0 < n <= cap:
+            raise RejectedReply(f"num-examples={n!r}; allowed a positive finite number up to {cap} "
+                                f"(local-steps x batch-size)")
+        if not math.isfinite(float(metrics["train-loss"])):
+            raise RejectedReply(f"train-loss={metrics['train-loss']!r} is not finite")
+        got, want = set(record.keys()), set(a.sent)
+        if got != want:
+            raise RejectedReply(f"array keys differ: missing {sorted(want - got)}, unexpected {sorted(got - want)}")
+        arrays, diff2, ref2 = {}, 0.0, 0.0
+        for k, sent in a.sent.items():
+            arr = record[k].numpy()  # the real array, not its declared shape/dtype
+            if arr.dtype != WIRE_DTYPE:
+                raise RejectedReply(f"{k}: dtype {arr.dtype}, expected {np.dtype(WIRE_DTYPE)}")
+            if arr.shape != sent.shape:
+                raise RejectedReply(f"{k}: shape {arr.shape}, expected {sent.shape}")
+            if not np.isfinite(arr).all():
+                raise RejectedReply(f"{k}: contains NaN or Inf")
+            diff2 += float(np.sum((arr.astype(np.float64) - sent) ** 2))
+            ref2 += float(np.sum(sent.astype(np.float64) ** 2))
+            arrays[k] = arr
+        bound = self.run.max_update_ratio * math.sqrt(ref2)
+        if math.sqrt(diff2) > bound:
+            raise RejectedReply(f"update norm {math.sqrt(diff2):.4g} exceeds max-update-ratio x norm of the "
+                                f"sent tensors = {bound:.4g}")
+        return arrays, metrics, record_bytes(record)
+
+    # Server-side evaluation only: nodes are not asked to evaluate.
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue: node modes are re-learnt; counters are kept."""
+        return {"failed_rounds": self.failed_rounds}

@@ -1,0 +1,128 @@
+"""Flower-free local training and perplexity evaluation, shared by the apps and benchmarks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .blocks import scatter_state, slice_state
+from .blueprint import Blueprint
+from .config import GPTConfig
+from .model import GPT
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3  # AdamW learning rate of this round
+    weight_decay: float = 0.1  # on 2-D weights only (nanoGPT)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizer(model: GPT, opt: OptimConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), foreach=False)
+
+
+def train_steps(model: GPT, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int,
+                optimizer: torch.optim.Optimizer, grad_clip: float = 1.0,
+                mask: Blueprint | None = None) -> dict[str, float]:
+    """Train for exactly `steps` batches; `mask` trains a full model as that subnet."""
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    n_examples = 0
+    for _ in range(steps):
+        x, y = next(batches)
+        x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+        _, loss = model(x, y, mask=mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        losses.append(loss.item())
+        n_examples += x.shape[0]
+    if not all(math.isfinite(v) for v in losses):
+        raise FloatingPointError(f"training loss became non-finite: {losses}")
+    return {"train_loss": float(np.mean(losses)), "num_examples": n_examples}
+
+
+@torch.no_grad()
+def evaluate(model: GPT, windows: np.ndarray, batch_size: int = 16, mask: Blueprint | None = None) -> dict:
+    """Mean next-token cross-entropy over `windows` ((n, T+1) ids) and its exp (perplexity)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = torch.from_numpy(windows[i:i + batch_size]).to(device)
+        logits, _ = model(w[:, :-1], mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                 w[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += w[:, 1:].numel()
+    model.train(was_training)
+    mean = total / count
+    return {"loss": mean, "ppl": math.exp(mean), "tokens": count}
+
+
+# --- optimizer state kept across rounds ----------------------------------------------------
+# AdamW moments are tensors shaped like the parameters; a node that keeps them between
+# rounds stores them full-size (like the global model) and slices them with each new
+# blueprint, exactly as the weights are sliced. Blocks it has never held have zero moments.
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def export_moments(model: GPT, optimizer: torch.optim.Optimizer) -> tuple[dict[str, dict[str, torch.Tensor]], int]:
+    """{moment: {param name: tensor}} and the step count, from a trained optimizer."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
+    step = 0
+    for p, st in optimizer.state.items():
+        for m in MOMENTS:
+            out[m][names[id(p)]] = st[m].detach().cpu()
+        step = max(step, int(st["step"]))
+    return out, step
+
+
+def import_moments(model: GPT, optimizer: torch.optim.Optimizer, moments: Mapping[str, Mapping[str, torch.Tensor]],
+                   step: int) -> None:
+    """Seed an optimizer that has not stepped yet with moments shaped like `model`."""
+    if step <= 0:
+        return
+    for n, p in model.named_parameters():
+        optimizer.state[p] = {"step": torch.tensor(float(step)),
+                              **{m: moments[m][n].to(p.device, p.dtype).clone() for m in MOMENTS}}
+
+
+def merge_moments(stored: Mapping[str, Mapping[str, torch.Tensor]] | None, cfg: GPTConfig, bp: Blueprint,
+                  trained: Mapping[str, Mapping[str, torch.Tensor]], trained_is_full: bool) -> dict:
+    """Full-size moments after a round: the held blocks (and shared tensors) from `trained`,
+    every other block as it was stored (zeros if never held)."""
+    from .blocks import state_shapes
+
+    full_shapes = state_shapes(cfg, None)
+    out = {}
+    for m in MOMENTS:
+        base = stored[m] if stored else {k: torch.zeros(s) for k, s in full_shapes.items()}
+        sub = slice_state(trained[m], cfg, bp) if trained_is_full else trained[m]
+        out[m] = scatter_state(base, cfg, bp, sub)
+    return out
