@@ -132,7 +132,7 @@ class RunConfig:
     lr_min_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables
-    optimizer_state: str = "reset"  # reset (fresh AdamW each round) | keep (nodes keep moments of blocks they held)
+    optimizer_state: str = "keep"  # keep (nodes keep AdamW moments of blocks they held) | reset (fresh AdamW each round)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
     # aggregation and reply validation

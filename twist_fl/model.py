@@ -49,11 +49,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None,
+                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.n_heads * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        past = 0
+        if cache is not None:  # incremental decoding: keys/values of earlier positions are reused
+            if "k" in cache:
+                past = cache["k"].size(2)
+                if T != 1:
+                    raise ValueError("with a filled KV cache, decode one token at a time")
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # a single new token attends to every cached position; otherwise causal
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
         if head_mask is not None:  # (nh,) of 0/1: dropped heads contribute exactly zero
             y = y * head_mask.view(1, -1, 1, 1)
@@ -87,10 +97,10 @@ class Block(nn.Module):
         self.attn_scale = layer_scale(cfg, n_heads, cfg.n_head)
         self.mlp_scale = layer_scale(cfg, n_blocks, cfg.n_ffn_blocks)
 
-    def forward(self, x, head_mask=None, block_mask=None, attn_scale=None, mlp_scale=None):
+    def forward(self, x, head_mask=None, block_mask=None, attn_scale=None, mlp_scale=None, cache=None):
         a = self.attn_scale if attn_scale is None else attn_scale
         m = self.mlp_scale if mlp_scale is None else mlp_scale
-        x = x + a * self.attn(self.ln_1(x), head_mask)
+        x = x + a * self.attn(self.ln_1(x), head_mask, cache)
         return x + m * self.mlp(self.ln_2(x), block_mask)
 
 
@@ -127,24 +137,27 @@ class GPT(nn.Module):
         return n - self.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                mask: Blueprint | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                mask: Blueprint | None = None,
+                cache: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
 
         `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
         exactly zero (so they get zero gradients) and the kept ones are scaled as in the subnet.
+        `cache` (one dict per layer, see `new_cache`) keeps keys and values for decoding.
         """
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds the model's block_size {self.cfg.block_size}")
+        past = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
+        if past + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {past + T} exceeds the model's block_size {self.cfg.block_size}")
         if mask is not None:
             if self.blueprint is not None:
                 raise ValueError("a masked forward needs the full model, not a subnet")
             mask.validate(self.cfg)
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
             if mask is None:
-                x = block(x)
+                x = block(x, cache=None if cache is None else cache[i])
                 continue
             hm = torch.zeros(self.cfg.n_head, device=x.device, dtype=x.dtype)
             hm[list(mask.heads[i])] = 1
@@ -160,13 +173,23 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
+    def new_cache(self) -> list[dict[str, torch.Tensor]]:
+        return [{} for _ in self.h]
+
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` tokens; temperature 0 is greedy decoding."""
+                 top_k: int | None = None, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Append `max_new_tokens` tokens; temperature 0 is greedy decoding. With `use_cache`, the
+        prompt is run once and each new token reuses the keys and values (restarted when the
+        context reaches block_size)."""
+        cache = None
         for _ in range(max_new_tokens):
-            ctx = idx[:, -self.cfg.block_size:]
-            logits, _ = self(ctx)
+            if use_cache and cache is not None and cache[0]["k"].size(2) < self.cfg.block_size:
+                logits, _ = self(idx[:, -1:], cache=cache)
+            else:
+                cache = self.new_cache() if use_cache else None
+                logits, _ = self(idx[:, -self.cfg.block_size:], cache=cache)
             logits = logits[:, -1, :]
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)

@@ -70,3 +70,50 @@ def final_table(final: dict[str, Any], n_total: int, params: dict[str, int]) -> 
         lines.append(f"{f'{keep}/{n_total}':>12} | {params.get(k, 0):>10,} | {v['mean']:.3f} ± {v['std']:.3f} "
                      f"({len(v['draws'])} random subnets)")
     return "\n".join(lines)
+
+
+def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Perplexity of models trained at keep X (rows) evaluated at keep Y (columns)."""
+    plt = _plt()
+    keys = sorted({k for r in rows for k in r["eval"]}, key=int)
+    grid = [[r["eval"].get(k, float("nan")) for k in keys] for r in rows]
+    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 0.6 * len(rows) + 2))
+    im = ax.imshow(grid, cmap="viridis_r")
+    ax.set_xticks(range(len(keys)), [f"{k}" for k in keys])
+    ax.set_yticks(range(len(rows)), [str(r["trained_keep"]) for r in rows])
+    ax.set_xlabel("evaluated at keep")
+    ax.set_ylabel("trained at keep")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, label="perplexity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def comparison_plot(results: dict[str, Any], path: Path) -> Path:
+    """Perplexity vs share of block weights removed, TwIST and every baseline."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, series in results["structured"].items():
+        xs = [p["removed_of_block_params"] for p in series]
+        ys = [p["ppl"] for p in series]
+        style = "-o" if label.startswith("TwIST") else "--s"
+        ax.plot(xs, ys, style, label=label, markersize=4)
+        if series and "std" in series[0]:
+            ax.fill_between(xs, [p["ppl"] - p["std"] for p in series], [p["ppl"] + p["std"] for p in series],
+                            alpha=0.2)
+    for label, p in results["unstructured"].items():
+        ax.plot([p["removed_of_block_params"]], [p["ppl"]], "x", markersize=9, label=f"{label} (unstructured)")
+    ax.axhline(results["twist_full_ppl"], color="k", lw=0.8, ls=":", label="TwIST full model")
+    ax.axhline(results["dense_full_ppl"], color="gray", lw=0.8, ls=":", label="dense full model")
+    ax.set_xlabel("share of block weights removed")
+    ax.set_ylabel(f"{results['split']} perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,111 @@
+"""The `twist-fl` verbs on tiny models trained by the app in-process."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from twist_fl.cli import main
+from twist_fl.model import GPT
+
+from .helpers import run_local
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    run_local(root, "twist", num_nodes=2, keep=2)
+    run_local(root, "dense", num_nodes=2, strategy="fedavg")
+    return root
+
+
+def test_prune_saves_a_standalone_smaller_model(trained, tmp_path, capsys):
+    assert main(["prune", str(trained / "twist"), "--keep", "1", "--out", str(tmp_path / "p1")]) == 0
+    res_line = capsys.readouterr().out
+
+    pruned = GPT.load(tmp_path / "p1")
+    full = GPT.load(trained / "twist" / "model")
+    ratio = (tmp_path / "p1" / "model.safetensors").stat().st_size / \
+        (trained / "twist" / "model" / "model.safetensors").stat().st_size
+    assert pruned.num_params() < full.num_params()
+    assert ratio == pytest.approx(pruned.num_params() / full.num_params(), rel=0.02)
+    assert all(len(pruned.blueprint.heads[i]) == 1 for i in (1,))
+    idx = torch.randint(0, 257, (1, 9))
+    torch.testing.assert_close(pruned(idx)[0], full(idx, mask=pruned.blueprint)[0], atol=1e-5, rtol=1e-5)
+    assert "pruned to keep 1 (random)" in res_line
+
+
+@pytest.mark.parametrize("method", ["best-of-k", "magnitude", "wanda"])
+def test_prune_methods(trained, tmp_path, method):
+    assert main(["prune", str(trained / "twist"), "--keep", "2", "--method", method, "--k", "2",
+                 "--calib-tokens", "512", "--out", str(tmp_path / method)]) == 0
+    assert GPT.load(tmp_path / method).blueprint is not None
+
+
+def test_evaluate_writes_consistent_json(trained, tmp_path):
+    out = tmp_path / "e.json"
+
+    assert main(["evaluate", str(trained / "twist"), "--keeps", "1,3", "--draws", "2", "--eval-tokens", "1024",
+                 "--json", str(out)]) == 0
+
+    res = json.loads(out.read_text())
+    assert res["removed_of_block_params"] == 0 and res["params"] == res["params_full"]
+    assert res["file_bytes"] > 0 and res["ppl"] > 1 and res["tokens"] == 1024
+    assert set(res["keeps"]) == {"1", "3"} and len(res["keeps"]["1"]["draws"]) == 2
+    k1, k3 = res["keeps"]["1"], res["keeps"]["3"]
+    assert k1["removed_of_block_params"] > k3["removed_of_block_params"] > 0
+    assert k1["removed_of_all_params"] < k1["removed_of_block_params"]
+    assert k1["mean"] == pytest.approx(sum(k1["draws"]) / 2)
+
+
+def test_generate_from_a_pruned_model_is_deterministic_when_greedy(trained, tmp_path, capsys):
+    main(["prune", str(trained / "twist"), "--keep", "2", "--out", str(tmp_path / "p")])
+    capsys.readouterr()
+
+    main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20"])
+    a = capsys.readouterr().out
+    main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20"])
+    b = capsys.readouterr().out
+    main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0.8"])
+
+    assert a == b and a.startswith("ROMEO:") and len(a.rstrip("\n")) > len("ROMEO:")  # 20 new tokens
+
+
+def test_heatmap_and_report(trained, tmp_path):
+    assert main(["heatmap", str(trained / "twist"), str(trained / "dense"), "--keeps", "1,2,3", "--draws", "1",
+                 "--eval-tokens", "512", "--out", str(tmp_path / "hm")]) == 0
+    rows = json.loads((tmp_path / "hm" / "heatmap.json").read_text())
+    assert [r["trained_keep"] for r in rows] == [2, 4] and (tmp_path / "hm" / "heatmap.png").is_file()
+
+    assert main(["report", "--twist", str(trained / "twist"), "--dense", str(trained / "dense"), "--draws", "2",
+                 "--k", "2", "--eval-tokens", "512", "--calib-tokens", "512", "--out", str(tmp_path / "rep")]) == 0
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    text = (tmp_path / "rep" / "REPORT.md").read_text()
+    assert set(res["structured"]) == {"TwIST random", "TwIST best-of-k", "TwIST magnitude", "dense random",
+                                      "dense best-of-k", "dense magnitude", "dense Wanda"}
+    assert set(res["unstructured"]) == {"dense magnitude", "dense Wanda", "dense SparseGPT"}
+    assert "Ratio TwIST / best" in text and 'strategy=\\"fedavg\\"' in text
+    assert (tmp_path / "rep" / "comparison.png").is_file()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["prune", "{twist}", "--keep", "9", "--out", "{tmp}/x"], "keep=9 is out of range for this model: allowed 1..4"),
+    (["evaluate", "{tmp}"], "is not a twist-fl model directory"),
+    (["evaluate", "{twist}", "--tokenizer", "gpt2"], "vocab_size 257, but tokenizer 'gpt2' has 50257"),
+    (["evaluate", "{twist}", "--keeps", "0,2"], r"--keeps has \[0\], out of range: allowed 1..4"),
+])
+def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys, argv, match):
+    argv = [a.format(twist=trained / "twist", tmp=tmp_path) for a in argv]
+
+    assert main(argv) == 2
+
+    import re
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_module_entry_point_has_help_for_every_verb():
+    for verb in ("prune", "evaluate", "generate", "heatmap", "report"):
+        out = subprocess.run([sys.executable, "-m", "twist_fl", verb, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "usage: twist-fl " + verb in out.stdout

@@ -1,0 +1,291 @@
+"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): prune, evaluate, generate, heatmap, report.
+
+Every verb reads models in the core save format (a run's `model/` folder, or a pruned model).
+Data settings (dataset, tokenizer, data path, sequence length) default to those the model was
+trained with, as recorded in its config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import sparsity
+from .blueprint import Blueprint
+from .config import TOKENIZER_VOCAB
+from .data import DATASETS, TOKENIZERS, eval_windows, get_tokenizer, load_tokens
+from .model import CONFIG_FILE, WEIGHTS_FILE, GPT
+from .prune import STRUCTURED, choose_blueprint, random_blueprint, subnet
+from .train import evaluate
+
+log = logging.getLogger("twist_fl.cli")
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_model(path: str) -> tuple[GPT, dict[str, Any]]:
+    """A model and the metadata in its config.json."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "model" / CONFIG_FILE).is_file():  # a run folder: use its final model
+        p = p / "model"
+    try:
+        model = GPT.load(p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model.eval()
+    return model, json.loads((p / CONFIG_FILE).read_text())
+
+
+def data_settings(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    run = meta.get("run", {})
+    out = {"dataset": args.dataset or run.get("dataset", "shakespeare"),
+           "tokenizer": args.tokenizer or run.get("tokenizer", "bytes"),
+           "data_path": args.data_path if args.data_path is not None else (run.get("data-path") or None),
+           "seq_len": args.seq_len or int(run.get("seq-len", 64))}
+    return out
+
+
+def check_tokenizer(model: GPT, tokenizer: str) -> None:
+    want = TOKENIZER_VOCAB[tokenizer]
+    if model.cfg.vocab_size != want:
+        raise UsageError(f"the model has vocab_size {model.cfg.vocab_size}, but tokenizer {tokenizer!r} has {want} "
+                         f"tokens; pass the tokenizer the model was trained with "
+                         f"(allowed: {[k for k, v in TOKENIZER_VOCAB.items() if v == model.cfg.vocab_size]})")
+
+
+def windows_for(model: GPT, d: dict[str, Any], split: str, tokens: int) -> np.ndarray:
+    check_tokenizer(model, d["tokenizer"])
+    if d["seq_len"] > model.cfg.block_size:
+        raise UsageError(f"--seq-len {d['seq_len']} exceeds the model's block_size {model.cfg.block_size}")
+    splits = load_tokens(d["dataset"], d["tokenizer"], d["data_path"])
+    src = splits["train"].tokens if split == "calib" else splits[split].tokens
+    if split == "calib":  # calibration: windows from the middle of the training split
+        start = len(src) // 2
+        src = src[start:start + tokens + 1]
+    return eval_windows(src, d["seq_len"], tokens or None)
+
+
+def parse_keeps(text: str, model: GPT) -> list[int]:
+    try:
+        keeps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--keeps {text!r} must be a comma list of integers") from None
+    hi = min(model.cfg.n_head, model.cfg.n_ffn_blocks)
+    bad = [k for k in keeps if not 1 <= k <= hi]
+    if bad:
+        raise UsageError(f"--keeps has {bad}, out of range: allowed 1..{hi}")
+    return keeps
+
+
+def model_facts(model: GPT, path: Path | None = None) -> dict[str, Any]:
+    """Parameters, shares removed (relative to the full model of the same config), file size."""
+    bp = model.blueprint or Blueprint.full(model.cfg)
+    s = sparsity(model.cfg, bp)
+    facts = {"params": s["params_kept"], "params_full": s["params_total"],
+             "removed_of_block_params": s["removed_of_block_params"],
+             "removed_of_all_params": s["removed_of_all_params"], "blueprint": bp.to_dict() if model.blueprint else None}
+    if path is not None and (path / WEIGHTS_FILE).is_file():
+        facts["file_bytes"] = (path / WEIGHTS_FILE).stat().st_size
+    return facts
+
+
+# --- verbs ---------------------------------------------------------------------------------------
+
+
+def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    model, meta = load_model(args.model)
+    if model.blueprint is not None:
+        raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
+    d = data_settings(args, meta)
+    calib = windows_for(model, d, "calib", args.calib_tokens) if args.method in ("best-of-k", "wanda") else None
+    try:
+        bp = choose_blueprint(model, args.keep, args.method, args.seed, calib, args.k)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    pruned = subnet(model, bp)
+    out = Path(args.out)
+    pruned.save(out, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
+                            "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
+    src = Path(args.model) / ("model" if (Path(args.model) / "model").is_dir() else "")
+    res = {"out": str(out), **model_facts(pruned, out),
+           "size_ratio": (out / WEIGHTS_FILE).stat().st_size / (src / WEIGHTS_FILE).stat().st_size}
+    print(f"pruned to keep {args.keep} ({args.method}): {res['params']:,} of {res['params_full']:,} parameters, "
+          f"{res['removed_of_block_params']:.1%} of block weights removed, file {res['size_ratio']:.2f}x -> {out}")
+    return res
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    model, meta = load_model(args.model)
+    d = data_settings(args, meta)
+    windows = windows_for(model, d, args.split, args.eval_tokens)
+    path = Path(args.model) / ("model" if (Path(args.model) / "model").is_dir() else "")
+    res: dict[str, Any] = {"model": str(args.model), "split": args.split, "tokens": int(windows[:, 1:].size),
+                           **model_facts(model, path), "ppl": evaluate(model, windows)["ppl"], "keeps": {}}
+    print(f"{args.model}: {res['params']:,} parameters, perplexity {res['ppl']:.3f} on {args.split}")
+    if args.keeps:
+        if model.blueprint is not None:
+            raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
+        for k in parse_keeps(args.keeps, model):
+            draws = [evaluate(subnet(model, random_blueprint(model.cfg, k, args.seed, r)), windows)["ppl"]
+                     for r in range(args.draws)]
+            s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
+            res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
+                                    "params": s["params_kept"], "removed_of_block_params": s["removed_of_block_params"],
+                                    "removed_of_all_params": s["removed_of_all_params"]}
+            print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
+                  f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    model, meta = load_model(args.model)
+    d = data_settings(args, meta)
+    check_tokenizer(model, d["tokenizer"])
+    tok = get_tokenizer(d["tokenizer"])
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise UsageError("--prompt is empty")
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, generator=gen)
+    text = tok.decode(out[0].tolist())
+    print(text)
+    return {"text": text}
+
+
+def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
+    from .report import heatmap_plot
+
+    rows = []
+    for path in args.models:
+        model, meta = load_model(path)
+        d = data_settings(args, meta)
+        windows = windows_for(model, d, args.split, args.eval_tokens)
+        run = meta.get("run", {})
+        n = min(model.cfg.n_head, model.cfg.n_ffn_blocks)
+        trained = n if run.get("strategy") == "fedavg" else int(run.get("keep") or n // 2)
+        row = {"model": path, "trained_keep": trained, "eval": {}}
+        for k in parse_keeps(args.keeps, model):
+            draws = [evaluate(subnet(model, random_blueprint(model.cfg, k, args.seed, r)), windows)["ppl"]
+                     for r in range(args.draws)]
+            row["eval"][str(k)] = float(np.mean(draws))
+        rows.append(row)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    heatmap_plot(rows, out / "heatmap.png")
+    keys = sorted({k for r in rows for k in r["eval"]}, key=int)
+    table = ["| trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    table += [f"| {r['trained_keep']} | " + " | ".join(f"{r['eval'][k]:.3f}" for k in keys) + " |" for r in rows]
+    (out / "heatmap.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    (out / "heatmap.json").write_text(json.dumps(rows, indent=2))
+    return {"rows": rows}
+
+
+def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from .compare import write_report
+
+    return write_report(args)
+
+
+# --- parser ----------------------------------------------------------------------------------------
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (default: what the model was trained with)")
+    g.add_argument("--dataset", choices=DATASETS)
+    g.add_argument("--tokenizer", choices=TOKENIZERS)
+    g.add_argument("--data-path")
+    g.add_argument("--seq-len", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("prune", help="cut a smaller dense model out of a trained one")
+    p.add_argument("model", help="a model folder or a run folder")
+    p.add_argument("--keep", type=int, required=True, help="heads and FFN blocks kept per non-shared layer")
+    p.add_argument("--method", choices=STRUCTURED, default="random")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (best-of-k, wanda)")
+    p.add_argument("--out", required=True)
+    _data_args(p)
+    p.set_defaults(fn=cmd_prune)
+
+    p = sub.add_parser("evaluate", help="perplexity of a model, and of random subnets at several sizes")
+    p.add_argument("model")
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--keeps", default="", help="comma list of subnet sizes to draw (full models)")
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--json", help="write the results here")
+    _data_args(p)
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("generate", help="text from a full or pruned model")
+    p.add_argument("model")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    _data_args(p)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("heatmap", help="models trained at keep X evaluated at keep Y")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--keeps", required=True)
+    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--out", required=True)
+    _data_args(p)
+    p.set_defaults(fn=cmd_heatmap)
+
+    p = sub.add_parser("report", help="TwIST vs post-training pruning baselines, as markdown and plots")
+    p.add_argument("--twist", required=True, help="run folder (or model) trained with strategy twist")
+    p.add_argument("--dense", required=True, help="run folder (or model) trained with strategy fedavg")
+    p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", choices=("valid", "test"), default="test")
+    p.add_argument("--eval-tokens", type=int, default=32768)
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--out", required=True)
+    _data_args(p)
+    p.set_defaults(fn=cmd_report)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        args.fn(args)
+    except (UsageError, ValueError) as e:
+        print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""TwIST against post-training pruning, side by side (`twist-fl report`).
+
+The TwIST model and the dense model must be trained with the same data and budget (the app's
+`strategy = "twist"` and `strategy = "fedavg"` runs of one config). Every method removes whole
+heads and FFN blocks of the same (non-shared) layers, or, unstructured, the same share of the
+weights of the same matrices, with no recovery training — as in the paper's comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .blocks import sparsity
+from .cli import UsageError, data_settings, load_model, windows_for
+from .prune import choose_blueprint, random_blueprint, subnet, unstructured_prune
+from .report import comparison_plot
+from .train import evaluate
+
+
+def _ppl(model, windows) -> float:
+    return evaluate(model, windows)["ppl"]
+
+
+def run_comparison(args) -> dict[str, Any]:
+    twist, meta_t = load_model(args.twist)
+    dense, meta_d = load_model(args.dense)
+    if twist.cfg != dense.cfg:
+        raise UsageError("the TwIST and dense models have different architectures; train both from one config")
+    if twist.blueprint is not None or dense.blueprint is not None:
+        raise UsageError("report needs the full trained models, not pruned subnets")
+    cfg = twist.cfg
+    d = data_settings(args, meta_t)
+    windows = windows_for(twist, d, args.split, args.eval_tokens)
+    calib = windows_for(twist, d, "calib", args.calib_tokens)
+    n = min(cfg.n_head, cfg.n_ffn_blocks)
+    keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else list(range(1, n))
+    res: dict[str, Any] = {"split": args.split, "tokens": int(windows[:, 1:].size), "keeps": keeps,
+                           "twist_full_ppl": _ppl(twist, windows), "dense_full_ppl": _ppl(dense, windows),
+                           "structured": {}, "unstructured": {}, "draws": {},
+                           "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {})}
+    methods = {"TwIST random": (twist, "random"), "TwIST best-of-k": (twist, "best-of-k"),
+               "TwIST magnitude": (twist, "magnitude"), "dense random": (dense, "random"),
+               "dense best-of-k": (dense, "best-of-k"), "dense magnitude": (dense, "magnitude"),
+               "dense Wanda": (dense, "wanda")}
+    for label, (model, method) in methods.items():
+        series = []
+        for k in keeps:
+            s = sparsity(cfg, random_blueprint(cfg, k, args.seed))
+            point = {"keep": k, "removed_of_block_params": s["removed_of_block_params"],
+                     "removed_of_all_params": s["removed_of_all_params"], "params": s["params_kept"]}
+            if method == "random":
+                draws = [_ppl(subnet(model, random_blueprint(cfg, k, args.seed, r)), windows) for r in range(args.draws)]
+                point.update(ppl=float(np.mean(draws)), std=float(np.std(draws)))
+                res["draws"][f"{label} keep {k}"] = draws
+            else:
+                bp = choose_blueprint(model, k, method, args.seed, calib, args.k)
+                point["ppl"] = _ppl(subnet(model, bp), windows)
+            series.append(point)
+        res["structured"][label] = series
+    half = n // 2
+    share = sparsity(cfg, random_blueprint(cfg, half, args.seed))["removed_of_block_params"]
+    for method, label in (("magnitude", "dense magnitude"), ("wanda", "dense Wanda"), ("sparsegpt", "dense SparseGPT")):
+        pruned = unstructured_prune(dense, method, 0.5, calib)
+        res["unstructured"][label] = {"ppl": _ppl(pruned, windows), "removed_of_block_params": share,
+                                      "sparsity_in_pruned_matrices": 0.5}
+    return res
+
+
+def write_report(args) -> dict[str, Any]:
+    res = run_comparison(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison_plot(res, out / "comparison.png")
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    (out / "REPORT.md").write_text(markdown(res, args))
+    print((out / "REPORT.md").read_text())
+    return res
+
+
+def markdown(res: dict[str, Any], args) -> str:
+    keeps = res["keeps"]
+    structured = res["structured"]
+    n = max(keeps) + 1 if keeps else 0
+    half = next((k for k in keeps if 2 * k == n), None)
+    lines = ["# TwIST vs post-training pruning", "",
+             f"Perplexity on the {res['split']} split ({res['tokens']:,} tokens); no recovery training for any "
+             f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, dense (FedAvg) {res['dense_full_ppl']:.3f}.",
+             "", "![perplexity vs share removed](comparison.png)", "",
+             "| method | " + " | ".join(f"keep {k} ({structured['TwIST random'][i]['removed_of_block_params']:.0%})"
+                                       for i, k in enumerate(keeps)) + " |",
+             "|---|" + "---|" * len(keeps)]
+    for label, series in structured.items():
+        cells = [f"{p['ppl']:.3f} ± {p['std']:.3f}" if "std" in p else f"{p['ppl']:.3f}" for p in series]
+        lines.append(f"| {label} (structured) | " + " | ".join(cells) + " |")
+    lines += ["", "Share in parentheses: block weights removed, over the block weights of all layers (shared "
+              "layers are never pruned).", ""]
+    if half is not None:
+        i = keeps.index(half)
+        tw = structured["TwIST random"][i]["ppl"]
+        best_label, best = min(((lbl, s[i]["ppl"]) for lbl, s in structured.items() if not lbl.startswith("TwIST")),
+                               key=lambda x: x[1])
+        lines += [f"## At keep {half} of {n} ({structured['TwIST random'][i]['removed_of_block_params']:.0%} of block "
+                  "weights removed)", "",
+                  f"- TwIST random subnets: {tw:.3f} ± {structured['TwIST random'][i]['std']:.3f} "
+                  f"(mean ± std over {args.draws} draws).",
+                  f"- Best structured baseline: {best_label}, {best:.3f}. Ratio TwIST / best = **{tw / best:.3f}** "
+                  f"(target ≤ 0.75; the paper's ratio against SparseGPT is 0.73).",
+                  ]
+        for label, p in res["unstructured"].items():
+            lines.append(f"- {label} at 50% of each pruned matrix (unstructured, same share of block weights; needs "
+                         f"sparse kernels to be faster): {p['ppl']:.3f}; TwIST / it = {tw / p['ppl']:.3f}.")
+        draws = res["draws"][f"TwIST random keep {half}"]
+        lines += [f"- The spread over random draws (the 'golden ticket'): {', '.join(f'{x:.3f}' for x in draws)}; "
+                  f"worst / best = {max(draws) / min(draws):.3f}.", ""]
+    lines += ["## Commands", "", "The two models were trained with (keys that differ from the defaults):", "", "```"]
+    lines += [train_command(res["twist_run"]), train_command(res["dense_run"]), "```", "",
+              "and this report was made with:", "", "```",
+              "twist-fl " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])), "```", ""]
+    return "\n".join(lines)
+
+
+def train_command(run: dict[str, Any]) -> str:
+    """The `flwr run` that reproduces a run config (its keys that differ from the defaults)."""
+    from .config import RunConfig
+
+    default = RunConfig().to_flat()
+    diff = {k: v for k, v in run.items() if default.get(k) != v and k not in ("out-dir", "run-name")}
+    parts = [f'{k}=\\"{v}\\"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+             for k, v in sorted(diff.items())]
+    return 'flwr run . --stream --federation-config "num-supernodes=4"' + (
+        f' --run-config "{" ".join(parts)}"' if parts else "")

@@ -1,0 +1,292 @@
+"""Deployment-time pruning of a trained model, and the post-training pruning baselines.
+
+Structured (the result is a smaller dense model, like TwIST's subnets; whole heads and FFN
+blocks of the non-shared layers are removed, shared layers are kept whole):
+- `random`: a random blueprint (seeded), TwIST's "zero-cost" deployment;
+- `best-of-k`: the best of K random blueprints on a calibration split;
+- `magnitude`: per layer, the heads / FFN blocks with the largest weight L2 norm;
+- `wanda`: per layer, the heads / FFN blocks with the largest Wanda score, sum |W| x ||X|| over
+  the block's weights, with ||X|| the L2 norm of each input feature on calibration data.
+
+Unstructured (the same shapes with zeros; no speed-up without sparse kernels), applied to the
+same tensors (the four block matrices of each non-shared layer):
+- `magnitude`: the smallest |W| of each matrix;
+- `wanda` (Sun et al. 2023): per output row, the smallest |W| x ||X||;
+- `sparsegpt` (Frantar & Alistarh 2023): OBS pruning with the Hessian 2 X^T X / n of
+  calibration inputs, column blocks of 128, error compensation, layer by layer, each layer's
+  inputs computed through the already-pruned earlier layers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .blocks import block_indices, slice_spec, slice_state
+from .blueprint import Blueprint, sample_blueprints
+from .config import GPTConfig
+from .model import GPT
+from .train import evaluate
+
+log = logging.getLogger(__name__)
+
+STRUCTURED = ("random", "best-of-k", "magnitude", "wanda")
+UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
+MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def check_keep(cfg: GPTConfig, keep: int) -> None:
+    hi = min(cfg.n_head, cfg.n_ffn_blocks)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= hi:
+        raise ValueError(f"keep={keep!r} is out of range for this model: allowed 1..{hi} "
+                         f"(n_head={cfg.n_head}, n_ffn_blocks={cfg.n_ffn_blocks})")
+
+
+def random_blueprint(cfg: GPTConfig, keep: int, seed: int, draw: int = 0) -> Blueprint:
+    check_keep(cfg, keep)
+    return sample_blueprints(cfg, 1, keep, seed=seed, round=draw, allow_partial=True)[0]
+
+
+def subnet(model: GPT, bp: Blueprint) -> GPT:
+    """The dense model of blueprint `bp` cut out of a full model (no copy of `model` itself)."""
+    if model.blueprint is not None:
+        raise ValueError("pruning needs a full model; this one is already a subnet")
+    sub = GPT(model.cfg, blueprint=bp)
+    sub.load_state_dict(slice_state(model.state_dict(), model.cfg, bp))
+    return sub
+
+
+# --- calibration activations -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def input_norms(model: GPT, windows: np.ndarray, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """L2 norm over calibration tokens of each input feature of every block matrix."""
+    sq: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.endswith(MATRICES):
+            def hook(m, inp, out, name=name):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+                sq[name] = sq.get(name, 0) + (x * x).sum(0)
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        for i in range(0, len(windows), batch_size):
+            model(torch.from_numpy(windows[i:i + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.sqrt() for k, v in sq.items()}
+
+
+# --- structured ------------------------------------------------------------------------------
+
+
+def block_scores(model: GPT, method: str, norms: dict[str, torch.Tensor] | None = None) -> dict:
+    """{(kind, layer): scores of each block}, larger = more important."""
+    cfg = model.cfg
+    state = model.state_dict()
+    scores: dict[tuple[str, int], torch.Tensor] = {}
+    for name, w in state.items():
+        spec = slice_spec(name)
+        if spec is None or not name.endswith("weight"):
+            continue
+        mod = name.rsplit(".", 1)[0]
+        w = w.abs().float()
+        if method == "wanda":
+            if norms is None:
+                raise ValueError("wanda scores need calibration input norms")
+            w = w * norms[mod].unsqueeze(0)  # weight (out, in) x norm of input feature
+        elif method != "magnitude":
+            raise ValueError(f"unknown importance {method!r}; allowed: ['magnitude', 'wanda']")
+        n = cfg.n_head if spec.kind == "heads" else cfg.n_ffn_blocks
+        per = torch.zeros(n)
+        for b in range(n):
+            idx = torch.as_tensor(block_indices(cfg, spec, [b]))
+            part = w.index_select(spec.axis, idx)
+            per[b] = (part ** 2).sum() if method == "magnitude" else part.sum()
+        key = (spec.kind, spec.layer)
+        scores[key] = scores.get(key, 0) + per
+    if method == "magnitude":
+        scores = {k: v.sqrt() for k, v in scores.items()}
+    return scores
+
+
+def importance_blueprint(model: GPT, keep: int, method: str, norms: dict[str, torch.Tensor] | None = None) -> Blueprint:
+    """Per non-shared layer, the `keep` heads and FFN blocks with the largest scores."""
+    cfg = model.cfg
+    check_keep(cfg, keep)
+    scores = block_scores(model, method, norms)
+    parts: dict[str, list[tuple[int, ...]]] = {"heads": [], "ffn": []}
+    for layer in range(cfg.n_layer):
+        for kind, n in (("heads", cfg.n_head), ("ffn", cfg.n_ffn_blocks)):
+            if layer in cfg.shared_layer_ids:
+                parts[kind].append(tuple(range(n)))
+            else:
+                top = torch.argsort(scores[(kind, layer)], descending=True, stable=True)[:keep]
+                parts[kind].append(tuple(sorted(int(i) for i in top)))
+    return Blueprint(heads=tuple(parts["heads"]), ffn=tuple(parts["ffn"]))
+
+
+def best_of_k(model: GPT, keep: int, k: int, calib: np.ndarray, seed: int) -> tuple[Blueprint, list[float]]:
+    """The random blueprint (of K draws) with the lowest calibration perplexity."""
+    if k < 1:
+        raise ValueError(f"best-of-k needs k >= 1, got {k}")
+    bps = [random_blueprint(model.cfg, keep, seed, d) for d in range(k)]
+    ppl = [evaluate(subnet(model, bp), calib)["ppl"] for bp in bps]
+    return bps[int(np.argmin(ppl))], ppl
+
+
+def choose_blueprint(model: GPT, keep: int, method: str, seed: int = 0, calib: np.ndarray | None = None,
+                     k: int = 8) -> Blueprint:
+    if method == "random":
+        return random_blueprint(model.cfg, keep, seed)
+    if method == "best-of-k":
+        if calib is None:
+            raise ValueError("best-of-k needs calibration data")
+        return best_of_k(model, keep, k, calib, seed)[0]
+    if method in ("magnitude", "wanda"):
+        norms = input_norms(model, calib) if method == "wanda" else None
+        if method == "wanda" and calib is None:
+            raise ValueError("wanda needs calibration data")
+        return importance_blueprint(model, keep, method, norms)
+    raise ValueError(f"unknown structured method {method!r}; allowed: {list(STRUCTURED)}")
+
+
+# --- unstructured ----------------------------------------------------------------------------
+
+
+def _pruned_layers(cfg: GPTConfig) -> list[int]:
+    return [i for i in range(cfg.n_layer) if i not in cfg.shared_layer_ids]
+
+
+def magnitude_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where a weight is removed: the smallest |w| of the whole matrix."""
+    k = int(w.numel() * sparsity)
+    if k == 0:
+        return torch.zeros_like(w, dtype=torch.bool)
+    thresh = torch.kthvalue(w.abs().flatten().float(), k).values
+    mask = w.abs() <= thresh
+    # exact count despite ties: drop the surplus of ties by position
+    extra = int(mask.sum()) - k
+    if extra > 0:
+        ties = torch.nonzero((w.abs() == thresh).flatten()).flatten()[:extra]
+        mask.view(-1)[ties] = False
+    return mask
+
+
+def wanda_mask(w: torch.Tensor, xnorm: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per output row, remove the smallest |W| x ||X|| (Wanda's comparison group)."""
+    metric = w.abs().float() * xnorm.unsqueeze(0)
+    k = int(w.shape[1] * sparsity)
+    idx = torch.argsort(metric, dim=1, stable=True)[:, :k]
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask.scatter_(1, idx, True)
+    return mask
+
+
+def sparsegpt_prune(w: torch.Tensor, hessian: torch.Tensor, sparsity: float, blocksize: int = 128,
+                    percdamp: float = 0.01) -> torch.Tensor:
+    """SparseGPT's `fasterprune` (unstructured): returns the pruned, error-compensated weight."""
+    W = w.clone().float()
+    H = hessian.clone().float()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    damp = percdamp * torch.mean(torch.diag(H))
+    H += damp * torch.eye(cols)
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        tmp = W1 ** 2 / (torch.diag(Hinv1).reshape((1, -1))) ** 2
+        thresh = torch.sort(tmp.flatten())[0][int(tmp.numel() * sparsity)]
+        mask1 = tmp <= thresh
+        for i in range(i2 - i1):
+            wcol = W1[:, i]
+            d = Hinv1[i, i]
+            q = wcol.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (wcol - q) / d
+            W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    return W.to(w.dtype)
+
+
+@torch.no_grad()
+def unstructured_prune(model: GPT, method: str, sparsity: float, calib: np.ndarray | None = None,
+                       batch_size: int = 16) -> GPT:
+    """A copy of `model` with `sparsity` of each block matrix of the non-shared layers zeroed.
+
+    wanda and sparsegpt go layer by layer: the calibration statistics of a layer are taken
+    with every earlier layer already pruned (as both papers do)."""
+    if method not in UNSTRUCTURED:
+        raise ValueError(f"unknown unstructured method {method!r}; allowed: {list(UNSTRUCTURED)}")
+    if not 0 < sparsity < 1:
+        raise ValueError(f"sparsity={sparsity!r} must be in (0, 1)")
+    if method != "magnitude" and calib is None:
+        raise ValueError(f"{method} needs calibration data")
+    out = GPT(model.cfg)
+    out.load_state_dict(model.state_dict())
+    out.eval()
+    for layer in _pruned_layers(model.cfg):
+        block = out.h[layer]
+        mods = {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in MATRICES}
+        if method == "magnitude":
+            for mod in mods.values():
+                mod.weight[magnitude_mask(mod.weight, sparsity)] = 0
+            continue
+        stats = _layer_input_stats(out, layer, mods, calib, batch_size, hessian=method == "sparsegpt")
+        for name, mod in mods.items():
+            if method == "wanda":
+                mod.weight[wanda_mask(mod.weight, stats[name], sparsity)] = 0
+            else:
+                mod.weight.copy_(sparsegpt_prune(mod.weight, stats[name], sparsity))
+    return out
+
+
+@torch.no_grad()
+def _layer_input_stats(model: GPT, layer: int, mods: dict[str, nn.Linear], calib: np.ndarray, batch_size: int,
+                       hessian: bool) -> dict[str, torch.Tensor]:
+    """Per matrix of one layer: the input-feature L2 norms, or SparseGPT's H = 2 X^T X / n."""
+    acc: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    hooks = []
+    for name, mod in mods.items():
+        def hook(m, inp, out, name=name):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).float()
+            acc[name] = acc.get(name, 0) + (x.t() @ x if hessian else (x * x).sum(0))
+            count[name] = count.get(name, 0) + x.shape[0]
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        for i in range(0, len(calib), batch_size):
+            model(torch.from_numpy(calib[i:i + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    if hessian:
+        return {k: 2 * v / count[k] for k, v in acc.items()}
+    return {k: v.sqrt() for k, v in acc.items()}
+
+
+def zero_share(model: GPT) -> dict[str, float]:
+    """Share of zero weights in the block matrices of the non-shared layers, and overall."""
+    zeros = total = 0
+    for layer in _pruned_layers(model.cfg):
+        for name in MATRICES:
+            w = model.get_parameter(f"h.{layer}.{name}.weight")
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return {"zeros_in_pruned_matrices": zeros / max(total, 1)}
