@@ -17,6 +17,7 @@ from .config import RunConfig
 from .node import local_update, node_tokens
 from .strategy import record_bytes, to_numpy, to_record
 from .train import MOMENTS, pick_device
+from .wire import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +62,11 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
                          run.seed)
     moments, step = _load_moments(context) if run.optimizer_state == "keep" else (None, 0)
     received = msg.content["arrays"]
-    result = local_update(cfg, run, bp, mode, to_numpy(received), tokens, pid, rnd, float(cfg_rec["lr"]),
-                          int(cfg_rec["local-steps"]), moments, step, run.device)
+    result = local_update(cfg, run, bp, mode, decode(to_numpy(received), run.wire_dtype), tokens, pid, rnd,
+                          float(cfg_rec["lr"]), int(cfg_rec["local-steps"]), moments, step, run.device)
     if result.moments is not None:
         _store_moments(context, result.moments, result.moment_step)
-    arrays, metrics = result.arrays, dict(result.metrics)
+    arrays, metrics = encode(result.arrays, run.wire_dtype), dict(result.metrics)
     if os.environ.get(FAULTS_ENV) == "1" and context.node_config.get("twist-fault"):
         from .faults import inject
 

@@ -136,6 +136,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
     # aggregation and reply validation
+    wire_dtype: str = "float32"  # float32 | float16 | bfloat16: tensors on the wire, both directions
     weighted_average: bool = True  # weight replies by num-examples
     max_update_ratio: float = 10.0  # reject a reply whose update norm exceeds this times the sent tensors' norm
     # evaluation and outputs
@@ -226,6 +227,7 @@ class RunConfig:
         _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("optimizer-state", self.optimizer_state, ("reset", "keep"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("wire-dtype", self.wire_dtype, ("float32", "float16", "bfloat16"))
         for key in ("num_server_rounds", "local_steps", "min_nodes", "seq_len", "batch_size", "eval_every",
                     "eval_draws"):
             _positive(key, getattr(self, key))

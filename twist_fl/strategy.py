@@ -30,11 +30,9 @@ from flwr.serverapp.strategy import FedAvg
 from .blocks import coverage_average, slice_state, state_shapes
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
+from .wire import decode, encode, wire_numpy_dtype
 
 log = logging.getLogger(__name__)
-
-WIRE_DTYPE = np.float32
-
 
 def record_bytes(record: ArrayRecord) -> int:
     """Bytes of the serialized arrays of a record (numpy .npy payloads, headers included)."""
@@ -63,7 +61,7 @@ class Assignment:
     blueprint: Blueprint
     round: int
     nonce: int
-    sent: dict[str, np.ndarray]  # the sliced tensors this node's reply must match (float32)
+    sent: dict[str, np.ndarray]  # the sliced tensors the node received, as float32 (shapes to match)
     bytes_down: int
     message: Message | None = None
 
@@ -161,7 +159,8 @@ class TwistStrategy(FedAvg):
         if not nodes:
             log.warning("round %d: no node answered the node-info query; nothing is trained", rnd)
             return []
-        self._global = {k: v.astype(WIRE_DTYPE, copy=False) for k, v in to_numpy(arrays).items()}
+        self._global = {k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()}
+        wire = self.run.wire_dtype
         partial = len(nodes) * self.keep < max(self.cfg.n_head, self.cfg.n_ffn_blocks)
         if partial:
             log.warning("round %d: %d node(s) at keep %d cannot cover every block; blocks nobody holds keep "
@@ -170,8 +169,9 @@ class TwistStrategy(FedAvg):
         nonce = secrets.randbits(62)
         messages = []
         for node, bp in zip(nodes, bps):
-            sent = slice_state(self._global, self.cfg, bp)
-            payload = to_record(self._global if node.mode == "masked" else sent)
+            sliced = encode(slice_state(self._global, self.cfg, bp), wire)
+            payload = to_record(encode(self._global, wire) if node.mode == "masked" else sliced)
+            sent = decode(sliced, wire)  # what the node starts from, in float32
             cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "mode": node.mode, "lr": record.lr,
                                     "local-steps": self.run.local_steps, **bp.to_config()})
             msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
@@ -288,12 +288,14 @@ class TwistStrategy(FedAvg):
         if got != want:
             raise RejectedReply(f"array keys differ: missing {sorted(want - got)}, unexpected {sorted(got - want)}")
         arrays, diff2, ref2 = {}, 0.0, 0.0
+        want_dtype = wire_numpy_dtype(self.run.wire_dtype)
         for k, sent in a.sent.items():
-            arr = record[k].numpy()  # the real array, not its declared shape/dtype
-            if arr.dtype != WIRE_DTYPE:
-                raise RejectedReply(f"{k}: dtype {arr.dtype}, expected {np.dtype(WIRE_DTYPE)}")
-            if arr.shape != sent.shape:
-                raise RejectedReply(f"{k}: shape {arr.shape}, expected {sent.shape}")
+            raw = record[k].numpy()  # the real array, not its declared shape/dtype
+            if raw.dtype != want_dtype:
+                raise RejectedReply(f"{k}: dtype {raw.dtype}, expected {want_dtype} (wire-dtype {self.run.wire_dtype})")
+            if raw.shape != sent.shape:
+                raise RejectedReply(f"{k}: shape {raw.shape}, expected {sent.shape}")
+            arr = decode({k: raw}, self.run.wire_dtype)[k]
             if not np.isfinite(arr).all():
                 raise RejectedReply(f"{k}: contains NaN or Inf")
             diff2 += float(np.sum((arr.astype(np.float64) - sent) ** 2))

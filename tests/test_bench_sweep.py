@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from twist_fl.bench import bench_bytes, gpt2_cfg, train_flops_ratio
+from twist_fl.config import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flop_bound_of_a_training_step_matches_the_hand_count():
+    # GPT-2 124M, every layer sliced, 6 of 12: per layer 14.16 MFLOP/token of matmuls -> 7.08,
+    # plus attention; the output layer (77.2 MFLOP) is not pruned: ~34% less work
+    assert 1 - train_flops_ratio(gpt2_cfg(()), 6, 64) == pytest.approx(0.3445, abs=1e-3)
+    assert 1 - train_flops_ratio(gpt2_cfg(), 6, 64) == pytest.approx(0.2871, abs=1e-3)  # layers 0, 11 whole
+
+
+def test_bytes_are_counted_from_serialized_messages():
+    cfg = preset("tiny", vocab_size=257)
+
+    res = bench_bytes(nodes=4, keeps=(1, 2), cfg=cfg)
+
+    rows = res["rows"]
+    assert rows["dense float32"]["vs_dense_fp32"] == 1.0
+    assert rows["twist k1/4 float32"]["down_total"] < rows["twist k2/4 float32"]["down_total"] \
+        < rows["dense float32"]["down_total"]
+    assert rows["dense bfloat16"]["vs_dense_fp32"] == pytest.approx(0.5, abs=0.03)
+    assert all(r["overhead_over_raw"] > 0 for r in rows.values())  # headers, ids, config: never free
+
+
+def test_hydra_sweep_and_its_summary(tmp_path):
+    sweep_dir = tmp_path / "multirun"
+    cmd = [sys.executable, "-m", "twist_fl.sweep", "--multirun", "run.local_steps=1,2", "total_local_steps=4",
+           "run.model=tiny", "run.seq_len=32", "run.batch_size=4", "run.eval_tokens=512", "run.eval_draws=1",
+           "num_supernodes=2", f"hydra.sweep.dir={sweep_dir}"]
+
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summ = subprocess.run([sys.executable, "-m", "twist_fl.sweep_summary", str(sweep_dir)], capture_output=True,
+                          text=True, timeout=120)
+
+    assert summ.returncode == 0, summ.stderr
+    res = json.loads((sweep_dir / "summary.json").read_text())
+    assert res["x"] == "run.local_steps" and [r["x"] for r in res["rows"]] == ["1", "2"]
+    assert [r["rounds"] for r in res["rows"]] == [4, 2]  # equal total batches
+    assert (sweep_dir / "summary.png").is_file() and "| run.local_steps | full |" in summ.stdout
+
+
+def test_sweep_refuses_a_bad_key_before_running(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "twist_fl.sweep", "run.keep=99", f"hydra.run.dir={tmp_path}/x"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode != 0 and "keep=99 is out of range" in out.stderr

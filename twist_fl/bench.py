@@ -1,0 +1,303 @@
+"""Benchmarks of TwIST against the dense FedAvg baseline, measured on this machine.
+
+    python -m twist_fl.bench [bytes|step|memory|overhead|all] [--json out.json]
+
+bytes     bytes per round, down and up, per node and in total, counted from the serialized Flower
+          messages (every nested object the runtime would store and send), GPT-2 124M shape, 4 nodes,
+          keep 3, 6, 9 of 12 with the paper's shared first and last layers, fp32 and 16-bit wire,
+          against dense FedAvg; and the overhead over the raw tensor bytes.
+step      one local training step (forward, backward, AdamW) of a node at keep k vs the full model,
+          GPT-2 124M shape, batch and sequence length of the defaults (16 x 64), median of repeats;
+          the FLOP bound of the time reduction and measured / bound.
+memory    peak resident memory of a node process doing one training round: true subnet vs masked
+          full model vs dense, each in a fresh process.
+overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; start-up included) vs a
+          plain in-process loop doing the same local updates on the same subnets with the same
+          coverage averaging, on the default model and data.
+Inference speed: `python -m twist_fl.bench_inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .blocks import coverage_average, slice_state
+from .blueprint import Blueprint, sample_blueprints
+from .config import GPTConfig, RunConfig, preset
+from .model import GPT
+
+
+def gpt2_cfg(shared: tuple[int, ...] = (0, -1)) -> GPTConfig:
+    return dataclasses.replace(preset("gpt2", vocab_size=50257), shared_layers=shared)
+
+
+# --- 1. bytes ------------------------------------------------------------------------------------
+
+
+def message_bytes(msg) -> int:
+    """Bytes of every object of a Message as Flower serializes it (records, arrays, chunks)."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(o.deflate()) for o in get_all_nested_objects(msg).values())
+
+
+def bench_bytes(nodes: int = 4, keeps: tuple[int, ...] = (3, 6, 9), cfg: GPTConfig | None = None) -> dict[str, Any]:
+    from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from .strategy import to_record
+    from .wire import encode
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    cfg = cfg or gpt2_cfg()
+    n = min(cfg.n_head, cfg.n_ffn_blocks)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        full = {k: v.numpy() for k, v in GPT(cfg).state_dict().items()}
+    out: dict[str, Any] = {"nodes": nodes, "shape": f"{cfg.n_layer}x{cfg.n_embd} ({sum(v.size for v in full.values()):,} "
+                           "parameters)", "shared_layers": list(cfg.shared_layer_ids)}
+    rows = {}
+    for wire in ("float32", "bfloat16"):
+        for label, keep in [("dense", n)] + [(f"twist k{k}/{n}", k) for k in keeps]:
+            bps = sample_blueprints(cfg, nodes, keep, seed=0, round=1, allow_partial=True) if keep < n \
+                else [Blueprint.full(cfg)] * nodes
+            down = up = raw = 0
+            for i, bp in enumerate(bps):
+                arrays = encode(slice_state(full, cfg, bp), wire)
+                raw += sum(a.nbytes for a in arrays.values())
+                msg = Message(content=RecordDict({"arrays": to_record(arrays), "config": ConfigRecord(
+                    {"server-round": 1, "nonce": 1, "mode": "true", "lr": 1e-3, "local-steps": 15, **bp.to_config()})}),
+                    message_type=MessageType.TRAIN, dst_node_id=100 + i)
+                down += message_bytes(msg)
+                reply = Message(content=RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord(
+                    {"num-examples": 240, "train-loss": 3.0, "server-round": 1, "nonce": 1})}), reply_to=msg)
+                up += message_bytes(reply)
+            rows[f"{label} {wire}"] = {"down_total": down, "up_total": up, "down_per_node": down / nodes,
+                                       "up_per_node": up / nodes, "overhead_over_raw": (down - raw) / raw}
+    base = rows["dense float32"]["down_total"]
+    for r in rows.values():
+        r["vs_dense_fp32"] = r["down_total"] / base
+    out["rows"] = rows
+    return out
+
+
+# --- 2. step time ----------------------------------------------------------------------------------
+
+
+def train_flops_ratio(cfg: GPTConfig, keep: int, seq: int) -> float:
+    """FLOPs of a subnet's training step / the full model's (matmuls, forward = backward/2)."""
+    from .bench_inference import forward_flops
+
+    shared = len(cfg.shared_layer_ids)
+    sliced = cfg.n_layer - shared
+    one = dataclasses.replace(cfg, n_layer=1)
+    head = 2 * cfg.n_embd * cfg.vocab_size
+    per_full = forward_flops(one, cfg.n_head, cfg.n_ffn_blocks, seq / 2) - head
+    per_keep = forward_flops(one, keep, keep, seq / 2) - head
+    return (shared * per_full + sliced * per_keep + head) / (cfg.n_layer * per_full + head)
+
+
+def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 3, shared: tuple[int, ...] = (0, -1)) -> dict:
+    from .train import OptimConfig, make_optimizer
+
+    run = RunConfig()
+    cfg = gpt2_cfg(shared)
+    torch.manual_seed(0)
+    full = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (run.batch_size, run.seq_len))
+
+    def time_step(model):
+        opt = make_optimizer(model, OptimConfig())
+        times = []
+        for i in range(repeats + 1):
+            t = time.perf_counter()
+            _, loss = model(x, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if i:  # the first step allocates the optimizer state
+                times.append(time.perf_counter() - t)
+        return statistics.median(times), times
+
+    res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
+                           "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
+                           "device": "cpu", "repeats": repeats}
+    t_full, all_full = time_step(full)
+    res["full_s"], res["full_all_s"] = t_full, all_full
+    for k in keeps:
+        bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]
+        sub = GPT(cfg, blueprint=bp)
+        sub.load_state_dict(slice_state(full.state_dict(), cfg, bp))
+        t, all_t = time_step(sub)
+        bound = 1 - train_flops_ratio(cfg, k, run.seq_len)
+        reduction = 1 - t / t_full
+        res[f"keep {k}"] = {"step_s": t, "all_s": all_t, "reduction": reduction, "flop_bound": bound,
+                            "of_bound": reduction / bound}
+    return res
+
+
+# --- 3. memory -------------------------------------------------------------------------------------
+
+_MEM_CHILD = r"""
+import resource, sys, numpy as np, torch
+from twist_fl.bench import gpt2_cfg
+from twist_fl.blocks import slice_state
+from twist_fl.blueprint import Blueprint, sample_blueprints
+from twist_fl.config import RunConfig
+from twist_fl.model import GPT
+from twist_fl.node import local_update
+variant, keep = sys.argv[1], int(sys.argv[2])
+cfg = gpt2_cfg()
+torch.manual_seed(0)
+full = {k: v.numpy() for k, v in GPT(cfg).state_dict().items()} if variant != "true" else None
+bp = Blueprint.full(cfg) if variant == "dense" else sample_blueprints(cfg, 1, keep, 0, 0, allow_partial=True)[0]
+if variant == "true":  # a true node only ever holds its slices: build them without the full model
+    torch.manual_seed(0)
+    arrays = {k: v.numpy() for k, v in GPT(cfg, blueprint=bp).state_dict().items()}
+else:
+    arrays = full
+run = RunConfig.from_flat({"optimizer-state": "reset"})
+tokens = np.random.default_rng(0).integers(0, 50257, size=100_000)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+local_update(cfg, run, bp, "masked" if variant != "true" else "true", arrays, tokens, 0, 1, 1e-3, 2)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(keep: int = 6) -> dict[str, Any]:
+    res: dict[str, Any] = {"shape": "gpt2 124M", "keep": keep, "unit": "MiB (peak RSS of a fresh process)"}
+    for variant in ("true", "masked", "dense"):
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, str(keep)], capture_output=True, text=True,
+                             check=True)
+        res[variant] = int(out.stdout.strip().splitlines()[-1]) / 1024
+    res["true_vs_dense"] = res["true"] / res["dense"]
+    return res
+
+
+# --- 4. runtime overhead ---------------------------------------------------------------------------
+
+
+def plain_loop(run: RunConfig, nodes: int) -> float:
+    """The same local updates on the same subnets with the same averaging, without Flower."""
+    from .data import load_tokens, partition
+    from .node import local_update
+    from .server import initial_model
+
+    cfg = run.model_config()
+    splits = load_tokens(run.dataset, run.tokenizer)
+    parts = [partition(splits["train"], nodes, p, run.partitioning, run.seq_len, run.seed) for p in range(nodes)]
+    t = time.perf_counter()
+    state = {k: v.numpy() for k, v in initial_model(run).state_dict().items()}
+    moments: list[Any] = [None] * nodes
+    steps = [0] * nodes
+    keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
+    for rnd in range(1, run.num_server_rounds + 1):
+        bps = sample_blueprints(cfg, nodes, keep, run.seed, rnd)
+        contribs = []
+        for p, bp in enumerate(bps):
+            r = local_update(cfg, run, bp, "true", slice_state(state, cfg, bp), parts[p], p, rnd, run.lr_at(rnd),
+                             run.local_steps, moments[p], steps[p])
+            moments[p], steps[p] = r.moments, r.moment_step
+            contribs.append((bp, r.arrays, float(r.metrics["num-examples"])))
+        state = coverage_average(state, cfg, contribs)
+    return time.perf_counter() - t
+
+
+def bench_overhead(rounds: int = 20, nodes: int = 4) -> dict[str, Any]:
+    """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work.
+    The app's one evaluation after the last round is timed by the app and taken out."""
+    import os
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        flat = {"num-server-rounds": rounds, "eval-every": 10**6, "out-dir": d, "run-name": "overhead"}
+        run = RunConfig.from_flat(flat)
+        t_plain = plain_loop(run, nodes)
+        env = {**os.environ, "FLWR_HOME": f"{d}/flwr-home", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+               "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+        port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+        overrides = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in flat.items())
+        flwr = str(Path(sys.executable).with_name("flwr"))
+        t = time.perf_counter()
+        try:
+            subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides, "--federation-config",
+                            f"num-supernodes={nodes}"], env=env, check=True, capture_output=True, timeout=3600)
+        finally:
+            subprocess.run(["pkill", "-f", f"--port {port}"], check=False)
+        t_app = time.perf_counter() - t
+        rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
+        t_eval = sum(r.get("eval_s", 0) for r in rows)
+    return {"rounds": rounds, "nodes": nodes, "plain_s": t_plain, "flwr_run_s": t_app - t_eval, "eval_s": t_eval,
+            "ratio": (t_app - t_eval) / t_plain}
+
+
+def _print(name: str, res: dict[str, Any]) -> None:
+    if name == "bytes":
+        print(f"bytes per round, {res['shape']}, {res['nodes']} nodes, shared layers {res['shared_layers']}")
+        print(f"{'':22} | {'down/node MB':>12} | {'up/node MB':>10} | {'total MB':>9} | vs dense fp32 | overhead")
+        for label, r in res["rows"].items():
+            print(f"{label:22} | {r['down_per_node'] / 1e6:>12.2f} | {r['up_per_node'] / 1e6:>10.2f} | "
+                  f"{(r['down_total'] + r['up_total']) / 1e6:>9.1f} | {r['vs_dense_fp32']:>12.1%} | "
+                  f"{r['overhead_over_raw']:.3%}")
+    elif name == "step":
+        print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
+              f"{res['shared_layers']}, {res['threads']} threads, median of {res['repeats']}: full {res['full_s']:.2f} s")
+        for k, r in res.items():
+            if k.startswith("keep"):
+                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%}, FLOP bound {r['flop_bound']:.1%}, "
+                      f"measured/bound {r['of_bound']:.0%}")
+    elif name == "memory":
+        print(f"peak RSS, {res['shape']}, keep {res['keep']}: true {res['true']:.0f} MiB, masked {res['masked']:.0f} MiB, "
+              f"dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")
+    elif name == "overhead":
+        print(f"runtime overhead, {res['rounds']} rounds x {res['nodes']} nodes: plain loop {res['plain_s']:.1f} s, "
+              f"flwr run {res['flwr_run_s']:.1f} s (final evaluation of {res['eval_s']:.1f} s taken out), "
+              f"ratio {res['ratio']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twist_fl.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "all"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=20, help="rounds of the overhead benchmark")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    names = ("bytes", "step", "memory", "overhead") if args.which == "all" else (args.which,)
+    results = {}
+    for name in names:
+        if name == "bytes":
+            results[name] = bench_bytes()
+        elif name == "step":
+            results[name] = bench_step(repeats=args.repeats)
+        elif name == "memory":
+            results[name] = bench_memory()
+        else:
+            results[name] = bench_overhead(rounds=args.rounds)
+        _print(name, results[name])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Hydra CLI for sweeps and ablations over the same keys as `[tool.flwr.app.config]`.
+
+    python -m twist_fl.sweep run.keep=2 num_supernodes=4
+    python -m twist_fl.sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
+    python -m twist_fl.sweep --multirun run.alpha=0,0.5,1
+
+Each job runs the app's own ServerApp and ClientApp code (`twist_fl.server`, `twist_fl.client`)
+on an in-process Grid (`engine: local`, the default: no Ray, deterministic) or on Flower's Ray
+simulation engine (`engine: ray`). Outputs go to the job's Hydra folder (`run/` inside it).
+`total_local_steps` keeps the total number of local batches fixed across a sweep of
+`run.local_steps` (rounds = total_local_steps / local_steps, evaluated at the end).
+Summarize a sweep with `python -m twist_fl.sweep_summary <multirun folder>`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
+    flat = {k.replace("_", "-"): v for k, v in OmegaConf.to_container(cfg.run, resolve=True).items()}
+    if cfg.get("total_local_steps"):
+        total, steps = int(cfg.total_local_steps), int(flat["local-steps"])
+        if total % steps:
+            raise ValueError(f"total_local_steps={total} is not a multiple of run.local_steps={steps}")
+        flat["num-server-rounds"] = total // steps
+        flat["eval-every"] = total // steps
+    flat["out-dir"] = str(job_dir)
+    flat["run-name"] = flat.get("run-name") or "run"
+    RunConfig.from_flat(flat)  # fail before anything starts
+    return flat
+
+
+def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str, Any]:
+    from .client import make_client_app
+    from .server import make_server_app, route_logs_to_flower, run_server
+
+    if engine == "local":
+        from .localgrid import LocalGrid
+
+        return run_server(LocalGrid(make_client_app(flat), num_supernodes), RunConfig.from_flat(flat))
+    if engine == "ray":
+        import json
+
+        from flwr.simulation import run_simulation
+
+        route_logs_to_flower()
+        run_simulation(server_app=make_server_app(flat), client_app=make_client_app(flat),
+                       num_supernodes=num_supernodes,
+                       backend_config={"client_resources": {"num_cpus": 2, "num_gpus": 0.0},
+                                       "init_args": {"logging_level": "ERROR"}})
+        summary = Path(flat["out-dir"]) / flat["run-name"] / "summary.json"
+        if not summary.is_file():
+            raise RuntimeError(f"the simulation ended without writing {summary}; see the log above")
+        return json.loads(summary.read_text())
+    raise ValueError(f"engine={engine!r} is not allowed; allowed: ['local', 'ray']")
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    flat = resolve(cfg, job_dir)
+    summary = run_job(flat, int(cfg.num_supernodes), str(cfg.engine))
+    ppl = summary["final"]["full"]["ppl"] if summary.get("final") else float("nan")
+    log.info("job %s: final full-model perplexity %.3f", job_dir, ppl)
+    return ppl
+
+
+if __name__ == "__main__":
+    main()

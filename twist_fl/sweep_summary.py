@@ -1,0 +1,114 @@
+"""Gather the runs of a Hydra sweep into one table and one plot.
+
+    python -m twist_fl.sweep_summary multirun/<time> [--x run.local_steps] [--dense <run folder>]
+
+Reads each job's `.hydra/overrides.yaml` and `run/summary.json`; writes `summary.md`,
+`summary.json` and `summary.png` (final perplexity at each evaluated keep vs the swept value,
+with the dense baseline as a horizontal line: a job of the sweep with `strategy=fedavg`, or the
+run folder given with --dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def collect(root: Path) -> list[dict[str, Any]]:
+    jobs = []
+    for ov in sorted(root.glob("*/.hydra/overrides.yaml")):
+        job = ov.parent.parent
+        summaries = list(job.glob("*/summary.json"))
+        if not summaries:
+            continue
+        overrides = dict(o.split("=", 1) for o in yaml.safe_load(ov.read_text()) or [])
+        jobs.append({"job": job.name, "overrides": overrides, "summary": json.loads(summaries[0].read_text())})
+    if not jobs:
+        raise ValueError(f"{root} holds no finished sweep job (no */.hydra/overrides.yaml with */summary.json)")
+    return jobs
+
+
+def _num(v: str) -> float | str:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
+def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> dict[str, Any]:
+    jobs = collect(root)
+    dense_jobs = [j for j in jobs if j["summary"]["strategy"] == "fedavg"]
+    twist_jobs = [j for j in jobs if j["summary"]["strategy"] == "twist"]
+    keys = {k for j in twist_jobs for k in j["overrides"]} - {"run.strategy"}
+    swept = sorted(k for k in keys if len({j["overrides"].get(k) for j in twist_jobs}) > 1)
+    x = x or (swept[0] if len(swept) == 1 else None)
+    if x is None:
+        raise ValueError(f"cannot tell the swept key among {swept or sorted(keys)}; pass --x (e.g. run.local_steps)")
+    dense_ppl = None
+    if dense is not None:
+        dense_ppl = json.loads((Path(dense) / "summary.json").read_text())["final"]["full"]["ppl"]
+    elif dense_jobs:
+        dense_ppl = dense_jobs[0]["summary"]["final"]["full"]["ppl"]
+    rows = []
+    for j in sorted(twist_jobs, key=lambda j: _num(j["overrides"].get(x, ""))):
+        final = j["summary"]["final"]
+        rows.append({"x": j["overrides"].get(x), "full": final["full"]["ppl"],
+                     **{k: (v["mean"], v["std"]) for k, v in final.items() if k != "full"},
+                     "rounds": j["summary"]["rounds"], "job": j["job"]})
+    keys = sorted({k for r in rows for k in r if k.startswith("keep-")}, key=lambda k: int(k.split("-")[1]))
+    lines = [f"| {x} | full | " + " | ".join(keys) + " | rounds |", "|---|---|" + "---|" * len(keys) + "---|"]
+    for r in rows:
+        cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "" for k in keys]
+        lines.append(f"| {r['x']} | {r['full']:.3f} | " + " | ".join(cells) + f" | {r['rounds']} |")
+    if dense_ppl is not None:
+        lines.append(f"\nDense FedAvg baseline (full model): {dense_ppl:.3f}")
+    out = {"x": x, "rows": rows, "dense_full_ppl": dense_ppl, "table": "\n".join(lines)}
+    (root / "summary.md").write_text(out["table"] + "\n")
+    (root / "summary.json").write_text(json.dumps(out, indent=2))
+    _plot(out, keys, root / "summary.png")
+    return out
+
+
+def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
+    from .report import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [str(r["x"]) for r in out["rows"]]
+    ax.plot(xs, [r["full"] for r in out["rows"]], "k-o", label="full model")
+    for k in keys:
+        pts = [(str(r["x"]), r[k]) for r in out["rows"] if k in r]
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], fmt="-o",
+                    capsize=3, label=f"random subnets, {k}")
+    if out["dense_full_ppl"] is not None:
+        ax.axhline(out["dense_full_ppl"], color="gray", ls="--", label="dense FedAvg")
+    ax.set_xlabel(out["x"])
+    ax.set_ylabel("final validation perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m twist_fl.sweep_summary", description=__doc__.splitlines()[0])
+    ap.add_argument("root", help="a Hydra multirun folder")
+    ap.add_argument("--x", help="the swept override, e.g. run.local_steps (default: the only one)")
+    ap.add_argument("--dense", help="a fedavg run folder for the baseline line")
+    args = ap.parse_args(argv)
+    try:
+        out = summarize(Path(args.root), args.x, Path(args.dense) if args.dense else None)
+    except (ValueError, OSError) as e:
+        print(f"sweep_summary: error: {e}", file=sys.stderr)
+        return 2
+    print(out["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
