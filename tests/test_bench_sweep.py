@@ -27,7 +27,7 @@ def test_bytes_are_counted_from_serialized_messages():
     assert rows["dense float32"]["vs_dense_fp32"] == 1.0
     assert rows["twist k1/4 float32"]["down_total"] < rows["twist k2/4 float32"]["down_total"] \
         < rows["dense float32"]["down_total"]
-    assert rows["dense bfloat16"]["vs_dense_fp32"] == pytest.approx(0.5, abs=0.03)
+    assert 0.5 < rows["dense bfloat16"]["vs_dense_fp32"] < 0.6  # half the payload, the same headers
     assert all(r["overhead_over_raw"] > 0 for r in rows.values())  # headers, ids, config: never free
 
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blocks import coverage_average, slice_state
+from .blocks import coverage_average, slice_state, state_shapes
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig, preset
 from .model import GPT
@@ -61,9 +61,10 @@ def bench_bytes(nodes: int = 4, keeps: tuple[int, ...] = (3, 6, 9), cfg: GPTConf
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     cfg = cfg or gpt2_cfg()
     n = min(cfg.n_head, cfg.n_ffn_blocks)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        full = {k: v.numpy() for k, v in GPT(cfg).state_dict().items()}
+    # Random values in every tensor: a fresh init has many identical (zero) biases, which Flower's
+    # content-addressed objects would store once and so undercount.
+    rng = np.random.default_rng(0)
+    full = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in state_shapes(cfg).items()}
     out: dict[str, Any] = {"nodes": nodes, "shape": f"{cfg.n_layer}x{cfg.n_embd} ({sum(v.size for v in full.values()):,} "
                            "parameters)", "shared_layers": list(cfg.shared_layer_ids)}
     rows = {}
@@ -107,41 +108,55 @@ def train_flops_ratio(cfg: GPTConfig, keep: int, seq: int) -> float:
     return (shared * per_full + sliced * per_keep + head) / (cfg.n_layer * per_full + head)
 
 
-def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 3, shared: tuple[int, ...] = (0, -1)) -> dict:
+def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1)) -> dict:
     from .train import OptimConfig, make_optimizer
 
     run = RunConfig()
     cfg = gpt2_cfg(shared)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     full = GPT(cfg)
-    x = torch.randint(0, cfg.vocab_size, (run.batch_size, run.seq_len))
+    x = torch.randint(0, cfg.vocab_size, (run.batch_size, run.seq_len), device=dev)
 
-    def time_step(model):
-        opt = make_optimizer(model, OptimConfig())
-        times = []
-        for i in range(repeats + 1):
-            t = time.perf_counter()
-            _, loss = model(x, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if i:  # the first step allocates the optimizer state
-                times.append(time.perf_counter() - t)
-        return statistics.median(times), times
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
-    res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
-                           "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
-                           "device": "cpu", "repeats": repeats}
-    t_full, all_full = time_step(full)
-    res["full_s"], res["full_all_s"] = t_full, all_full
+    models = {"full": full}
     for k in keeps:
         bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]
         sub = GPT(cfg, blueprint=bp)
         sub.load_state_dict(slice_state(full.state_dict(), cfg, bp))
-        t, all_t = time_step(sub)
+        models[f"keep {k}"] = sub
+    opts = {name: make_optimizer(m.to(dev), OptimConfig()) for name, m in models.items()}
+
+    def step(name: str) -> float:
+        model, opt = models[name], opts[name]
+        sync()
+        t = time.perf_counter()
+        _, loss = model(x, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync()
+        return time.perf_counter() - t
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for name in models:  # warm-up: the first step allocates the optimizer state
+        step(name)
+    for _ in range(repeats):  # interleaved, so drift of the machine hits every variant alike
+        for name in models:
+            times[name].append(step(name))
+    res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
+                           "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
+                           "device": str(dev), "repeats": repeats}
+    t_full = statistics.median(times["full"])
+    res["full_s"], res["full_all_s"] = t_full, times["full"]
+    for k in keeps:
+        t = statistics.median(times[f"keep {k}"])
         bound = 1 - train_flops_ratio(cfg, k, run.seq_len)
         reduction = 1 - t / t_full
-        res[f"keep {k}"] = {"step_s": t, "all_s": all_t, "reduction": reduction, "flop_bound": bound,
+        res[f"keep {k}"] = {"step_s": t, "all_s": times[f"keep {k}"], "reduction": reduction, "flop_bound": bound,
                             "of_bound": reduction / bound}
     return res
 
@@ -242,7 +257,7 @@ def bench_overhead(rounds: int = 20, nodes: int = 4) -> dict[str, Any]:
             subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides, "--federation-config",
                             f"num-supernodes={nodes}"], env=env, check=True, capture_output=True, timeout=3600)
         finally:
-            subprocess.run(["pkill", "-f", f"--port {port}"], check=False)
+            subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)  # the detached SuperLink
         t_app = time.perf_counter() - t
         rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
         t_eval = sum(r.get("eval_s", 0) for r in rows)
@@ -277,7 +292,7 @@ def _print(name: str, res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twist_fl.bench", description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "all"))
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=20, help="rounds of the overhead benchmark")
     ap.add_argument("--json")
     args = ap.parse_args(argv)

@@ -3,6 +3,7 @@ server's node-info query. Flower glue over `node.local_update`; `client_app/` on
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -13,7 +14,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from .blueprint import Blueprint
-from .config import RunConfig
+from .config import TOKENIZER_VOCAB, GPTConfig, RunConfig
 from .node import local_update, node_tokens
 from .strategy import record_bytes, to_numpy, to_record
 from .train import MOMENTS, pick_device
@@ -56,7 +57,10 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     mode = str(cfg_rec["mode"])
     rnd = int(cfg_rec["server-round"])
     pid, num = _partition(context)
-    cfg = model_config_for_run(run)
+    cfg = GPTConfig.from_dict(json.loads(str(cfg_rec["model-config"])))  # the server's architecture
+    if cfg.vocab_size != TOKENIZER_VOCAB[run.tokenizer]:
+        raise ValueError(f"the model has vocab_size {cfg.vocab_size} but this node's tokenizer {run.tokenizer!r} "
+                         f"has {TOKENIZER_VOCAB[run.tokenizer]}")
     bp.validate(cfg)
     tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, num, pid, run.seq_len,
                          run.seed)
@@ -75,20 +79,6 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     metrics.update({"server-round": metrics.get("server-round", rnd), "nonce": metrics.get("nonce", cfg_rec["nonce"]),
                     "bytes-received": record_bytes(received), "bytes-sent": record_bytes(out)})
     return Message(content=RecordDict({"arrays": out, "metrics": MetricRecord(metrics)}), reply_to=msg)
-
-
-_MODEL_CFG_CACHE: dict[str, Any] = {}
-
-
-def model_config_for_run(run: RunConfig):
-    """The run's GPTConfig; with `init-from`, the architecture of that model (read once)."""
-    if not run.init_from:
-        return run.model_config()
-    if run.init_from not in _MODEL_CFG_CACHE:
-        from .server import initial_model
-
-        _MODEL_CFG_CACHE[run.init_from] = initial_model(run).cfg
-    return _MODEL_CFG_CACHE[run.init_from]
 
 
 def _load_moments(context: Context) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:

@@ -104,8 +104,9 @@ def markdown(res: dict[str, Any], args) -> str:
         tw = structured["TwIST random"][i]["ppl"]
         best_label, best = min(((lbl, s[i]["ppl"]) for lbl, s in structured.items() if not lbl.startswith("TwIST")),
                                key=lambda x: x[1])
-        lines += [f"## At keep {half} of {n} ({structured['TwIST random'][i]['removed_of_block_params']:.0%} of block "
-                  "weights removed)", "",
+        lines += [f"## At keep {half} of {n} (half the blocks of every pruned layer; "
+                  f"{structured['TwIST random'][i]['removed_of_block_params']:.0%} of the block weights of all layers)",
+                  "",
                   f"- TwIST random subnets: {tw:.3f} ± {structured['TwIST random'][i]['std']:.3f} "
                   f"(mean ± std over {args.draws} draws).",
                   f"- Best structured baseline: {best_label}, {best:.3f}. Ratio TwIST / best = **{tw / best:.3f}** "
@@ -114,6 +115,11 @@ def markdown(res: dict[str, Any], args) -> str:
         for label, p in res["unstructured"].items():
             lines.append(f"- {label} at 50% of each pruned matrix (unstructured, same share of block weights; needs "
                          f"sparse kernels to be faster): {p['ppl']:.3f}; TwIST / it = {tw / p['ppl']:.3f}.")
+        best_u = min(res["unstructured"].values(), key=lambda p: p["ppl"])["ppl"]
+        lines += [f"- Each relative to its own full model: TwIST random subnets {tw / res['twist_full_ppl']:.3f}, "
+                  f"best structured baseline {best / res['dense_full_ppl']:.3f}, best unstructured "
+                  f"{best_u / res['dense_full_ppl']:.3f}. (The TwIST model's full perplexity is itself lower than the "
+                  f"dense model's here, so part of the ratios above is training, not pruning.)"]
         draws = res["draws"][f"TwIST random keep {half}"]
         lines += [f"- The spread over random draws (the 'golden ticket'): {', '.join(f'{x:.3f}' for x in draws)}; "
                   f"worst / best = {max(draws) / min(draws):.3f}.", ""]

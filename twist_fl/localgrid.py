@@ -13,10 +13,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
-
-ErrorCode_CLIENT_APP_RAISED_EXCEPTION = 2
 
 
 class LocalGrid(Grid):
@@ -61,8 +60,8 @@ class LocalGrid(Grid):
             try:
                 reply = self.client_app(m, self.contexts[node])
             except Exception as e:  # noqa: BLE001 - as the runtime does: an error reply
-                reply = Message(error=Error(code=ErrorCode_CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}"),
-                                reply_to=m)
+                err = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(e).__name__}: {e}")
+                reply = Message(error=err, reply_to=m)
             if self.reply_hook is not None:
                 reply = self.reply_hook(m, reply, node)
             if reply is not None:

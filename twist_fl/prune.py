@@ -149,9 +149,9 @@ def choose_blueprint(model: GPT, keep: int, method: str, seed: int = 0, calib: n
             raise ValueError("best-of-k needs calibration data")
         return best_of_k(model, keep, k, calib, seed)[0]
     if method in ("magnitude", "wanda"):
-        norms = input_norms(model, calib) if method == "wanda" else None
         if method == "wanda" and calib is None:
             raise ValueError("wanda needs calibration data")
+        norms = input_norms(model, calib) if method == "wanda" else None
         return importance_blueprint(model, keep, method, norms)
     raise ValueError(f"unknown structured method {method!r}; allowed: {list(STRUCTURED)}")
 

@@ -22,8 +22,9 @@ from flwr.serverapp import Grid, ServerApp
 from .blocks import param_counts, slice_state
 from .blueprint import sample_blueprints
 from .checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .config import GPTConfig, RunConfig
+from .config import TOKENIZER_VOCAB, GPTConfig, RunConfig
 from .data import check_split, eval_windows, load_tokens, unigram_perplexity
+from .model import FORMAT as MODEL_FORMAT
 from .model import GPT
 from .report import final_table, plot_keeps, plot_rounds
 from .strategy import TwistStrategy, to_numpy, to_record
@@ -42,7 +43,9 @@ def initial_model(run: RunConfig) -> GPT:
     if not run.init_from:
         return GPT(run.model_config())
     path = Path(run.init_from).expanduser()
-    if (path / "config.json").is_file() and "twist-fl" in (path / "config.json").read_text():
+    cfg_file = path / "config.json"  # twist-fl and Hugging Face folders both have one: check the format
+    meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if meta.get("format") == MODEL_FORMAT:
         model = GPT.load(path)
         if model.blueprint is not None:
             raise ValueError(f"init-from={run.init_from!r} is a pruned subnet; training needs a full model")
@@ -111,6 +114,9 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     model = initial_model(run)
     cfg = model.cfg
     run.check_model(cfg)
+    if cfg.vocab_size != TOKENIZER_VOCAB[run.tokenizer]:
+        raise ValueError(f"run-config tokenizer={run.tokenizer!r} has {TOKENIZER_VOCAB[run.tokenizer]} tokens but the "
+                         f"model (init-from={run.init_from!r}) has vocab_size {cfg.vocab_size}")
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
     check_split(splits["train"], run.seq_len, "train", min_windows=run.min_nodes)
     check_split(splits["valid"], run.seq_len, "valid")

@@ -173,7 +173,8 @@ class TwistStrategy(FedAvg):
             payload = to_record(encode(self._global, wire) if node.mode == "masked" else sliced)
             sent = decode(sliced, wire)  # what the node starts from, in float32
             cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "mode": node.mode, "lr": record.lr,
-                                    "local-steps": self.run.local_steps, **bp.to_config()})
+                                    "local-steps": self.run.local_steps, "model-config": self.cfg.to_json(),
+                                    **bp.to_config()})
             msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
                           message_type=MessageType.TRAIN, dst_node_id=node.node_id)
             a = Assignment(node, bp, rnd, nonce, sent, record_bytes(payload), msg)
