@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, Message, MetricRecord, RecordDict
 
 from twist_fl.blocks import block_indices, slice_spec
 from twist_fl.blueprint import Blueprint

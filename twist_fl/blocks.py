@@ -207,8 +207,7 @@ def param_counts(cfg: GPTConfig, bp: Blueprint | None = None) -> dict[str, int]:
     """Parameter counts of GPT(cfg, blueprint=bp): all, and the block (prunable) part."""
     shapes = state_shapes(cfg, bp)
     total = sum(int(np.prod(s)) for s in shapes.values())
-    block = sum(int(np.prod(s)) for k, s in shapes.items()
-                if (spec := slice_spec(k)) is not None)
+    block = sum(int(np.prod(s)) for k, s in shapes.items() if slice_spec(k) is not None)
     return {"params": total, "block_params": block}
 
 

@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from .blocks import coverage_average, slice_state, state_shapes
+from .blocks import coverage_average, slice_state
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
 from .wire import decode, encode, wire_numpy_dtype
