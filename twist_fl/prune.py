@@ -62,24 +62,11 @@ def subnet(model: GPT, bp: Blueprint) -> GPT:
 # --- calibration activations -----------------------------------------------------------------
 
 
-@torch.no_grad()
 def input_norms(model: GPT, windows: np.ndarray, batch_size: int = 16) -> dict[str, torch.Tensor]:
     """L2 norm over calibration tokens of each input feature of every block matrix."""
-    sq: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and name.endswith(MATRICES):
-            def hook(m, inp, out, name=name):
-                x = inp[0].reshape(-1, inp[0].shape[-1]).float()
-                sq[name] = sq.get(name, 0) + (x * x).sum(0)
-            hooks.append(mod.register_forward_hook(hook))
-    try:
-        for i in range(0, len(windows), batch_size):
-            model(torch.from_numpy(windows[i:i + batch_size, :-1]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: v.sqrt() for k, v in sq.items()}
+    mods = {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and name.endswith(MATRICES)}
+    return _input_stats(model, mods, windows, batch_size, hessian=False)
 
 
 # --- structured ------------------------------------------------------------------------------
@@ -248,7 +235,7 @@ def unstructured_prune(model: GPT, method: str, sparsity: float, calib: np.ndarr
             for mod in mods.values():
                 mod.weight[magnitude_mask(mod.weight, sparsity)] = 0
             continue
-        stats = _layer_input_stats(out, layer, mods, calib, batch_size, hessian=method == "sparsegpt")
+        stats = _input_stats(out, mods, calib, batch_size, hessian=method == "sparsegpt")
         for name, mod in mods.items():
             if method == "wanda":
                 mod.weight[wanda_mask(mod.weight, stats[name], sparsity)] = 0
@@ -258,9 +245,10 @@ def unstructured_prune(model: GPT, method: str, sparsity: float, calib: np.ndarr
 
 
 @torch.no_grad()
-def _layer_input_stats(model: GPT, layer: int, mods: dict[str, nn.Linear], calib: np.ndarray, batch_size: int,
-                       hessian: bool) -> dict[str, torch.Tensor]:
-    """Per matrix of one layer: the input-feature L2 norms, or SparseGPT's H = 2 X^T X / n."""
+def _input_stats(model: GPT, mods: dict[str, nn.Linear], calib: np.ndarray, batch_size: int,
+                 hessian: bool) -> dict[str, torch.Tensor]:
+    """Per matrix in `mods`, over calibration tokens: the L2 norm of each input feature, or
+    SparseGPT's H = 2 X^T X / n."""
     acc: dict[str, torch.Tensor] = {}
     count: dict[str, int] = {}
     hooks = []
