@@ -166,7 +166,6 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
 _MEM_CHILD = r"""
 import resource, sys, numpy as np, torch
 from twist_fl.bench import gpt2_cfg
-from twist_fl.blocks import slice_state
 from twist_fl.blueprint import Blueprint, sample_blueprints
 from twist_fl.config import RunConfig
 from twist_fl.model import GPT

@@ -22,7 +22,7 @@ from .blueprint import Blueprint
 from .config import TOKENIZER_VOCAB
 from .data import DATASETS, TOKENIZERS, eval_windows, get_tokenizer, load_tokens
 from .model import CONFIG_FILE, WEIGHTS_FILE, GPT
-from .prune import STRUCTURED, choose_blueprint, random_blueprint, subnet
+from .prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
 from .train import evaluate
 
 log = logging.getLogger("twist_fl.cli")
@@ -135,8 +135,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         if model.blueprint is not None:
             raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
         for k in parse_keeps(args.keeps, model):
-            draws = [evaluate(subnet(model, random_blueprint(model.cfg, k, args.seed, r)), windows)["ppl"]
-                     for r in range(args.draws)]
+            draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
             s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
             res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
                                     "params": s["params_kept"], "removed_of_block_params": s["removed_of_block_params"],
@@ -177,8 +176,7 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
         trained = n if run.get("strategy") == "fedavg" else int(run.get("keep") or n // 2)
         row = {"model": path, "trained_keep": trained, "eval": {}}
         for k in parse_keeps(args.keeps, model):
-            draws = [evaluate(subnet(model, random_blueprint(model.cfg, k, args.seed, r)), windows)["ppl"]
-                     for r in range(args.draws)]
+            draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
             row["eval"][str(k)] = float(np.mean(draws))
         rows.append(row)
     out = Path(args.out)

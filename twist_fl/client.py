@@ -4,7 +4,6 @@ server's node-info query. Flower glue over `node.local_update`; `client_app/` on
 from __future__ import annotations
 
 import json
-import logging
 import os
 from typing import Any
 
@@ -19,8 +18,6 @@ from .node import local_update, node_tokens
 from .strategy import record_bytes, to_numpy, to_record
 from .train import MOMENTS, pick_device
 from .wire import decode, encode
-
-log = logging.getLogger(__name__)
 
 FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .blocks import sparsity
 from .cli import UsageError, data_settings, load_model, windows_for
-from .prune import choose_blueprint, random_blueprint, subnet, unstructured_prune
+from .prune import choose_blueprint, random_blueprint, random_subnet_ppl, subnet, unstructured_prune
 from .report import comparison_plot
 from .train import evaluate
 
@@ -54,7 +54,7 @@ def run_comparison(args) -> dict[str, Any]:
             point = {"keep": k, "removed_of_block_params": s["removed_of_block_params"],
                      "removed_of_all_params": s["removed_of_all_params"], "params": s["params_kept"]}
             if method == "random":
-                draws = [_ppl(subnet(model, random_blueprint(cfg, k, args.seed, r)), windows) for r in range(args.draws)]
+                draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
                 point.update(ppl=float(np.mean(draws)), std=float(np.std(draws)))
                 res["draws"][f"{label} keep {k}"] = draws
             else:

@@ -59,6 +59,11 @@ def subnet(model: GPT, bp: Blueprint) -> GPT:
     return sub
 
 
+def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray) -> list[float]:
+    """Perplexity of `draws` random subnets of a full model at `keep` (draw r uses round r)."""
+    return [evaluate(subnet(model, random_blueprint(model.cfg, keep, seed, r)), windows)["ppl"] for r in range(draws)]
+
+
 # --- calibration activations -----------------------------------------------------------------
 
 
