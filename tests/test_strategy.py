@@ -212,3 +212,45 @@ def test_consecutive_failed_rounds_stop_the_run_with_a_clear_message(tmp_path, m
 def test_too_few_nodes_fails_after_a_bounded_wait(tmp_path):
     with pytest.raises(RuntimeError, match=r"only 2 node\(s\) connected after waiting 1 s; the run needs min-nodes=3"):
         run_local(tmp_path, "few", num_nodes=2, min_nodes=3, node_wait_timeout=1.0)
+
+
+def test_node_capacity_caps_its_keep_and_the_others_cover_the_rest(tmp_path):
+    # keep 2 of 4 for the run; partition 1 can hold only a quarter of each layer (1 block)
+    _, grid, run_dir = run_local(tmp_path, "cap", num_nodes=3, keep=2,
+                                 node_configs=[{}, {"twist-capacity": 0.25}, {"twist-capacity": 1.0}])
+
+    cfg = RunConfig.from_flat(TINY).model_config()
+    by_node = {m.metadata.dst_node_id: Blueprint.from_config(m.content["config"]) for m in sent_train(grid, 1)}
+    small = sorted(grid.contexts)[1]
+    assert [len(h) for h in by_node[small].heads] == [4, 1, 4]  # shared layers 0 and 2 stay whole
+    assert [len(f) for f in by_node[small].ffn] == [4, 1, 4]
+    assert all(len(bp.heads[1]) == 2 for n, bp in by_node.items() if n != small)
+    assert set().union(*(bp.heads[1] for bp in by_node.values())) == set(range(cfg.n_head))
+    entries = {e["node_id"]: e for e in rows(run_dir)[0]["nodes"]}
+    assert entries[small]["keep"] == 1 and entries[small]["blueprint"]["heads"][1] == list(by_node[small].heads[1])
+
+
+def test_bad_capacity_leaves_the_node_out_with_the_reason_logged(tmp_path, caplog):
+    summary, grid, run_dir = run_local(tmp_path, "badcap", num_nodes=3, keep=2,
+                                       node_configs=[{}, {}, {"twist-capacity": 1.5}])
+
+    assert len(sent_train(grid, 1)) == 2 and summary["rounds"] == 2
+    assert "twist-capacity=1.5 is not allowed; allowed: a number in (0, 1]" in caplog.text
+
+
+def test_train_messages_expire_with_the_round_timeout(tmp_path):
+    _, grid, _ = run_local(tmp_path, "ttl", num_nodes=2, round_timeout=42.0)
+
+    assert {m.metadata.ttl for m in sent_train(grid, 1)} == {42.0}
+
+
+def test_fault_spec_names_a_kind_per_round():
+    from twist_fl.faults import fault_for_round
+
+    assert [fault_for_round("nan", r) for r in (1, 2)] == ["nan", "nan"]
+    assert [fault_for_round("1:shape,3:stale-round", r) for r in (1, 2, 3)] == ["shape", "ok", "stale-round"]
+    assert [fault_for_round("hang,2:ok", r) for r in (1, 2)] == ["hang", "ok"]
+    with pytest.raises(ValueError, match=r"unknown fault 'melt' in twist-fault='2:melt'; allowed: \['ok', 'nan'"):
+        fault_for_round("2:melt", 1)
+    with pytest.raises(ValueError, match="the round before ':' must be an integer"):
+        fault_for_round("x:nan", 1)

@@ -1,4 +1,4 @@
-"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): prune, evaluate, generate, heatmap, report.
+"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): prune, evaluate, generate, heatmap, report, deploy.
 
 Every verb reads models in the core save format (a run's `model/` folder, or a pruned model).
 Data settings (dataset, tokenizer, data path, sequence length) default to those the model was
@@ -21,6 +21,7 @@ from .blocks import sparsity
 from .blueprint import Blueprint
 from .config import TOKENIZER_VOCAB
 from .data import DATASETS, TOKENIZERS, eval_windows, get_tokenizer, load_tokens
+from .deploy import DeploymentError
 from .model import CONFIG_FILE, WEIGHTS_FILE, GPT
 from .prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
 from .train import evaluate
@@ -198,6 +199,36 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     return write_report(args)
 
 
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{what}={text!r} must be a comma list of numbers") from None
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from .deploy import deploy_local, parse_run_config
+
+    return deploy_local(Path(args.dir), Path(args.app), args.nodes,
+                        [m.strip() for m in args.modes.split(",") if m.strip()] or None,
+                        _floats(args.capacities, "--capacities") or None, parse_run_config(args.run_config),
+                        secure=not args.insecure, serve=args.serve, timeout=args.timeout)
+
+
+def cmd_deploy_certs(args: argparse.Namespace) -> None:
+    from .deploy import make_certificates
+
+    paths = make_certificates(Path(args.out), args.host, args.days)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+
+
+def cmd_deploy_node_key(args: argparse.Namespace) -> None:
+    from .deploy import make_node_key
+
+    key, pub = make_node_key(Path(args.out))
+    print(json.dumps({"private": str(key), "public": str(pub)}, indent=2))
+
+
 # --- parser ----------------------------------------------------------------------------------------
 
 
@@ -269,6 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _data_args(p)
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("deploy", help="run on real SuperLink/SuperNode processes; certificates and node keys")
+    dsub = p.add_subparsers(dest="deploy_verb", required=True)
+    q = dsub.add_parser("local", help="a SuperLink and N SuperNodes on localhost, one flwr run, then stop")
+    q.add_argument("--dir", default="deploy", help="certificates, keys, FLWR_HOME, logs and outputs go here")
+    q.add_argument("--nodes", type=int, default=2)
+    q.add_argument("--modes", default="", help="comma list of twist-mode per node (true|masked), cycled")
+    q.add_argument("--capacities", default="", help="comma list of twist-capacity per node in (0, 1], cycled")
+    q.add_argument("--app", default=".", help="the twist-fl app folder (holds pyproject.toml)")
+    q.add_argument("--run-config", default="", help="'key=value ...' as for flwr run --run-config")
+    q.add_argument("--insecure", action="store_true", help="no TLS and no node authentication (debugging only)")
+    q.add_argument("--serve", action="store_true", help="start, print how to run, wait for Ctrl-C")
+    q.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is stopped")
+    q.set_defaults(fn=cmd_deploy_local)
+    q = dsub.add_parser("certs", help="a CA and a SuperLink server certificate for the given hosts")
+    q.add_argument("--out", required=True)
+    q.add_argument("--host", action="append", default=[], help="IP or DNS name nodes use (repeat)")
+    q.add_argument("--days", type=int, default=365)
+    q.set_defaults(fn=cmd_deploy_certs)
+    q = dsub.add_parser("node-key", help="an EC key pair for SuperNode authentication")
+    q.add_argument("--out", required=True, help="private key path; the public key goes to <out>.pub")
+    q.set_defaults(fn=cmd_deploy_node_key)
     return ap
 
 
@@ -278,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        args.fn(args)
+        return int(args.fn(args) or 0)
     except (UsageError, ValueError) as e:
         print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except DeploymentError as e:
+        print(f"twist-fl {args.verb}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,10 +41,24 @@ def _partition(context: Context) -> tuple[int, int]:
     return pid, num
 
 
+def node_capacity(node_config: dict[str, Any]) -> float:
+    """The node config's `twist-capacity`: the largest share of each layer's blocks this node
+    can hold, in (0, 1]; 1 (no limit) when absent."""
+    raw = node_config.get("twist-capacity", 1.0)
+    try:
+        cap = float(raw)
+    except (TypeError, ValueError):
+        cap = float("nan")
+    if not 0.0 < cap <= 1.0:
+        raise ValueError(f"node config twist-capacity={raw!r} is not allowed; allowed: a number in (0, 1]")
+    return cap
+
+
 def handle_query(msg: Message, context: Context, run: RunConfig) -> Message:
     pid, num = _partition(context)
     info = ConfigRecord({"twist-mode": node_mode(run, dict(context.node_config)), "partition-id": pid,
-                         "num-partitions": num, "device": str(pick_device(run.device))})
+                         "num-partitions": num, "device": str(pick_device(run.device)),
+                         "capacity": node_capacity(dict(context.node_config))})
     return Message(content=RecordDict({"node-info": info}), reply_to=msg)
 
 
@@ -69,9 +83,10 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
         _store_moments(context, result.moments, result.moment_step)
     arrays, metrics = encode(result.arrays, run.wire_dtype), dict(result.metrics)
     if os.environ.get(FAULTS_ENV) == "1" and context.node_config.get("twist-fault"):
-        from .faults import inject
+        from .faults import fault_for_round, inject
 
-        arrays, metrics = inject(str(context.node_config["twist-fault"]), arrays, metrics, rnd)
+        kind = fault_for_round(str(context.node_config["twist-fault"]), rnd)
+        arrays, metrics = inject(kind, arrays, metrics, rnd, float(context.node_config.get("twist-hang-s", 3600)))
     out = to_record(arrays)
     metrics.update({"server-round": metrics.get("server-round", rnd), "nonce": metrics.get("nonce", cfg_rec["nonce"]),
                     "bytes-received": record_bytes(received), "bytes-sent": record_bytes(out)})

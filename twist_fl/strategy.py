@@ -53,6 +53,7 @@ class NodeInfo:
     partition_id: int
     mode: str
     device: str = "cpu"
+    capacity: float = 1.0  # the largest share of a layer's blocks the node can hold (node config twist-capacity)
 
 
 @dataclass
@@ -132,14 +133,23 @@ class TwistStrategy(FedAvg):
                     raise ValueError(f"error {reply.error.code}: {reply.error.reason}")
                 info = reply.content["node-info"]
                 node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
-                                mode=str(info["twist-mode"]), device=str(info.get("device", "cpu")))
-                if node.mode not in ("true", "masked") or node.node_id not in new:
+                                mode=str(info["twist-mode"]), device=str(info.get("device", "cpu")),
+                                capacity=float(info.get("capacity", 1.0)))
+                if node.mode not in ("true", "masked") or node.node_id not in new or not 0 < node.capacity <= 1:
                     raise ValueError(f"bad node info {dict(info)}")
                 self.nodes[node.node_id] = node
-                log.info("node %d: partition %d, mode %s, device %s", node.node_id, node.partition_id,
-                         node.mode, node.device)
+                log.info("node %d: partition %d, mode %s, device %s, capacity %.2f (keep %d)", node.node_id,
+                         node.partition_id, node.mode, node.device, node.capacity, self.keep_of(node))
             except Exception as e:  # noqa: BLE001 - a bad query reply excludes the node, never the run
                 log.warning("node-info query failed for a node (%s); it is left out this round", e)
+
+    def keep_of(self, node: NodeInfo) -> int:
+        """The run's keep, capped by the node's capacity (at least 1 block of each kind). The
+        dense `fedavg` baseline ignores capacities: every node trains the full model."""
+        if self.run.strategy != "twist":
+            return self.keep
+        n = min(self.cfg.n_head, self.cfg.n_ffn_blocks)
+        return max(1, min(self.keep, int(math.floor(node.capacity * n + 1e-9))))
 
     # --- configure ----------------------------------------------------------------------------
 
@@ -161,11 +171,12 @@ class TwistStrategy(FedAvg):
             return []
         self._global = {k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()}
         wire = self.run.wire_dtype
-        partial = len(nodes) * self.keep < max(self.cfg.n_head, self.cfg.n_ffn_blocks)
+        keeps = [self.keep_of(n) for n in nodes]
+        partial = sum(keeps) < max(self.cfg.n_head, self.cfg.n_ffn_blocks)
         if partial:
-            log.warning("round %d: %d node(s) at keep %d cannot cover every block; blocks nobody holds keep "
-                        "their values this round", rnd, len(nodes), self.keep)
-        bps = sample_blueprints(self.cfg, len(nodes), self.keep, self.run.seed, rnd, allow_partial=partial)
+            log.warning("round %d: %d node(s) at keep %s cannot cover every block; blocks nobody holds keep "
+                        "their values this round", rnd, len(nodes), keeps)
+        bps = sample_blueprints(self.cfg, len(nodes), keeps, self.run.seed, rnd, allow_partial=partial)
         nonce = secrets.randbits(62)
         messages = []
         for node, bp in zip(nodes, bps):
@@ -175,12 +186,14 @@ class TwistStrategy(FedAvg):
             cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "mode": node.mode, "lr": record.lr,
                                     "local-steps": self.run.local_steps, "model-config": self.cfg.to_json(),
                                     **bp.to_config()})
+            # The TTL is the round timeout: the SuperLink refuses a reply that comes later.
             msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
-                          message_type=MessageType.TRAIN, dst_node_id=node.node_id)
+                          message_type=MessageType.TRAIN, dst_node_id=node.node_id, ttl=self.run.round_timeout)
             a = Assignment(node, bp, rnd, nonce, sent, record_bytes(payload), msg)
             self._assignments.append(a)
             messages.append(msg)
-        log.info("round %d: %d nodes, keep %d, lr %.2e, %.2f MB down in total", rnd, len(nodes), self.keep,
+        log.info("round %d: %d nodes, keep %s, lr %.2e, %.2f MB down in total", rnd, len(nodes),
+                 self.keep if len(set(keeps)) == 1 else keeps,
                  record.lr, sum(a.bytes_down for a in self._assignments) / 2**20)
         return messages
 
@@ -199,8 +212,7 @@ class TwistStrategy(FedAvg):
             except RejectedReply as e:
                 self._reject(record, None, str(e))
                 continue
-            entry = {"node_id": a.node.node_id, "partition_id": a.node.partition_id, "mode": a.node.mode,
-                     "bytes_down": a.bytes_down, "bytes_up": 0, "status": "ok"}
+            entry = self._entry(a, "ok")
             record.nodes.append(entry)
             try:
                 arrays, metrics, nbytes = self._validate(reply, a)
@@ -219,9 +231,7 @@ class TwistStrategy(FedAvg):
             weights.append(w)
         for a in self._assignments:  # sent but never answered (e.g. timed out)
             if a.message is not None and a.message.metadata.message_id not in answered:
-                record.nodes.append({"node_id": a.node.node_id, "partition_id": a.node.partition_id,
-                                     "mode": a.node.mode, "bytes_down": a.bytes_down, "bytes_up": 0,
-                                     "status": "no reply"})
+                record.nodes.append(self._entry(a, "no reply"))
                 self._reject(record, a, "no reply before the round timeout")
         record.bytes_down = sum(n["bytes_down"] for n in record.nodes)
         record.bytes_up = sum(n["bytes_up"] for n in record.nodes)
@@ -242,6 +252,12 @@ class TwistStrategy(FedAvg):
                  len(record.rejected), record.train_loss)
         return to_record(new), MetricRecord({"train-loss": record.train_loss, "num-valid": len(contributions),
                                              "num-rejected": len(record.rejected)})
+
+    def _entry(self, a: Assignment, status: str) -> dict[str, Any]:
+        """A node's line in metrics.jsonl: who, what it held, what moved, and how it ended."""
+        return {"node_id": a.node.node_id, "partition_id": a.node.partition_id, "mode": a.node.mode,
+                "keep": self.keep_of(a.node), "blueprint": a.blueprint.to_dict(), "bytes_down": a.bytes_down,
+                "bytes_up": 0, "status": status}
 
     def _match(self, reply: Message, by_id: dict[str, Assignment], answered: set[str]) -> Assignment:
         mid = reply.metadata.reply_to_message_id

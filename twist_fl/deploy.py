@@ -1,0 +1,594 @@
+"""Deployment on real Flower processes: a SuperLink, N SuperNodes and `flwr run`, secure by default.
+
+Three pieces, each usable alone:
+
+* `make_certificates` writes a CA and a server certificate signed by it, with subject
+  alternative names for every host the SuperLink is reached by (TLS for a test deployment or a
+  small private one); `make_node_key` writes an EC (SECP384R1) key pair in OpenSSH format, the
+  kind `flower-supernode --auth-supernode-private-key` and `flwr supernode register` take.
+* `LocalDeployment` runs everything on localhost: free loopback ports, its own FLWR_HOME, one
+  folder of logs, a SQLite SuperLink state, every process in its own process group, and `stop()`
+  that ends them all (SIGTERM, then SIGKILL after a grace period).
+* `twist-fl deploy local|certs|node-key` (in `cli.py`) wraps them.
+
+Insecure mode (no TLS, no node authentication) exists for debugging only and must be asked for;
+it logs a warning. The SuperLink never installs dependencies at run time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "twist-local"  # the name of the SuperLink connection written to FLWR_HOME/config.toml
+
+
+# --- certificates and keys ---------------------------------------------------------------------
+
+def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
+    """A CA (ca.crt, ca.key) and a server certificate it signs (server.pem, server.key) whose
+    subject alternative names are `hosts` (IP addresses or DNS names) plus 127.0.0.1 and localhost.
+    Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes and `flwr` ca.crt."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    names: list[x509.GeneralName] = []
+    for h in ["127.0.0.1", "localhost", *(hosts or [])]:
+        try:
+            gn: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
+        except ValueError:
+            if not h or any(c.isspace() for c in h):
+                raise ValueError(f"host {h!r} is neither an IP address nor a DNS name") from None
+            gn = x509.DNSName(h)
+        if gn not in names:
+            names.append(gn)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twist-fl test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(ca_ski, critical=False)
+          .sign(ca_key, hashes.SHA384()))
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[-1].value))]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+
+    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
+    pem = serialization.Encoding.PEM
+    _write(paths["ca"], ca.public_bytes(pem))
+    _write(paths["cert"], server.public_bytes(pem))
+    for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
+        _write(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    log.info("certificates in %s for %s", out, [str(n.value) for n in names])
+    return paths
+
+
+def make_node_key(path: Path) -> tuple[Path, Path]:
+    """An EC SECP384R1 key pair for SuperNode authentication: `path` (private, OpenSSH, mode 600)
+    and `path`.pub (OpenSSH public key, what the SuperLink's operator registers)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pub = path.with_name(path.name + ".pub")
+    _write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                   serialization.NoEncryption()), 0o600)
+    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                              serialization.PublicFormat.OpenSSH) + b"\n")
+    return path, pub
+
+
+def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config_string(values: dict[str, Any]) -> str:
+    """`k=v` pairs the way `--node-config` and `--run-config` parse them (TOML values)."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, bool):
+            s = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            s = repr(v)
+        elif isinstance(v, str):
+            if '"' in v or any(c.isspace() for c in v):
+                if "'" in v or any(c.isspace() for c in v if c != " "):
+                    raise ValueError(f"config value {k}={v!r} cannot be passed on a command line")
+                s = f"'{v}'"
+            else:
+                s = json.dumps(v)
+        else:
+            raise ValueError(f"config value {k}={v!r} must be a bool, int, float or str")
+        parts.append(f"{k}={s}")
+    return " ".join(parts)
+
+
+def executable(name: str) -> str:
+    """A Flower console script: next to this Python first (the venv), else on PATH."""
+    near = Path(sys.executable).with_name(name)
+    if near.is_file():
+        return str(near)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name!r} not found next to {sys.executable} or on PATH; install flwr")
+    return found
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _proc_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live, non-zombie process (from /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                out[int(d.name)] = (int(fields[1]), int(fields[2]))
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return sorted(pid for pid, (_, g) in _proc_table().items() if g == pgid)
+
+
+def tree_pids(pid: int) -> list[int]:
+    """A process, its descendants and the members of its process group, alive now. Flower's
+    SuperLink starts its SuperExec in a new session, so the group alone is not enough."""
+    table = _proc_table()
+    found = {p for p, (_, g) in table.items() if g == pid}
+    if pid in table:
+        found.add(pid)
+    frontier = list(found)
+    while frontier:
+        parent = frontier.pop()
+        for p, (pp, _) in table.items():
+            if pp == parent and p not in found:
+                found.add(p)
+                frontier.append(p)
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Proc:
+    """A started process, the leader of its own process group (so its children go with it)."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def children(self, fragment: str) -> list[int]:
+        """PIDs among this process's tree whose command line contains `fragment`."""
+        out = []
+        for pid in tree_pids(self.pid):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if fragment in cmd:
+                out.append(pid)
+        return out
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the leader (a clean shutdown), then everything it started; SIGKILL what is left."""
+        pids = set(tree_pids(self.pid))  # before the leader goes: orphans lose their parent link
+        for sig, leader_only in ((signal.SIGTERM, True), (signal.SIGTERM, False), (signal.SIGKILL, False)):
+            pids |= set(tree_pids(self.pid))
+            live = [p for p in pids if _alive(p)]
+            if not live and not self.alive():
+                break
+            for pid in ([self.pid] if leader_only else live):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and (self.alive() or any(_alive(p) for p in pids)):
+                self.popen.poll()
+                time.sleep(0.1)
+        self.popen.poll()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    """What `flwr run --stream` printed and how the run ended on the SuperLink."""
+
+    exit_code: int  # of the `flwr run` command (0 even when the ServerApp failed)
+    output: str
+    log_path: Path
+    run_id: str = ""
+    status: str = "unknown"  # e.g. finished:completed, finished:failed, running
+    details: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and self.status == "finished:completed"
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes on localhost, as real processes, under `root`:
+
+    root/certs/ (ca.crt, server.pem, server.key), root/keys/ (node-<i>, node-<i>.pub),
+    root/flwr-home/ (FLWR_HOME, with the connection `twist-local` in config.toml),
+    root/logs/ (superlink.log, supernode-<name>.log, run-<n>.log), root/superlink.db.
+
+    `secure=True` (the default) means TLS and SuperNode authentication with registered keys;
+    `secure=False` runs without either and warns. Use as a context manager, or call `stop()`.
+    """
+
+    def __init__(self, root: Path, secure: bool = True, env: dict[str, str] | None = None) -> None:
+        self.root = Path(root).resolve()
+        self.secure = secure
+        self.logs = self.root / "logs"
+        self.home = self.root / "flwr-home"
+        for d in (self.logs, self.home):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ if env is None else env)
+        self.env.update({"FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"})
+        self.port = 0
+        self.superlink: Proc | None = None
+        self.nodes: dict[str, Proc] = {}
+        self.certs: dict[str, Path] = {}
+        self._runs = 0
+        if not secure:
+            log.warning("INSECURE deployment: no TLS and no SuperNode authentication. Anyone who can reach the "
+                        "SuperLink port can join as a node or read the model. Use it only for debugging.")
+
+    def __enter__(self) -> "LocalDeployment":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # -- SuperLink ----------------------------------------------------------------------------
+
+    def start_superlink(self, timeout: float = 60.0) -> Proc:
+        self.port = free_port()
+        cmd = [executable("flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+               "--database", str(self.root / "superlink.db"), "--disable-runtime-dependency-installation"]
+        if self.secure:
+            if not self.certs:
+                self.certs = make_certificates(self.root / "certs")
+            cmd += ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
+                    "--ssl-keyfile", str(self.certs["key"]), "--enable-supernode-auth"]
+        else:
+            cmd += ["--insecure"]
+        self.superlink = self._spawn("superlink", cmd)
+        deadline = time.monotonic() + timeout
+        while not _port_open(self.port):
+            if not self.superlink.alive():
+                raise DeploymentError(f"the SuperLink exited with code {self.superlink.popen.returncode}; log "
+                                      f"{self.superlink.log_path}:\n{self.superlink.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the SuperLink did not open port {self.port} within {timeout:.0f} s; "
+                                      f"log {self.superlink.log_path}")
+            time.sleep(0.2)
+        self._write_connection()
+        log.info("SuperLink on 127.0.0.1:%d (%s), pid %d", self.port, "TLS, node auth" if self.secure else "insecure",
+                 self.superlink.pid)
+        return self.superlink
+
+    def _write_connection(self) -> None:
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                 f'address = "127.0.0.1:{self.port}"']
+        lines += [f'root-certificates = "{self.certs["ca"]}"'] if self.secure else ["insecure = true"]
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    # -- SuperNodes ---------------------------------------------------------------------------
+
+    def node_key(self, name: str, register: bool = True) -> Path:
+        """A key pair for node `name` under root/keys; registered with the SuperLink if asked."""
+        key, pub = make_node_key(self.root / "keys" / name)
+        if register:
+            self.flwr(["supernode", "register", str(pub), CONNECTION], check=True)
+        return key
+
+    def start_node(self, name: str, node_config: dict[str, Any], *, key: Path | None | str = "register",
+                   root_certificates: Path | None = None, env: dict[str, str] | None = None) -> Proc:
+        """Start SuperNode `name` with `node_config` (partition-id, num-partitions, twist-mode, ...).
+        `key="register"` makes and registers a key; a Path uses that key as is (registered or
+        not); None starts without one. `root_certificates` replaces the deployment's CA."""
+        if self.superlink is None:
+            raise DeploymentError("start the SuperLink first")
+        cmd = [executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(free_port()),
+               "--node-config", config_string(node_config), "--max-retries", "20", "--max-wait-time", "120"]
+        if self.secure:
+            cmd += ["--root-certificates", str(root_certificates or self.certs["ca"])]
+            if key == "register":
+                key = self.node_key(name)
+            if key is not None:
+                cmd += ["--auth-supernode-private-key", str(key)]
+        else:
+            cmd += ["--insecure"]
+        proc = self._spawn(f"supernode-{name}", cmd, env)
+        proc.extra["node_config"] = dict(node_config)
+        self.nodes[name] = proc
+        return proc
+
+    def start_nodes(self, n: int, modes: list[str] | None = None, capacities: list[float] | None = None,
+                    extra: dict[str, Any] | None = None) -> list[Proc]:
+        """N SuperNodes with partitions 0..n-1, an optional twist-mode and twist-capacity each,
+        and the machine's cores shared out between them (num-threads)."""
+        threads = max(1, (os.cpu_count() or 1) // n)
+        procs = []
+        for i in range(n):
+            nc: dict[str, Any] = {"partition-id": i, "num-partitions": n, "num-threads": threads}
+            if modes:
+                nc["twist-mode"] = modes[i % len(modes)]
+            if capacities:
+                nc["twist-capacity"] = float(capacities[i % len(capacities)])
+            nc.update(extra or {})
+            procs.append(self.start_node(str(i), nc))
+        return procs
+
+    def wait_online(self, n: int, timeout: float = 90.0) -> None:
+        """Wait until `flwr supernode ls` shows at least `n` online nodes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            online = self.online_nodes()
+            if len(online) >= n:
+                return
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{len(online)} of {n} SuperNodes online after {timeout:.0f} s; logs in "
+                                      f"{self.logs}")
+            time.sleep(1.0)
+
+    def online_nodes(self) -> list[dict[str, Any]]:
+        res = self.flwr(["supernode", "ls", CONNECTION, "--format", "json"], check=False)
+        try:
+            data = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return []
+        nodes = data.get("nodes", []) if isinstance(data, dict) else []
+        return [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+
+    # -- runs ---------------------------------------------------------------------------------
+
+    def flwr(self, args: list[str], check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        res = subprocess.run([executable("flwr"), *args], env=self.env, cwd=self.root, capture_output=True,
+                             text=True, timeout=timeout)
+        if check and res.returncode != 0:
+            raise DeploymentError(f"flwr {' '.join(args)} failed ({res.returncode}): {res.stdout[-2000:]}"
+                                  f"{res.stderr[-2000:]}")
+        return res
+
+    def run(self, app: Path, run_config: dict[str, Any] | None = None, timeout: float = 3600.0,
+            echo: bool = False, on_line: Callable[[str], bool] | None = None) -> "RunResult":
+        """`flwr run <app> twist-local --stream`, its output also in logs/run-<n>.log (the
+        ServerApp's log lines are streamed into it), and the run's final status from the
+        SuperLink. `on_line(line)` sees each line; when it returns True, streaming stops (the run
+        itself goes on)."""
+        self._runs += 1
+        path = self.logs / f"run-{self._runs}.log"
+        cmd = [executable("flwr"), "run", str(Path(app).resolve()), CONNECTION, "--stream"]
+        if run_config:
+            cmd += ["--run-config", config_string(run_config)]
+        lines: list[str] = []
+        expired = threading.Event()
+        with path.open("w") as f:
+            p = subprocess.Popen(cmd, env=self.env, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True, start_new_session=True)
+
+            def expire() -> None:
+                expired.set()
+                _killpg(p.pid, signal.SIGKILL)
+
+            watchdog = threading.Timer(timeout, expire)
+            watchdog.start()
+            try:
+                assert p.stdout is not None
+                for line in p.stdout:
+                    f.write(line)
+                    f.flush()
+                    lines.append(line)
+                    if echo:
+                        sys.stderr.write(line)
+                    if on_line is not None and on_line(line):
+                        _killpg(p.pid, signal.SIGTERM)  # stop streaming only
+                        break
+                code = p.wait(timeout=30)
+            finally:
+                watchdog.cancel()
+                if p.poll() is None:
+                    _killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+        if expired.is_set():
+            raise DeploymentError(f"flwr run did not finish within {timeout:.0f} s; log {path}")
+        out = "".join(lines)
+        res = RunResult(code, out, path)
+        if "Successfully started run " in out:
+            res.run_id = out.split("Successfully started run ", 1)[1].split()[0]
+            res.status, res.details = self.run_status(res.run_id)
+        return res
+
+    def run_status(self, run_id: str) -> tuple[str, str]:
+        """(status, details) of a run, e.g. ("finished:failed", "ServerApp failed with exception: ...")."""
+        r = self.flwr(["ls", CONNECTION, "--run-id", run_id, "--format", "json"], check=False)
+        try:
+            run = json.loads(r.stdout)["runs"][0]
+        except (json.JSONDecodeError, KeyError, IndexError):
+            return "unknown", (r.stdout + r.stderr)[-500:]
+        return str(run.get("status", "unknown")), str(run.get("status-details", ""))
+
+    def serverapp_pids(self) -> list[int]:
+        """The ServerApp processes (one per active run), started by the SuperLink's SuperExec."""
+        return self.superlink.children("flwr-serverapp") if self.superlink else []
+
+    def pids(self) -> list[int]:
+        """Every live process this deployment started, with their children."""
+        procs = [p for p in [self.superlink, *self.nodes.values()] if p is not None]
+        return sorted({pid for p in procs for pid in tree_pids(p.pid)})
+
+    # -- stop ---------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every node, then the SuperLink; nothing this deployment started is left."""
+        for proc in list(self.nodes.values()):
+            proc.stop()
+        if self.superlink is not None:
+            self.superlink.stop()
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+        path = self.logs / f"{name}.log"
+        with path.open("ab") as f:
+            f.write(f"$ {' '.join(cmd)}\n".encode())
+            f.flush()
+            popen = subprocess.Popen(cmd, env={**self.env, **(env or {})}, cwd=self.root, stdout=f,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return Proc(name, popen, path)
+
+
+# --- one command -------------------------------------------------------------------------------
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """`k=v` pairs as `flwr run --run-config` takes them."""
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args([text])) if text.strip() else {}
+
+
+def check_app(app: Path) -> Path:
+    app = Path(app).expanduser().resolve()
+    pyproject = app / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise ValueError(f"--app {str(app)!r} is not a Flower app folder (no pyproject.toml with [tool.flwr.app]); "
+                         f"run from the twist-fl checkout or pass --app <checkout>")
+    return app
+
+
+def deploy_local(root: Path, app: Path, nodes: int = 2, modes: list[str] | None = None,
+                 capacities: list[float] | None = None, run_config: dict[str, Any] | None = None,
+                 secure: bool = True, serve: bool = False, timeout: float = 86400.0) -> int:
+    """Start a SuperLink and `nodes` SuperNodes on localhost under `root`, run the app once with
+    `flwr run` (or, with `serve`, wait for Ctrl-C so that runs can be started by hand), then stop
+    everything. Returns 0 when the run completed, else non-zero."""
+    if nodes < 1:
+        raise ValueError(f"--nodes={nodes}; allowed: 1 or more")
+    for m in modes or []:
+        if m not in ("true", "masked"):
+            raise ValueError(f"--modes entry {m!r} is not allowed; allowed: ['true', 'masked']")
+    for c in capacities or []:
+        if not 0 < c <= 1:
+            raise ValueError(f"--capacities entry {c} is not allowed; allowed: numbers in (0, 1]")
+    app = check_app(app)
+    root = Path(root).expanduser().resolve()
+    if (root / "superlink.db").exists():
+        raise ValueError(f"--dir {str(root)!r} already holds a deployment (superlink.db); choose another --dir or "
+                         f"remove it")
+    rc = {"out-dir": str(root / "outputs"), "min-nodes": nodes, **(run_config or {})}
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with LocalDeployment(root, secure=secure) as d:
+            d.start_superlink()
+            d.start_nodes(nodes, modes, capacities)
+            d.wait_online(nodes)
+            log.info("deployment up: SuperLink 127.0.0.1:%d, %d SuperNodes; logs in %s", d.port, nodes, d.logs)
+            if serve:
+                log.info("start runs with:\n  FLWR_HOME=%s flwr run %s %s --stream\nCtrl-C stops the deployment",
+                         d.home, app, CONNECTION)
+                while d.superlink is not None and d.superlink.alive():
+                    time.sleep(1.0)
+                log.error("the SuperLink exited; see %s", d.superlink.log_path if d.superlink else d.logs)
+                return 1
+            res = d.run(app, rc, timeout=timeout, echo=True)
+            log.info("run %s: %s%s; outputs in %s, logs in %s", res.run_id or "?", res.status,
+                     f" ({res.details})" if res.details else "", rc["out-dir"], d.logs)
+            return 0 if res.ok else (res.exit_code or 1)
+    except KeyboardInterrupt:
+        log.info("stopped; logs in %s", root / "logs")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
