@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from twist_fl.deploy import free_port
 
 
 def pids_with(fragment: str) -> list[int]:

@@ -231,14 +231,10 @@ def bench_overhead(rounds: int = 20, nodes: int = 4) -> dict[str, Any]:
     """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work.
     The app's one evaluation after the last round is timed by the app and taken out."""
     import os
-    import socket
     import tempfile
     from pathlib import Path
 
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+    from .deploy import free_port
 
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as d:

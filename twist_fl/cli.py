@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return int(args.fn(args) or 0)
+        code = args.fn(args)  # the deploy verbs return an exit code; the others return their results
+        return code if isinstance(code, int) else 0
     except (UsageError, ValueError) as e:
         print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
         return 2
