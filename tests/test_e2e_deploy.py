@@ -94,7 +94,7 @@ def initial_weights(rc: dict) -> dict[str, np.ndarray]:
 
 # --- 1, 2: TLS, registered nodes; unregistered key and wrong CA refused -------------------------
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def secure_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secure")
     d = start(tmp)
@@ -117,33 +117,35 @@ def secure_run(tmp_path_factory):
         stop_and_check(d)
 
 
-def test_happy_path_over_tls_with_registered_nodes(secure_run):
-    d, res, run_dir = secure_run["d"], secure_run["res"], secure_run["run_dir"]
+class TestSecureDeployment:
+    """One deployment for both (its fixture ends with the class)."""
 
-    assert res.ok, (res.status, res.details, res.output[-3000:])
-    superlink_cmd = d.superlink.log_text().splitlines()[0]
-    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth",
-                 "--disable-runtime-dependency-installation"):
-        assert flag in superlink_cmd
-    assert "--insecure" not in superlink_cmd
-    r = rows(run_dir)
-    assert [x["round"] for x in r] == [1, 2] and all(x["updated"] and not x["rejected"] for x in r)
-    assert all(sorted(by_partition(x)) == [0, 1] for x in r)
-    assert r[-1]["valid"]["full"]["ppl"] < 257
-    for f in ("model/model.safetensors", "model/config.json", "summary.json", "rounds.png", "config.json"):
-        assert (run_dir / f).is_file(), f
-    assert "round 2: 2 valid, 0 rejected replies" in res.output
+    def test_happy_path_over_tls_with_registered_nodes(self, secure_run):
+        d, res, run_dir = secure_run["d"], secure_run["res"], secure_run["run_dir"]
 
+        assert res.ok, (res.status, res.details, res.output[-3000:])
+        superlink_cmd = d.superlink.log_text().splitlines()[0]
+        for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth",
+                     "--disable-runtime-dependency-installation"):
+            assert flag in superlink_cmd
+        assert "--insecure" not in superlink_cmd
+        r = rows(run_dir)
+        assert [x["round"] for x in r] == [1, 2] and all(x["updated"] and not x["rejected"] for x in r)
+        assert all(sorted(by_partition(x)) == [0, 1] for x in r)
+        assert r[-1]["valid"]["full"]["ppl"] < 257
+        for f in ("model/model.safetensors", "model/config.json", "summary.json", "rounds.png", "config.json"):
+            assert (run_dir / f).is_file(), f
+        assert "round 2: 2 valid, 0 rejected replies" in res.output
 
-def test_unregistered_key_and_wrong_ca_are_refused_and_the_run_completes(secure_run):
-    unregistered, wrong_ca, res = secure_run["unregistered"], secure_run["wrong_ca"], secure_run["res"]
+    def test_unregistered_key_and_wrong_ca_are_refused_and_the_run_completes(self, secure_run):
+        unregistered, wrong_ca, res = secure_run["unregistered"], secure_run["wrong_ca"], secure_run["res"]
 
-    assert unregistered.popen.returncode not in (None, 0)
-    assert "Failed to activate SuperNode" in unregistered.log_text()
-    assert wrong_ca.popen.returncode not in (None, 0)
-    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.log_text()
-    assert len(secure_run["online"]) == 2  # only the registered nodes with the right CA
-    assert res.ok and all(len(x["nodes"]) == 2 for x in rows(secure_run["run_dir"]))
+        assert unregistered.popen.returncode not in (None, 0)
+        assert "Failed to activate SuperNode" in unregistered.log_text()
+        assert wrong_ca.popen.returncode not in (None, 0)
+        assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca.log_text()
+        assert len(secure_run["online"]) == 2  # only the registered nodes with the right CA
+        assert res.ok and all(len(x["nodes"]) == 2 for x in rows(secure_run["run_dir"]))
 
 
 # --- 3: a SuperNode killed mid-round ------------------------------------------------------------
