@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +226,6 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log_path: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -390,7 +389,6 @@ class LocalDeployment:
         else:
             cmd += ["--insecure"]
         proc = self._spawn(f"supernode-{name}", cmd, env)
-        proc.extra["node_config"] = dict(node_config)
         self.nodes[name] = proc
         return proc
 
