@@ -189,11 +189,6 @@ def _proc_table() -> dict[int, tuple[int, int]]:
     return out
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Live processes of a process group."""
-    return sorted(pid for pid, (_, g) in _proc_table().items() if g == pgid)
-
-
 def tree_pids(pid: int) -> list[int]:
     """A process, its descendants and the members of its process group, alive now. Flower's
     SuperLink starts its SuperExec in a new session, so the group alone is not enough."""
@@ -392,8 +387,8 @@ class LocalDeployment:
         self.nodes[name] = proc
         return proc
 
-    def start_nodes(self, n: int, modes: list[str] | None = None, capacities: list[float] | None = None,
-                    extra: dict[str, Any] | None = None) -> list[Proc]:
+    def start_nodes(self, n: int, modes: list[str] | None = None,
+                    capacities: list[float] | None = None) -> list[Proc]:
         """N SuperNodes with partitions 0..n-1, an optional twist-mode and twist-capacity each,
         and the machine's cores shared out between them (num-threads)."""
         threads = max(1, (os.cpu_count() or 1) // n)
@@ -404,7 +399,6 @@ class LocalDeployment:
                 nc["twist-mode"] = modes[i % len(modes)]
             if capacities:
                 nc["twist-capacity"] = float(capacities[i % len(capacities)])
-            nc.update(extra or {})
             procs.append(self.start_node(str(i), nc))
         return procs
 
