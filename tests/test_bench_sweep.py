@@ -53,3 +53,45 @@ def test_sweep_refuses_a_bad_key_before_running(tmp_path):
     out = subprocess.run([sys.executable, "-m", "twist_fl.sweep", "run.keep=99", f"hydra.run.dir={tmp_path}/x"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode != 0 and "keep=99 is out of range" in out.stderr
+
+
+def test_inference_flop_bound_of_gpt2_at_half_width_is_about_one_and_a_half():
+    from twist_fl.bench_inference import forward_flops
+
+    cfg = gpt2_cfg(())
+    assert forward_flops(cfg, 12, 12, 300) / forward_flops(cfg, 6, 6, 300) == pytest.approx(1.54, abs=0.01)
+
+
+def test_inference_benchmark_writes_its_measurements(tmp_path):
+    from twist_fl.bench_inference import main
+
+    out = tmp_path / "inf.json"
+    assert main(["--preset", "tiny", "--keep", "2", "--prompt", "8", "--decode", "3", "--repeats", "2",
+                 "--json", str(out)]) == 0
+
+    res = json.loads(out.read_text())
+    assert res["params_pruned"] < res["params_full"]
+    for name in ("full", "pruned"):
+        assert len(res[name]["runs"]) == 2 and res[name]["decode_tok_s"] > 0
+    full, pruned = (res[name]["runs"][0]["decode_s_per_token"] for name in ("full", "pruned"))
+    assert res["decode"]["speedup_min"] <= full / pruned <= res["decode"]["speedup_max"]  # repeat 1 is paired
+    for phase in ("prefill", "decode"):
+        r = res[phase]
+        assert r["flop_bound"] > 1
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+        assert r["of_bound"] == pytest.approx(r["speedup"] / r["flop_bound"])
+
+
+@pytest.mark.slow
+def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
+    from twist_fl.bench import bench_overhead
+
+    res = bench_overhead(rounds=3, nodes=2, config={"model": "tiny", "local-steps": 2, "eval-tokens": 1024,
+                                                     "eval-draws": 1})
+
+    assert len(res["plain_round_s"]) == 3 and len(res["flwr_round_s"]) == 2
+    assert res["ratio"] == pytest.approx(res["flwr_run_s"] / res["plain_s"])
+    assert res["per_round_ratio_min"] <= res["per_round_ratio"] <= res["per_round_ratio_max"]
+    assert res["flwr_run_s"] == pytest.approx(res["fixed_s"] + sum(res["flwr_round_s"]) + res["plain_round_s"][0])
+    assert res["fixed_s"] > 1.0  # a SuperLink, Ray and the app start: never free
+    assert res["eval_s"] > 0  # the final evaluation ran, and was timed and taken out

@@ -131,6 +131,46 @@ def test_generate_greedy_is_deterministic():
     assert a.shape == (1, 8) and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_kv_cache_decoding_matches_recomputing_the_whole_sequence(cfg):
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        reference, _ = model(idx)
+        cache = model.new_cache()
+        prompt, _ = model(idx[:, :5], cache=cache)
+        steps = [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 12)]
+
+    assert torch.allclose(torch.cat([prompt, *steps], dim=1), reference, atol=1e-5)
+    assert cache[0]["len"] == 12
+
+
+def test_kv_cache_refuses_a_second_prompt_and_overflow():
+    cfg = CONFIGS[0]
+    model = GPT(cfg).eval()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(torch.zeros(1, 2, dtype=torch.long), cache=cache)
+        for _ in range(6):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="sequence length 17 exceeds the model's block_size 16"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
+
+
+def test_generate_with_and_without_cache_agree_past_the_context():
+    torch.manual_seed(0)
+    model = GPT(CONFIGS[1]).eval()
+    idx = torch.tensor([[1, 2, 3]])
+
+    with_cache = model.generate(idx, 20, temperature=0)  # past block_size 16: the cache restarts
+    without = model.generate(idx, 20, temperature=0, use_cache=False)
+
+    assert with_cache.shape == (1, 23) and torch.equal(with_cache, without)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(n_head=0), "n_head must be a positive integer"),
     (dict(shared_layers=(5,)), "outside the model's 3 layers"),

@@ -35,6 +35,8 @@ def test_rounds_send_each_node_only_its_slices_and_cover_every_block(tmp_path):
     r = rows(run_dir)
     assert [x["round"] for x in r] == [1, 2] and all(x["updated"] for x in r)
     assert r[0]["bytes_down_total"] == sum(n["bytes_down"] for n in r[0]["nodes"]) > 0
+    assert all(n["train_s"] > 0 for x in r for n in x["nodes"])  # each node's own training time
+    assert r[0]["time"] <= r[1]["time"]
     assert r[1]["valid"]["full"]["ppl"] < summary["unigram_ppl_valid"] * 10
     for f in ("config.json", "summary.json", "rounds.png", "keeps.png", "model/model.safetensors"):
         assert (run_dir / f).is_file(), f

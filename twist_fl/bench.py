@@ -13,7 +13,8 @@ memory    peak resident memory of a node process doing one training round: true 
           full model vs dense, each in a fresh process.
 overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; start-up included) vs a
           plain in-process loop doing the same local updates on the same subnets with the same
-          coverage averaging, on the default model and data.
+          coverage averaging, on the default model and data (the app's 60 rounds unless --rounds);
+          also split into a per-round ratio and a fixed start-up/shut-down cost.
 Inference speed: `python -m twist_fl.bench_inference`.
 """
 
@@ -22,10 +23,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,7 +111,8 @@ def train_flops_ratio(cfg: GPTConfig, keep: int, seq: int) -> float:
     return (shared * per_full + sliced * per_keep + head) / (cfg.n_layer * per_full + head)
 
 
-def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1)) -> dict:
+def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1),
+               profile: bool = False) -> dict:
     from .train import OptimConfig, make_optimizer
 
     run = RunConfig()
@@ -150,14 +154,25 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
     res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
                            "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
                            "device": str(dev), "repeats": repeats}
-    t_full = statistics.median(times["full"])
-    res["full_s"], res["full_all_s"] = t_full, times["full"]
+    if profile:  # where a step's time goes: one more step of the full model and of each keep
+        from torch.profiler import profile as torch_profile
+
+        res["profile"] = {}
+        for name in models:
+            with torch_profile(record_shapes=True) as prof:
+                step(name)
+            res["profile"][name] = prof.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40, max_shapes_column_width=60)
+    res["full_s"], res["full_all_s"] = statistics.median(times["full"]), times["full"]
     for k in keeps:
-        t = statistics.median(times[f"keep {k}"])
+        # One reduction per repeat, against the full step of the same repeat (paired): the
+        # machine's drift between repeats cancels; the median and the range over repeats are kept.
+        per_repeat = [1 - t / f for t, f in zip(times[f"keep {k}"], times["full"])]
+        reduction = statistics.median(per_repeat)
         bound = 1 - train_flops_ratio(cfg, k, run.seq_len)
-        reduction = 1 - t / t_full
-        res[f"keep {k}"] = {"step_s": t, "all_s": times[f"keep {k}"], "reduction": reduction, "flop_bound": bound,
-                            "of_bound": reduction / bound}
+        res[f"keep {k}"] = {"step_s": statistics.median(times[f"keep {k}"]), "all_s": times[f"keep {k}"],
+                            "reduction": reduction, "reduction_min": min(per_repeat),
+                            "reduction_max": max(per_repeat), "flop_bound": bound, "of_bound": reduction / bound}
     return res
 
 
@@ -201,8 +216,9 @@ def bench_memory(keep: int = 6) -> dict[str, Any]:
 # --- 4. runtime overhead ---------------------------------------------------------------------------
 
 
-def plain_loop(run: RunConfig, nodes: int) -> float:
-    """The same local updates on the same subnets with the same averaging, without Flower."""
+def plain_loop(run: RunConfig, nodes: int) -> list[float]:
+    """The same local updates on the same subnets with the same averaging, without Flower;
+    the seconds of each round."""
     from .data import load_tokens, partition
     from .node import local_update
     from .server import initial_model
@@ -215,6 +231,7 @@ def plain_loop(run: RunConfig, nodes: int) -> float:
     moments: list[Any] = [None] * nodes
     steps = [0] * nodes
     keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
+    times = []
     for rnd in range(1, run.num_server_rounds + 1):
         bps = sample_blueprints(cfg, nodes, keep, run.seed, rnd)
         contribs = []
@@ -224,40 +241,61 @@ def plain_loop(run: RunConfig, nodes: int) -> float:
             moments[p], steps[p] = r.moments, r.moment_step
             contribs.append((bp, r.arrays, float(r.metrics["num-examples"])))
         state = coverage_average(state, cfg, contribs)
-    return time.perf_counter() - t
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    return times
 
 
-def bench_overhead(rounds: int = 20, nodes: int = 4) -> dict[str, Any]:
-    """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work.
-    The app's one evaluation after the last round is timed by the app and taken out."""
-    import os
+def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work,
+    `rounds` rounds (default: the app's num-server-rounds), with `config` (run-config keys) on top
+    of the app's defaults. The app's one evaluation after the
+    last round is timed by the app and taken out.
+
+    Besides the ratio of the totals, the run is split in two from the time each round's line was
+    written to metrics.jsonl: rounds 2..N against the same rounds of the plain loop (per-round
+    ratios, paired by round), and the fixed cost: everything else (start-up of the SuperLink,
+    Ray and the app, the first round's extra, shut-down), in seconds beyond the plain loop's round 1.
+    """
     import tempfile
-    from pathlib import Path
 
     from .deploy import free_port
 
     root = Path(__file__).resolve().parents[1]
+    rounds = rounds or RunConfig().num_server_rounds
+    if rounds < 2:
+        raise ValueError(f"--rounds {rounds}: the overhead benchmark needs at least 2 rounds")
     with tempfile.TemporaryDirectory() as d:
-        flat = {"num-server-rounds": rounds, "eval-every": 10**6, "out-dir": d, "run-name": "overhead"}
+        flat = {**(config or {}), "num-server-rounds": rounds, "eval-every": 10**6, "out-dir": d,
+                "run-name": "overhead"}
         run = RunConfig.from_flat(flat)
-        t_plain = plain_loop(run, nodes)
+        plain = plain_loop(run, nodes)
         env = {**os.environ, "FLWR_HOME": f"{d}/flwr-home", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
         port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
         overrides = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in flat.items())
         flwr = str(Path(sys.executable).with_name("flwr"))
-        t = time.perf_counter()
+        t_launch = time.time()
         try:
             subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides, "--federation-config",
-                            f"num-supernodes={nodes}"], env=env, check=True, capture_output=True, timeout=3600)
+                            f"num-supernodes={nodes}"], env=env, check=True, capture_output=True, timeout=4 * 3600)
         finally:
             subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)  # the detached SuperLink
-        t_app = time.perf_counter() - t
+        t_exit = time.time()
         rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
-        t_eval = sum(r.get("eval_s", 0) for r in rows)
-    return {"rounds": rounds, "nodes": nodes, "plain_s": t_plain, "flwr_run_s": t_app - t_eval, "eval_s": t_eval,
-            "ratio": (t_app - t_eval) / t_plain}
+    t_eval = sum(r.get("eval_s", 0) for r in rows)
+    ends = [r["time"] - r.get("eval_s", 0) for r in rows]  # each round's end, its evaluation taken out
+    app_rounds = [b - a for a, b in zip(ends, ends[1:])]  # rounds 2..N
+    per_round = [a / p for a, p in zip(app_rounds, plain[1:])]
+    t_app = t_exit - t_launch - t_eval
+    return {"rounds": rounds, "nodes": nodes, "plain_s": sum(plain), "flwr_run_s": t_app, "eval_s": t_eval,
+            "ratio": t_app / sum(plain),
+            "per_round_ratio": statistics.median(per_round), "per_round_ratio_min": min(per_round),
+            "per_round_ratio_max": max(per_round),
+            "fixed_s": t_app - sum(app_rounds) - plain[0],
+            "plain_round_s": plain, "flwr_round_s": app_rounds}
 
 
 def _print(name: str, res: dict[str, Any]) -> None:
@@ -271,10 +309,12 @@ def _print(name: str, res: dict[str, Any]) -> None:
     elif name == "step":
         print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
               f"{res['shared_layers']}, {res['threads']} threads, median of {res['repeats']}: full {res['full_s']:.2f} s")
+        for name, table in res.get("profile", {}).items():
+            print(f"profile of one step, {name}:\n{table}")
         for k, r in res.items():
             if k.startswith("keep"):
-                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%}, FLOP bound {r['flop_bound']:.1%}, "
-                      f"measured/bound {r['of_bound']:.0%}")
+                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} to "
+                      f"{r['reduction_max']:.1%}), FLOP bound {r['flop_bound']:.1%}, measured/bound {r['of_bound']:.0%}")
     elif name == "memory":
         print(f"peak RSS, {res['shape']}, keep {res['keep']}: true {res['true']:.0f} MiB, masked {res['masked']:.0f} MiB, "
               f"dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")
@@ -282,13 +322,19 @@ def _print(name: str, res: dict[str, Any]) -> None:
         print(f"runtime overhead, {res['rounds']} rounds x {res['nodes']} nodes: plain loop {res['plain_s']:.1f} s, "
               f"flwr run {res['flwr_run_s']:.1f} s (final evaluation of {res['eval_s']:.1f} s taken out), "
               f"ratio {res['ratio']:.3f}")
+        print(f"  rounds 2..{res['rounds']}: flwr / plain per round {res['per_round_ratio']:.3f} (median; range "
+              f"{res['per_round_ratio_min']:.3f} to {res['per_round_ratio_max']:.3f}); fixed cost (start-up, first "
+              f"round's extra, shut-down) {res['fixed_s']:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twist_fl.bench", description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "all"))
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--rounds", type=int, default=20, help="rounds of the overhead benchmark")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of the overhead benchmark (default: the app's num-server-rounds)")
+    ap.add_argument("--profile", action="store_true", help="step: also print a torch.profiler table of one step "
+                    "of each variant (self CPU time by operator and input shapes)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     names = ("bytes", "step", "memory", "overhead") if args.which == "all" else (args.which,)
@@ -297,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "bytes":
             results[name] = bench_bytes()
         elif name == "step":
-            results[name] = bench_step(repeats=args.repeats)
+            results[name] = bench_step(repeats=args.repeats, profile=args.profile)
         elif name == "memory":
             results[name] = bench_memory()
         else:

@@ -4,9 +4,11 @@
 
 Random weights of the preset's shape (speed does not depend on the values). Every layer is
 sliced (shared_layers = ()), as the FLOP bound below assumes. Reports tokens/s for prefill (one
-forward over the prompt) and for decoding (one token at a time with the KV cache), as medians
-over repeats, their ratio pruned / full, and the FLOP bound of that ratio: the embedding and
-the output layer are not pruned, so at 6 of 12 blocks GPT-2 124M can be at most ~1.5x faster.
+forward over the prompt) and for decoding (one token at a time with the KV cache, each token
+timed), as medians over repeats; the speed-up pruned / full as the median of the repeats'
+speed-ups (full and pruned run back to back in each repeat), with their range; and the FLOP
+bound of that speed-up: the embedding and the output layer are not pruned, so at 6 of 12
+blocks GPT-2 124M can be at most ~1.5x faster.
 """
 
 from __future__ import annotations
@@ -33,41 +35,55 @@ def forward_flops(cfg, heads: int, blocks: int, ctx: int) -> float:
     return cfg.n_layer * per_layer + 2 * c * cfg.vocab_size
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def run_once(model: GPT, idx: torch.Tensor, decode: int) -> tuple[float, float]:
+    """One prefill of `idx`, then `decode` greedy tokens with the KV cache: (prefill seconds,
+    median seconds per decoded token). Each token is timed on its own, so a slow moment of a
+    shared machine moves the median little."""
+    device = idx.device
+    cache = model.new_cache()
+    _sync(device)
+    t = time.perf_counter()
+    logits, _ = model(idx, cache=cache)
+    tok = logits[:, -1:].argmax(-1)
+    _sync(device)
+    t_prefill = time.perf_counter() - t
+    steps = []
+    for _ in range(decode):
         t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
+        logits, _ = model(tok, cache=cache)
+        tok = logits[:, -1:].argmax(-1)
+        _sync(device)
+        steps.append(time.perf_counter() - t)
+    return t_prefill, statistics.median(steps)
 
 
-@torch.no_grad()
-def measure(model: GPT, prompt: int, decode: int, repeats: int, device: torch.device) -> dict[str, float]:
-    model = model.to(device).eval()
-    idx = torch.randint(0, model.cfg.vocab_size, (1, prompt), device=device)
-
-    def prefill():
-        model(idx)
-
-    def generate():
-        cache = model.new_cache()
-        model(idx, cache=cache)
-        tok = idx[:, -1:]
-        for _ in range(decode):
-            logits, _ = model(tok, cache=cache)
-            tok = logits[:, -1:].argmax(-1)
-
-    t_prefill = _time(prefill, repeats)
-    t_total = _time(generate, repeats)
-    t_decode = max(t_total - t_prefill, 1e-9)
-    return {"prefill_tok_s": prompt / t_prefill, "decode_tok_s": decode / t_decode,
-            "prefill_s": t_prefill, "decode_s": t_decode}
+def measure(models: dict[str, GPT], prompt: int, decode: int, repeats: int,
+            device: torch.device) -> dict[str, dict[str, float]]:
+    """Tokens/s of each model for prefill and decode, medians over `repeats` runs; the models
+    take turns within each repeat so that drift in the machine's speed touches them alike."""
+    models = {name: m.to(device).eval() for name, m in models.items()}
+    vocab = next(iter(models.values())).cfg.vocab_size
+    idx = torch.randint(0, vocab, (1, prompt), device=device)
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
+    for m in models.values():
+        run_once(m, idx, 2)  # warm-up
+    for _ in range(repeats):
+        for name, m in models.items():
+            runs[name].append(run_once(m, idx, decode))
+    out = {}
+    for name, r in runs.items():
+        t_prefill = statistics.median(p for p, _ in r)
+        t_token = statistics.median(d for _, d in r)
+        out[name] = {"prefill_tok_s": prompt / t_prefill, "decode_tok_s": 1 / t_token,
+                     "prefill_s": t_prefill, "decode_s_per_token": t_token,
+                     "runs": [{"prefill_s": p, "decode_s_per_token": d} for p, d in r]}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     res = {"preset": args.preset, "keep": args.keep, "n_blocks": cfg.n_head, "device": str(dev),
            "threads": torch.get_num_threads(), "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
            "params_full": full.num_params(), "params_pruned": pruned.num_params()}
-    res["full"] = measure(full, args.prompt, args.decode, args.repeats, dev)
-    res["pruned"] = measure(pruned, args.prompt, args.decode, args.repeats, dev)
+    res.update(measure({"full": full, "pruned": pruned}, args.prompt, args.decode, args.repeats, dev))
     ctx_prefill, ctx_decode = args.prompt / 2, args.prompt + args.decode / 2
     for phase, ctx in (("prefill", ctx_prefill), ("decode", ctx_decode)):
         bound = forward_flops(cfg, cfg.n_head, cfg.n_ffn_blocks, ctx) / forward_flops(cfg, args.keep, args.keep, ctx)
-        speedup = res["pruned"][f"{phase}_tok_s"] / res["full"][f"{phase}_tok_s"]
-        res[phase] = {"speedup": speedup, "flop_bound": bound, "of_bound": speedup / bound}
+        key = "prefill_s" if phase == "prefill" else "decode_s_per_token"
+        # one speed-up per repeat, full and pruned of the same repeat (they ran back to back)
+        per_repeat = [f[key] / p[key] for f, p in zip(res["full"]["runs"], res["pruned"]["runs"])]
+        speedup = statistics.median(per_repeat)
+        res[phase] = {"speedup": speedup, "speedup_min": min(per_repeat), "speedup_max": max(per_repeat),
+                      "flop_bound": bound, "of_bound": speedup / bound}
     print(f"{args.preset} shape, keep {args.keep}/{cfg.n_head} in every layer, {dev}, {res['threads']} threads, "
           f"prompt {args.prompt}, {args.decode} decoded tokens, median of {args.repeats}")
-    print(f"{'':8} | {'full tok/s':>10} | {'pruned tok/s':>12} | {'speed-up':>8} | {'FLOP bound':>10} | measured/bound")
+    print(f"{'':8} | {'full tok/s':>10} | {'pruned tok/s':>12} | {'speed-up (range)':>20} | {'FLOP bound':>10} | "
+          "measured/bound")
     for phase in ("prefill", "decode"):
         r = res[phase]
+        spread = f"{r['speedup']:.2f}x ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
         print(f"{phase:8} | {res['full'][f'{phase}_tok_s']:>10.1f} | {res['pruned'][f'{phase}_tok_s']:>12.1f} | "
-              f"{r['speedup']:>7.2f}x | {r['flop_bound']:>9.2f}x | {r['of_bound']:.0%}")
+              f"{spread:>20} | {r['flop_bound']:>9.2f}x | {r['of_bound']:.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -77,11 +78,13 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
                          run.seed)
     moments, step = _load_moments(context) if run.optimizer_state == "keep" else (None, 0)
     received = msg.content["arrays"]
+    t_train = time.perf_counter()
     result = local_update(cfg, run, bp, mode, decode(to_numpy(received), run.wire_dtype), tokens, pid, rnd,
                           float(cfg_rec["lr"]), int(cfg_rec["local-steps"]), moments, step, run.device)
     if result.moments is not None:
         _store_moments(context, result.moments, result.moment_step)
     arrays, metrics = encode(result.arrays, run.wire_dtype), dict(result.metrics)
+    metrics["train-s"] = time.perf_counter() - t_train  # model build, local steps and moments
     if os.environ.get(FAULTS_ENV) == "1" and context.node_config.get("twist-fault"):
         from .faults import fault_for_round, inject
 

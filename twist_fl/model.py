@@ -39,6 +39,15 @@ def layer_scale(cfg: GPTConfig, n_kept: int, n_total: int) -> float:
     return (n_total / n_kept) ** cfg.alpha if n_kept != n_total else 1.0
 
 
+def _dropout(p: float) -> nn.Module:
+    # Without dropout, no dropout op on every call: one-token decoding is bound by per-op costs.
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t if scale == 1.0 else t * scale
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, n_heads: int):
         super().__init__()
@@ -47,21 +56,17 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * width, bias=cfg.bias)  # q, k, v fused along out
         self.c_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = _dropout(cfg.dropout)
+        self.max_positions = cfg.block_size  # of the KV cache
 
     def forward(self, x: torch.Tensor, head_mask: torch.Tensor | None = None,
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: dict[str, Any] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.c_attn(x).split(self.n_heads * self.head_dim, dim=2)
         q, k, v = (t.view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
         past = 0
         if cache is not None:  # incremental decoding: keys/values of earlier positions are reused
-            if "k" in cache:
-                past = cache["k"].size(2)
-                if T != 1:
-                    raise ValueError("with a filled KV cache, decode one token at a time")
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v, past = _cache_append(cache, k, v, self.max_positions)
         # a single new token attends to every cached position; otherwise causal
         y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -71,13 +76,42 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def _cache_append(cache: dict[str, Any], k: torch.Tensor, v: torch.Tensor,
+                  capacity: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Write this step's keys/values (B, nh, T, hd) into the layer's cache and return views of
+    every cached position, plus how many positions there were before this step.
+
+    The cache holds buffers of `capacity` positions, made on first use, so a decoded token
+    copies only its own keys and values (concatenating would copy the whole cache each step).
+    """
+    past = cache.get("len", 0)
+    T = k.size(2)
+    if past and T != 1:
+        raise ValueError("with a filled KV cache, decode one token at a time")
+    if past + T > capacity:
+        raise ValueError(f"the KV cache holds {capacity} positions; {past + T} were asked for")
+    if "k" not in cache:
+        B, nh, _, hd = k.shape
+        cache["k"] = k.new_empty(B, nh, capacity, hd)
+        cache["v"] = v.new_empty(B, nh, capacity, hd)
+    cache["k"][:, :, past:past + T] = k
+    cache["v"][:, :, past:past + T] = v
+    cache["len"] = past + T
+    return cache["k"][:, :, :past + T], cache["v"][:, :, :past + T], past
+
+
+def cache_length(cache: list[dict[str, Any]] | None) -> int:
+    """Positions held by a cache from `GPT.new_cache` (0 when empty or None)."""
+    return cache[0].get("len", 0) if cache else 0
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig, n_blocks: int):
         super().__init__()
         self.block_size = cfg.ffn_block_size
         self.c_fc = nn.Linear(cfg.n_embd, n_blocks * cfg.ffn_block_size, bias=cfg.bias)
         self.c_proj = nn.Linear(n_blocks * cfg.ffn_block_size, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = _dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = F.gelu(self.c_fc(x), approximate="tanh")  # GPT-2's gelu_new
@@ -100,8 +134,8 @@ class Block(nn.Module):
     def forward(self, x, head_mask=None, block_mask=None, attn_scale=None, mlp_scale=None, cache=None):
         a = self.attn_scale if attn_scale is None else attn_scale
         m = self.mlp_scale if mlp_scale is None else mlp_scale
-        x = x + a * self.attn(self.ln_1(x), head_mask, cache)
-        return x + m * self.mlp(self.ln_2(x), block_mask)
+        x = x + _scaled(self.attn(self.ln_1(x), head_mask, cache), a)
+        return x + _scaled(self.mlp(self.ln_2(x), block_mask), m)
 
 
 class GPT(nn.Module):
@@ -114,7 +148,7 @@ class GPT(nn.Module):
         bp = self.blueprint or Blueprint.full(cfg)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = _dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, len(bp.heads[i]), len(bp.ffn[i])) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         # lm_head is tied to wte (GPT-2): logits use wte.weight, so no separate tensor exists.
@@ -138,7 +172,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 mask: Blueprint | None = None,
-                cache: list[dict[str, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
 
         `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
@@ -146,7 +180,7 @@ class GPT(nn.Module):
         `cache` (one dict per layer, see `new_cache`) keeps keys and values for decoding.
         """
         B, T = idx.shape
-        past = cache[0]["k"].size(2) if cache and "k" in cache[0] else 0
+        past = cache_length(cache)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence length {past + T} exceeds the model's block_size {self.cfg.block_size}")
         if mask is not None:
@@ -173,10 +207,10 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
-    def new_cache(self) -> list[dict[str, torch.Tensor]]:
+    def new_cache(self) -> list[dict[str, Any]]:
         return [{} for _ in self.h]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
@@ -185,7 +219,7 @@ class GPT(nn.Module):
         context reaches block_size)."""
         cache = None
         for _ in range(max_new_tokens):
-            if use_cache and cache is not None and cache[0]["k"].size(2) < self.cfg.block_size:
+            if use_cache and cache is not None and cache_length(cache) < self.cfg.block_size:
                 logits, _ = self(idx[:, -1:], cache=cache)
             else:
                 cache = self.new_cache() if use_cache else None

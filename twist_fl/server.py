@@ -169,6 +169,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
             log.info("round %d: validation perplexity %.3f (full)%s", rnd, row["valid"]["full"]["ppl"],
                      "".join(f", {v['mean']:.3f} ± {v['std']:.3f} ({k})" for k, v in row["valid"].items()
                              if k != "full"))
+        row["time"] = round(time.time(), 3)
         folder.append(row)
         save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
                                                   "strategy": strategy.state()})

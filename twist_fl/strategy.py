@@ -225,6 +225,9 @@ class TwistStrategy(FedAvg):
                 self._reject(record, a, f"malformed reply: {type(e).__name__}: {e}")
                 continue
             entry["bytes_up"] = nbytes
+            t_train = metrics.get("train-s")  # informational only: never used for aggregation
+            if isinstance(t_train, (int, float)) and math.isfinite(t_train) and t_train >= 0:
+                entry["train_s"] = round(float(t_train), 3)
             w = float(metrics["num-examples"]) if self.run.weighted_average else 1.0
             contributions.append((a.blueprint, arrays, w))
             losses.append(float(metrics["train-loss"]))
