@@ -250,8 +250,8 @@ def plain_loop(run: RunConfig, nodes: int) -> list[float]:
 def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work,
     `rounds` rounds (default: the app's num-server-rounds), with `config` (run-config keys) on top
-    of the app's defaults. The app's one evaluation after the
-    last round is timed by the app and taken out.
+    of the app's defaults. The app's one evaluation after the last round is timed by the app and
+    taken out.
 
     Besides the ratio of the totals, the run is split in two from the time each round's line was
     written to metrics.jsonl: rounds 2..N against the same rounds of the plain loop (per-round
@@ -309,8 +309,8 @@ def _print(name: str, res: dict[str, Any]) -> None:
     elif name == "step":
         print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
               f"{res['shared_layers']}, {res['threads']} threads, median of {res['repeats']}: full {res['full_s']:.2f} s")
-        for name, table in res.get("profile", {}).items():
-            print(f"profile of one step, {name}:\n{table}")
+        for variant, table in res.get("profile", {}).items():
+            print(f"profile of one step, {variant}:\n{table}")
         for k, r in res.items():
             if k.startswith("keep"):
                 print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} to "
