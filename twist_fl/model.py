@@ -83,13 +83,12 @@ def _cache_append(cache: dict[str, Any], k: torch.Tensor, v: torch.Tensor,
 
     The cache holds buffers of `capacity` positions, made on first use, so a decoded token
     copies only its own keys and values (concatenating would copy the whole cache each step).
+    `GPT.forward` refuses more than block_size (= capacity) positions before any layer runs.
     """
     past = cache.get("len", 0)
     T = k.size(2)
     if past and T != 1:
         raise ValueError("with a filled KV cache, decode one token at a time")
-    if past + T > capacity:
-        raise ValueError(f"the KV cache holds {capacity} positions; {past + T} were asked for")
     if "k" not in cache:
         B, nh, _, hd = k.shape
         cache["k"] = k.new_empty(B, nh, capacity, hd)
