@@ -95,3 +95,50 @@ def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
     assert res["flwr_run_s"] == pytest.approx(res["fixed_s"] + sum(res["flwr_round_s"]) + res["plain_round_s"][0])
     assert res["fixed_s"] > 1.0  # a SuperLink, Ray and the app start: never free
     assert res["eval_s"] > 0  # the final evaluation ran, and was timed and taken out
+    assert len(res["flwr_train_s"]) == 2 and len(res["plain_train_s"]) == 3
+    assert all(a > 0 for a in res["flwr_train_s"])  # the nodes' train-s, summed per round (actors may overlap)
+    assert all(0 < a < r for a, r in zip(res["plain_train_s"], res["plain_round_s"]))
+    assert res["train_ratio_min"] <= res["train_ratio"] <= res["train_ratio_max"]
+
+
+_MALLOC_CHILD = r"""
+import resource, sys, torch
+from twist_fl.bench import set_malloc
+from twist_fl.train import freed_memory_reused, reuse_freed_memory
+reuse = sys.argv[1] == "reuse"
+if reuse:
+    assert reuse_freed_memory() and reuse_freed_memory()  # applies, and again is a no-op
+set_malloc(reuse)
+def faults_of_a_buffer():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = torch.ones(64 * 2**20)  # 256 MiB, over glibc's 32 MiB ceiling for serving from the heap
+    del t
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+for _ in range(3):  # a training loop's first steps grow the heap
+    faults_of_a_buffer()
+print(freed_memory_reused(), faults_of_a_buffer())
+try:
+    set_malloc(False)
+    print("set_malloc(False) accepted")
+except RuntimeError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_reused_freed_memory_takes_no_page_faults_for_a_repeated_large_buffer():
+    def child(mode):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_CHILD, mode], capture_output=True, text=True, check=True)
+        first, second = out.stdout.strip().splitlines()
+        reused, faults = first.split()
+        return reused == "True", int(faults), second
+
+    reused, faults, refusal = child("reuse")
+    assert reused
+    assert faults < 64, faults  # in steady state the buffer is an earlier one's memory, already mapped
+    assert "cannot be undone" in refusal  # a benchmark of glibc's default cannot run in this process
+    reused, faults, accepted = child("return")
+    assert not reused and accepted == "set_malloc(False) accepted"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (thp.exists() and "[always]" in thp.read_text()):  # 4 KiB pages: the default maps 65,536 anew
+        assert faults > 60_000, faults

@@ -152,3 +152,14 @@ def test_sparsity_states_both_denominators():
     assert s["removed_of_block_params"] == 0.5
     assert s["removed_of_all_params"] == pytest.approx(6 * 7083264 / 124439808)  # 0.3415
     assert state_shapes(cfg, bp)["h.3.mlp.c_fc.weight"] == (6 * 256, 768)
+
+
+@pytest.mark.parametrize("shared", [(), (0, -1)])
+def test_state_shapes_are_the_shapes_of_the_subnet_model(shared):
+    cfg = GPTConfig(vocab_size=13, block_size=8, n_layer=4, n_head=4, n_embd=8, head_dim=3, n_ffn_blocks=5,
+                    ffn_block_size=2, shared_layers=shared)
+    bps = [*sample_blueprints(cfg, 3, 2, seed=1, round=1, allow_partial=True), Blueprint.full(cfg)]
+    for bp in bps:
+        built = {k: tuple(v.shape) for k, v in GPT(cfg, blueprint=bp).state_dict().items()}
+        assert state_shapes(cfg, bp) == built
+    assert state_shapes(cfg) == {k: tuple(v.shape) for k, v in GPT(cfg).state_dict().items()}

@@ -49,6 +49,7 @@ def test_resolved_defaults():
     ({"not-a-key": 1}, r"unknown run-config key 'not-a-key'; allowed keys: .*alpha"),
     ({"keep": "four"}, r"keep='four' must be an integer"),
     ({"weighted-average": 3}, r"weighted-average=3 must be true or false"),
+    ({"reuse-freed-memory": "yes"}, r"reuse-freed-memory='yes' must be true or false"),
 ])
 def test_bad_run_config_is_refused_with_key_and_allowed_values(values, match):
     if match is None:  # a longer sequence grows the position table instead of failing

@@ -111,10 +111,22 @@ def train_flops_ratio(cfg: GPTConfig, keep: int, seq: int) -> float:
     return (shared * per_full + sliced * per_keep + head) / (cfg.n_layer * per_full + head)
 
 
+def set_malloc(reuse: bool) -> None:
+    """Set this process's malloc as a node with run-config reuse-freed-memory=`reuse` does."""
+    from .train import freed_memory_reused, reuse_freed_memory
+
+    if reuse:
+        reuse_freed_memory()
+    elif freed_memory_reused():
+        raise RuntimeError("this process already keeps freed memory for reuse (it cannot be undone): "
+                           "measure reuse-freed-memory=false in a fresh process")
+
+
 def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1),
-               profile: bool = False) -> dict:
+               profile: bool = False, reuse: bool = True) -> dict:
     from .train import OptimConfig, make_optimizer
 
+    set_malloc(reuse)
     run = RunConfig()
     cfg = gpt2_cfg(shared)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,7 +165,7 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
             times[name].append(step(name))
     res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
                            "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
-                           "device": str(dev), "repeats": repeats}
+                           "device": str(dev), "repeats": repeats, "reuse_freed_memory": reuse}
     if profile:  # where a step's time goes: one more step of the full model and of each keep
         from torch.profiler import profile as torch_profile
 
@@ -180,12 +192,13 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
 
 _MEM_CHILD = r"""
 import resource, sys, numpy as np, torch
-from twist_fl.bench import gpt2_cfg
+from twist_fl.bench import gpt2_cfg, set_malloc
 from twist_fl.blueprint import Blueprint, sample_blueprints
 from twist_fl.config import RunConfig
 from twist_fl.model import GPT
 from twist_fl.node import local_update
-variant, keep = sys.argv[1], int(sys.argv[2])
+variant, keep, reuse = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse"
+set_malloc(reuse)
 cfg = gpt2_cfg()
 torch.manual_seed(0)
 full = {k: v.numpy() for k, v in GPT(cfg).state_dict().items()} if variant != "true" else None
@@ -195,7 +208,7 @@ if variant == "true":  # a true node only ever holds its slices: build them with
     arrays = {k: v.numpy() for k, v in GPT(cfg, blueprint=bp).state_dict().items()}
 else:
     arrays = full
-run = RunConfig.from_flat({"optimizer-state": "reset"})
+run = RunConfig.from_flat({"optimizer-state": "reset", "reuse-freed-memory": reuse})
 tokens = np.random.default_rng(0).integers(0, 50257, size=100_000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 local_update(cfg, run, bp, "masked" if variant != "true" else "true", arrays, tokens, 0, 1, 1e-3, 2)
@@ -203,11 +216,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def bench_memory(keep: int = 6) -> dict[str, Any]:
-    res: dict[str, Any] = {"shape": "gpt2 124M", "keep": keep, "unit": "MiB (peak RSS of a fresh process)"}
+def bench_memory(keep: int = 6, reuse: bool = True) -> dict[str, Any]:
+    res: dict[str, Any] = {"shape": "gpt2 124M", "keep": keep, "unit": "MiB (peak RSS of a fresh process)",
+                           "reuse_freed_memory": reuse}
     for variant in ("true", "masked", "dense"):
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, str(keep)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, str(keep), "reuse" if reuse else "return"],
+                             capture_output=True, text=True, check=True)
         res[variant] = int(out.stdout.strip().splitlines()[-1]) / 1024
     res["true_vs_dense"] = res["true"] / res["dense"]
     return res
@@ -216,13 +230,14 @@ def bench_memory(keep: int = 6) -> dict[str, Any]:
 # --- 4. runtime overhead ---------------------------------------------------------------------------
 
 
-def plain_loop(run: RunConfig, nodes: int) -> list[float]:
+def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     """The same local updates on the same subnets with the same averaging, without Flower;
-    the seconds of each round."""
+    the seconds of each round, and of each round's local updates (as nodes report `train-s`)."""
     from .data import load_tokens, partition
     from .node import local_update
     from .server import initial_model
 
+    set_malloc(run.reuse_freed_memory)
     cfg = run.model_config()
     splits = load_tokens(run.dataset, run.tokenizer)
     parts = [partition(splits["train"], nodes, p, run.partitioning, run.seq_len, run.seed) for p in range(nodes)]
@@ -231,20 +246,24 @@ def plain_loop(run: RunConfig, nodes: int) -> list[float]:
     moments: list[Any] = [None] * nodes
     steps = [0] * nodes
     keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
-    times = []
+    times, train = [], []
     for rnd in range(1, run.num_server_rounds + 1):
         bps = sample_blueprints(cfg, nodes, keep, run.seed, rnd)
         contribs = []
+        t_train = 0.0
         for p, bp in enumerate(bps):
+            t_node = time.perf_counter()
             r = local_update(cfg, run, bp, "true", slice_state(state, cfg, bp), parts[p], p, rnd, run.lr_at(rnd),
                              run.local_steps, moments[p], steps[p])
+            t_train += time.perf_counter() - t_node
             moments[p], steps[p] = r.moments, r.moment_step
             contribs.append((bp, r.arrays, float(r.metrics["num-examples"])))
         state = coverage_average(state, cfg, contribs)
         now = time.perf_counter()
         times.append(now - t)
+        train.append(t_train)
         t = now
-    return times
+    return times, train
 
 
 def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -257,6 +276,8 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
     written to metrics.jsonl: rounds 2..N against the same rounds of the plain loop (per-round
     ratios, paired by round), and the fixed cost: everything else (start-up of the SuperLink,
     Ray and the app, the first round's extra, shut-down), in seconds beyond the plain loop's round 1.
+    Each round of 2..N is split once more: the nodes' local updates (the `train_s` they report,
+    summed), against the plain loop's, and the rest of the round, in seconds.
     """
     import tempfile
 
@@ -270,17 +291,23 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
         flat = {**(config or {}), "num-server-rounds": rounds, "eval-every": 10**6, "out-dir": d,
                 "run-name": "overhead"}
         run = RunConfig.from_flat(flat)
-        plain = plain_loop(run, nodes)
-        env = {**os.environ, "FLWR_HOME": f"{d}/flwr-home", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        plain, plain_train = plain_loop(run, nodes)
+        bin_dir = str(Path(sys.executable).parent)  # flwr starts flower-superlink from PATH: this environment's
+        env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+               "FLWR_HOME": f"{d}/flwr-home", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
         port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
-        overrides = " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in flat.items())
-        flwr = str(Path(sys.executable).with_name("flwr"))
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())  # TOML: "text", true, 3, 0.5
+        flwr = str(Path(bin_dir) / "flwr")
         t_launch = time.time()
         try:
-            subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides, "--federation-config",
-                            f"num-supernodes={nodes}"], env=env, check=True, capture_output=True, timeout=4 * 3600)
+            done = subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides,
+                                   "--federation-config", f"num-supernodes={nodes}"],
+                                  env=env, capture_output=True, text=True, timeout=4 * 3600)
+            if done.returncode != 0:
+                raise RuntimeError(f"flwr run exited with {done.returncode}; its output ends with:\n"
+                                   f"{(done.stdout + done.stderr)[-3000:]}")
         finally:
             subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)  # the detached SuperLink
         t_exit = time.time()
@@ -289,13 +316,24 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
     ends = [r["time"] - r.get("eval_s", 0) for r in rows]  # each round's end, its evaluation taken out
     app_rounds = [b - a for a, b in zip(ends, ends[1:])]  # rounds 2..N
     per_round = [a / p for a, p in zip(app_rounds, plain[1:])]
+    app_train = [sum(n.get("train_s", 0.0) for n in r["nodes"]) for r in rows[1:]]
+    train_ratio = [a / p for a, p in zip(app_train, plain_train[1:])]
     t_app = t_exit - t_launch - t_eval
     return {"rounds": rounds, "nodes": nodes, "plain_s": sum(plain), "flwr_run_s": t_app, "eval_s": t_eval,
             "ratio": t_app / sum(plain),
             "per_round_ratio": statistics.median(per_round), "per_round_ratio_min": min(per_round),
             "per_round_ratio_max": max(per_round),
             "fixed_s": t_app - sum(app_rounds) - plain[0],
-            "plain_round_s": plain, "flwr_round_s": app_rounds}
+            "train_ratio": statistics.median(train_ratio),
+            "train_ratio_min": min(train_ratio), "train_ratio_max": max(train_ratio),
+            "rest_s": statistics.median(a - t for a, t in zip(app_rounds, app_train)),
+            "plain_rest_s": statistics.median(p - t for p, t in zip(plain[1:], plain_train[1:])),
+            "plain_round_s": plain, "flwr_round_s": app_rounds, "plain_train_s": plain_train,
+            "flwr_train_s": app_train}
+
+
+def _malloc_label(res: dict[str, Any]) -> str:
+    return "freed memory reused" if res["reuse_freed_memory"] else "glibc's default malloc"
 
 
 def _print(name: str, res: dict[str, Any]) -> None:
@@ -308,7 +346,8 @@ def _print(name: str, res: dict[str, Any]) -> None:
                   f"{r['overhead_over_raw']:.3%}")
     elif name == "step":
         print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
-              f"{res['shared_layers']}, {res['threads']} threads, median of {res['repeats']}: full {res['full_s']:.2f} s")
+              f"{res['shared_layers']}, {res['threads']} threads, {_malloc_label(res)}, median of {res['repeats']}: "
+              f"full {res['full_s']:.2f} s")
         for variant, table in res.get("profile", {}).items():
             print(f"profile of one step, {variant}:\n{table}")
         for k, r in res.items():
@@ -316,8 +355,8 @@ def _print(name: str, res: dict[str, Any]) -> None:
                 print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} to "
                       f"{r['reduction_max']:.1%}), FLOP bound {r['flop_bound']:.1%}, measured/bound {r['of_bound']:.0%}")
     elif name == "memory":
-        print(f"peak RSS, {res['shape']}, keep {res['keep']}: true {res['true']:.0f} MiB, masked {res['masked']:.0f} MiB, "
-              f"dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")
+        print(f"peak RSS, {res['shape']}, {_malloc_label(res)}, keep {res['keep']}: true {res['true']:.0f} MiB, "
+              f"masked {res['masked']:.0f} MiB, dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")
     elif name == "overhead":
         print(f"runtime overhead, {res['rounds']} rounds x {res['nodes']} nodes: plain loop {res['plain_s']:.1f} s, "
               f"flwr run {res['flwr_run_s']:.1f} s (final evaluation of {res['eval_s']:.1f} s taken out), "
@@ -325,6 +364,9 @@ def _print(name: str, res: dict[str, Any]) -> None:
         print(f"  rounds 2..{res['rounds']}: flwr / plain per round {res['per_round_ratio']:.3f} (median; range "
               f"{res['per_round_ratio_min']:.3f} to {res['per_round_ratio_max']:.3f}); fixed cost (start-up, first "
               f"round's extra, shut-down) {res['fixed_s']:.1f} s")
+        print(f"  in those rounds: the nodes' local updates, flwr / plain {res['train_ratio']:.3f} (median; range "
+              f"{res['train_ratio_min']:.3f} to {res['train_ratio_max']:.3f}); the rest of a round (median) "
+              f"{res['rest_s']:.2f} s in flwr run, {res['plain_rest_s']:.2f} s in the plain loop")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,19 +377,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of the overhead benchmark (default: the app's num-server-rounds)")
     ap.add_argument("--profile", action="store_true", help="step: also print a torch.profiler table of one step "
                     "of each variant (self CPU time by operator and input shapes)")
+    ap.add_argument("--return-freed-memory", action="store_true", help="step, memory, overhead: leave glibc's "
+                    "malloc at its default, as nodes do with run-config reuse-freed-memory=false")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    reuse = not args.return_freed_memory
     names = ("bytes", "step", "memory", "overhead") if args.which == "all" else (args.which,)
     results = {}
     for name in names:
         if name == "bytes":
             results[name] = bench_bytes()
         elif name == "step":
-            results[name] = bench_step(repeats=args.repeats, profile=args.profile)
+            results[name] = bench_step(repeats=args.repeats, profile=args.profile, reuse=reuse)
         elif name == "memory":
-            results[name] = bench_memory()
+            results[name] = bench_memory(reuse=reuse)
         else:
-            results[name] = bench_overhead(rounds=args.rounds)
+            results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])
     if args.json:
         with open(args.json, "w") as f:

@@ -17,7 +17,7 @@ from .blueprint import Blueprint
 from .config import TOKENIZER_VOCAB, GPTConfig, RunConfig
 from .node import local_update, node_tokens
 from .strategy import record_bytes, to_numpy, to_record
-from .train import MOMENTS, pick_device
+from .train import MOMENTS, pick_device, reuse_freed_memory
 from .wire import decode, encode
 
 FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
@@ -78,6 +78,8 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
                          run.seed)
     moments, step = _load_moments(context) if run.optimizer_state == "keep" else (None, 0)
     received = msg.content["arrays"]
+    if run.reuse_freed_memory:
+        reuse_freed_memory()
     t_train = time.perf_counter()
     result = local_update(cfg, run, bp, mode, decode(to_numpy(received), run.wire_dtype), tokens, pid, rnd,
                           float(cfg_rec["lr"]), int(cfg_rec["local-steps"]), moments, step, run.device)
