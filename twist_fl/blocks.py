@@ -89,6 +89,7 @@ def state_shapes(cfg: GPTConfig, bp: Blueprint | None = None) -> dict[str, tuple
     full = _full_shapes(cfg)
     if bp is None:
         return full
+    bp.validate(cfg)  # as GPT(cfg, blueprint=bp) would
     out = {}
     for name, shape in full.items():
         spec = slice_spec(name)
