@@ -216,8 +216,10 @@ def test_raising_and_hanging_clientapps_are_handled_alike(deployment, tmp_path):
     live = [Blueprint.from_dict(by_partition(r1)[0]["blueprint"])]
     assert_only_covered_entries_changed(initial_weights(rc), checkpoint_weights(run_dir, 1), cfg, live)
     # The hanging node's round-1 reply comes ~15 s into round 2: the SuperLink refuses it (its
-    # message has expired), so it never reaches the strategy, let alone round 2's average.
-    assert "Failed to push reply message" in d.nodes["2"].log_text()
+    # message has expired), so it never reaches the strategy, let alone round 2's average. The
+    # SuperLink logs each refusal; the SuperNode logs "Failed to push reply message" only in
+    # some timings.
+    assert "Message TTL has expired" in d.superlink.log_text()
     assert len(r2["nodes"]) == 3 and r2["updated"]
     assert not any("unknown message" in x["reason"] or "stale" in x["reason"] for x in r2["rejected"])
     assert all(x["partition_id"] == 2 for x in r2["rejected"])  # only the late node may miss round 2
