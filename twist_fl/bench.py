@@ -14,7 +14,8 @@ memory    peak resident memory of a node process doing one training round: true 
 overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; start-up included) vs a
           plain in-process loop doing the same local updates on the same subnets with the same
           coverage averaging, on the default model and data (the app's 60 rounds unless --rounds);
-          also split into a per-round ratio and a fixed start-up/shut-down cost.
+          also split into a per-round ratio and a fixed start-up/shut-down cost, and each round
+          into the nodes' local updates and the rest.
 Inference speed: `python -m twist_fl.bench_inference`.
 """
 
@@ -208,7 +209,7 @@ if variant == "true":  # a true node only ever holds its slices: build them with
     arrays = {k: v.numpy() for k, v in GPT(cfg, blueprint=bp).state_dict().items()}
 else:
     arrays = full
-run = RunConfig.from_flat({"optimizer-state": "reset", "reuse-freed-memory": reuse})
+run = RunConfig.from_flat({"optimizer-state": "reset"})
 tokens = np.random.default_rng(0).integers(0, 50257, size=100_000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 local_update(cfg, run, bp, "masked" if variant != "true" else "true", arrays, tokens, 0, 1, 1e-3, 2)
