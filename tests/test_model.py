@@ -41,6 +41,21 @@ def test_dense_subnet_equals_masked_full_model_in_logits_and_gradients(cfg, seed
         torch.testing.assert_close(p.grad, grads_full[k], atol=1e-5, rtol=1e-4)
 
 
+def test_a_model_built_without_init_loads_into_the_same_model():
+    cfg = CONFIGS[0]
+    bp = sample_blueprints(cfg, 2, 2, seed=0, round=1)[0]
+    torch.manual_seed(0)
+    ref = GPT(cfg, blueprint=bp)
+    bare = GPT(cfg, blueprint=bp, init=False)
+    idx = torch.randint(0, cfg.vocab_size, (2, 9))
+
+    bare.load_state_dict(ref.state_dict())
+
+    assert [(k, v.shape) for k, v in bare.state_dict().items()] == [(k, v.shape) for k, v in ref.state_dict().items()]
+    assert torch.equal(bare(idx)[0], ref(idx)[0])
+    assert abs(ref.wte.weight.std().item() - 0.02) < 0.01  # init=True (the default) draws GPT-2's init
+
+
 def test_dropped_blocks_get_zero_gradient_in_masked_forward():
     cfg = CONFIGS[0]
     model = GPT(cfg)

@@ -4,11 +4,12 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from twist_fl.blocks import block_indices, slice_spec
 from twist_fl.blueprint import Blueprint
 from twist_fl.config import RunConfig
+from twist_fl.strategy import to_numpy, to_record
 
 from .helpers import TINY, checkpoint_weights, final_weights, run_local
 
@@ -19,6 +20,22 @@ def rows(run_dir):
 
 def sent_train(grid, round_):
     return [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == round_]
+
+
+def test_records_are_flowers_own_arrays_and_read_back_exactly():
+    arrays = {"w": np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32),
+              "b": np.arange(5, dtype=np.uint16), "t": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+
+    record = to_record(arrays)
+    flowers = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    back = to_numpy(record)
+
+    for k in arrays:
+        assert (record[k].dtype, record[k].shape, record[k].stype) == (flowers[k].dtype, flowers[k].shape,
+                                                                       flowers[k].stype)
+        assert record[k].data == flowers[k].data
+        assert np.array_equal(record[k].numpy(), arrays[k]) and np.array_equal(back[k], arrays[k])
+        assert back[k].dtype == arrays[k].dtype
 
 
 def test_rounds_send_each_node_only_its_slices_and_cover_every_block(tmp_path):

@@ -1,10 +1,11 @@
+import io
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from twist_fl.wire import decode, encode
+from twist_fl.wire import decode, encode, from_npy_bytes, npy_bytes
 
 from .helpers import run_local
 
@@ -42,3 +43,65 @@ def test_16_bit_wire_halves_the_bytes_and_trains(tmp_path, wire):
     final = json.loads((d16 / "summary.json").read_text())["final"]["full"]["ppl"]
     ref = json.loads((d32 / "summary.json").read_text())["final"]["full"]["ppl"]
     assert final == pytest.approx(ref, rel=0.02)
+
+
+def _saved(x: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False, **kw)
+    return buf.getvalue()
+
+
+_ARRAYS = [np.zeros((), np.float32), np.arange(7, dtype=np.uint16), np.ones((3, 0, 2), np.float16),
+           np.random.default_rng(0).normal(size=(33, 5)).astype(np.float32), np.array([1, -2], dtype=">i4"),
+           np.array([True, False])]
+
+
+@pytest.mark.parametrize("x", _ARRAYS, ids=lambda x: f"{x.dtype.str}{x.shape}")
+def test_npy_payload_is_what_np_save_writes_and_reads_back(x):
+    data = npy_bytes(x)
+    got = from_npy_bytes(data, str(x.dtype), x.shape)
+
+    assert data == _saved(x)
+    assert got is not None and got.dtype == x.dtype and got.shape == x.shape and np.array_equal(got, x)
+    assert got.flags.writeable and not np.shares_memory(got, np.frombuffer(data, np.uint8))
+
+
+def test_npy_payload_of_a_non_contiguous_array_is_c_ordered():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4).T  # Fortran-ordered view
+
+    data = npy_bytes(x)
+
+    assert data == _saved(np.ascontiguousarray(x))
+    assert np.array_equal(np.load(io.BytesIO(data)), x)
+
+
+@pytest.mark.parametrize("case", ["declared shape", "declared dtype", "truncated", "too long", "fortran order",
+                                  "format 2.0", "unknown dtype", "negative shape"])
+def test_npy_payload_that_is_not_exactly_what_it_declares_is_left_to_np_load(case):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    data, dtype, shape = _saved(x), "float32", (3, 4)
+    if case == "declared shape":
+        shape = (4, 3)
+    elif case == "declared dtype":
+        dtype = "int32"
+    elif case == "truncated":
+        data = data[:-1]
+    elif case == "too long":
+        data = data + b"\0" * 4
+    elif case == "fortran order":
+        data = _saved(np.asfortranarray(x))
+    elif case == "format 2.0":
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, x, version=(2, 0))
+        data = buf.getvalue()
+    elif case == "unknown dtype":
+        dtype = "no-such-dtype"
+    else:
+        shape = (-3, -4)
+
+    assert from_npy_bytes(data, dtype, shape) is None
+
+
+def test_object_arrays_cannot_travel():
+    with pytest.raises(ValueError, match="object arrays would need pickles"):
+        npy_bytes(np.array([{}, None], dtype=object))

@@ -106,7 +106,7 @@ def _full_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     from .model import GPT
 
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(cfg, init=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

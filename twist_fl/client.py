@@ -108,7 +108,8 @@ def _load_moments(context: Context) -> tuple[dict[str, dict[str, torch.Tensor]] 
 
 def _store_moments(context: Context, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
     for m in MOMENTS:
-        context.state[f"twist-opt-{m}"] = to_record({k: v.numpy().astype(np.float32) for k, v in moments[m].items()})
+        arrays = {k: v.numpy().astype(np.float32, copy=False) for k, v in moments[m].items()}  # to_record copies
+        context.state[f"twist-opt-{m}"] = to_record(arrays)
     context.state["twist-opt-meta"] = ConfigRecord({"step": step})
 
 

@@ -135,7 +135,7 @@ class RunConfig:
     optimizer_state: str = "keep"  # keep (nodes keep AdamW moments of blocks they held) | reset (fresh AdamW each round)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
-    reuse_freed_memory: bool = True  # nodes keep freed memory for reuse (glibc): no page faults on large buffers each step
+    reuse_freed_memory: bool = True  # nodes and server keep freed memory (glibc): no page faults on large buffers
     # aggregation and reply validation
     wire_dtype: str = "float32"  # float32 | float16 | bfloat16: tensors on the wire, both directions
     weighted_average: bool = True  # weight replies by num-examples

@@ -48,6 +48,11 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else t * scale
 
 
+def _embedding(num: int, dim: int, init: bool) -> nn.Embedding:
+    # nn.Embedding draws its own normal init unless handed a weight
+    return nn.Embedding(num, dim) if init else nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, n_heads: int):
         super().__init__()
@@ -140,21 +145,25 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT(cfg) is the full model; GPT(cfg, blueprint=bp) the dense subnet of `bp`."""
 
-    def __init__(self, cfg: GPTConfig, blueprint: Blueprint | None = None):
+    def __init__(self, cfg: GPTConfig, blueprint: Blueprint | None = None, init: bool = True):
+        """`init=False` leaves the weights uninitialized, for a model whose state is loaded next:
+        GPT-2's normal init is most of the cost of building a model (and on the meta device its
+        first call imports torch's compiler, about a second)."""
         super().__init__()
         self.cfg = cfg
         self.blueprint = None if blueprint is None or blueprint.is_full(cfg) else blueprint.validate(cfg)
         bp = self.blueprint or Blueprint.full(cfg)
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.wte = _embedding(cfg.vocab_size, cfg.n_embd, init)
+        self.wpe = _embedding(cfg.block_size, cfg.n_embd, init)
         self.drop = _dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, len(bp.heads[i]), len(bp.ffn[i])) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         # lm_head is tied to wte (GPT-2): logits use wte.weight, so no separate tensor exists.
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if init:
+            self.apply(self._init_weights)
+            for name, p in self.named_parameters():  # GPT-2: scaled init of residual projections
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -58,7 +58,7 @@ def local_update(cfg: GPTConfig, run: RunConfig, bp: Blueprint, mode: str, array
         raise ValueError(f"node mode {mode!r} is not allowed; allowed: {list(MODES)}")
     dev = pick_device(device)
     masked = mode == "masked"
-    model = GPT(cfg) if masked else GPT(cfg, blueprint=bp)
+    model = GPT(cfg, init=False) if masked else GPT(cfg, blueprint=bp, init=False)  # the state is loaded next
     load_state_strict(model, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
     model.to(dev)
     opt = make_optimizer(model, OptimConfig(lr=lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))

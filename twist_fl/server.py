@@ -28,7 +28,7 @@ from .model import FORMAT as MODEL_FORMAT
 from .model import GPT
 from .report import final_table, plot_keeps, plot_rounds
 from .strategy import TwistStrategy, to_numpy, to_record
-from .train import evaluate, pick_device
+from .train import evaluate, pick_device, reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def _config_fingerprint(run: RunConfig) -> dict[str, Any]:
 def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     """Everything the ServerApp does; returns the summary written to summary.json."""
     t_start = time.time()
+    if run.reuse_freed_memory:  # as nodes do: the server's copies and accumulators are as large as a model
+        reuse_freed_memory()
     model = initial_model(run)
     cfg = model.cfg
     run.check_model(cfg)

@@ -30,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from .blocks import coverage_average, slice_state
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
-from .wire import decode, encode, wire_numpy_dtype
+from .wire import decode, encode, from_npy_bytes, npy_bytes, wire_numpy_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,28 @@ def record_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
+def array_numpy(a: Array) -> np.ndarray:
+    """`a.numpy()`: the real array of its payload (not its declared dtype and shape), read fast
+    when the payload is exactly the `.npy` of what it declares."""
+    if a.stype == "numpy.ndarray" and isinstance(a.data, bytes):
+        x = from_npy_bytes(a.data, a.dtype, a.shape)
+        if x is not None:
+            return x
+    return a.numpy()
+
+
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    return {k: array_numpy(v) for k, v in record.items()}
 
 
 def to_record(arrays: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v))) for k, v in arrays.items()})
+    """Arrays as Flower `Array`s, the same bytes as `Array(ndarray)` writes."""
+    out = {}
+    for k, v in arrays.items():
+        x = np.ascontiguousarray(np.asarray(v))
+        out[k] = Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype="numpy.ndarray",
+                       data=npy_bytes(x))
+    return ArrayRecord(out)
 
 
 @dataclass
@@ -310,7 +326,7 @@ class TwistStrategy(FedAvg):
         arrays, diff2, ref2 = {}, 0.0, 0.0
         want_dtype = wire_numpy_dtype(self.run.wire_dtype)
         for k, sent in a.sent.items():
-            raw = record[k].numpy()  # the real array, not its declared shape/dtype
+            raw = array_numpy(record[k])  # the real array, not its declared shape/dtype
             if raw.dtype != want_dtype:
                 raise RejectedReply(f"{k}: dtype {raw.dtype}, expected {want_dtype} (wire-dtype {self.run.wire_dtype})")
             if raw.shape != sent.shape:

@@ -45,7 +45,7 @@ def reuse_freed_memory() -> bool:
     the heap and not trimming it lets the next step reuse the same memory. The resident size
     then stays at the process's peak, which a training process reaches on every step anyway.
 
-    Called by the processes that train (a node's ClientApp, the benchmarks). Process-wide and
+    Called by a node's ClientApp, the ServerApp and the benchmarks. Process-wide and
     idempotent; returns whether it applies: not where the C library is not glibc.
     """
     global _freed_memory_kept
