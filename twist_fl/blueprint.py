@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .config import GPTConfig
+from .rng import Stream, generator
 
 KINDS = ("heads", "ffn")
 
@@ -124,6 +125,7 @@ def sample_blueprints(
     round: int,  # noqa: A002 - the DESIGN contract's name
     shared_layers: Sequence[int] | None = None,
     allow_partial: bool = False,
+    stream: Stream = Stream.BLUEPRINTS,
 ) -> list[Blueprint]:
     """Sample one blueprint per subnet for a round, deterministically from (seed, round).
 
@@ -133,7 +135,8 @@ def sample_blueprints(
     subnet is filled to its `keep` with random blocks it lacks); (iii) each subnet has exactly
     its `keep` blocks of each kind. `keep` is one int for all subnets or one per subnet (nodes
     of different capacity). Fewer than N in total raises, unless `allow_partial` (as when
-    deployment draws a single subnet).
+    deployment draws a single subnet). `stream` names the random stream (`twist_fl.rng`):
+    training rounds use BLUEPRINTS; evaluation and deployment draws their own, keyed by draw.
     """
     if isinstance(n_subnets, bool) or not isinstance(n_subnets, (int, np.integer)) or n_subnets < 1:
         raise ValueError(f"n_subnets must be a positive integer, got {n_subnets!r}")
@@ -156,7 +159,7 @@ def sample_blueprints(
                 f"{n} {kind} of a layer (need a total keep >= {n}); pass allow_partial=True to "
                 f"accept partial coverage"
             )
-    rng = np.random.default_rng([int(seed), int(round)])
+    rng = generator(int(seed), stream, int(round))
     per_subnet: dict[str, list[list[tuple[int, ...]]]] = {k: [[] for _ in range(n_subnets)] for k in KINDS}
     for layer in range(cfg.n_layer):
         for kind in KINDS:

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .rng import Stream, generator
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("shakespeare", "wikitext-103", "wikitext-2", "text")
@@ -327,7 +329,7 @@ def partition(split: TokenSplit, num_partitions: int, partition_id: int, scheme:
         n = len(split) // w
         if n < num_partitions:
             raise ValueError(f"{len(split)} tokens make {n} windows of {w}: too few for {num_partitions} partitions")
-        order = np.random.default_rng([seed, 7]).permutation(n)[partition_id::num_partitions]
+        order = generator(seed, Stream.SHARDS).permutation(n)[partition_id::num_partitions]
         return split.tokens[: n * w].reshape(n, w)[np.sort(order)].reshape(-1)
     if scheme == "document":
         bounds = np.append(split.doc_starts, len(split))

@@ -23,6 +23,7 @@ from .blueprint import Blueprint
 from .config import GPTConfig, RunConfig
 from .data import check_split, load_tokens, partition, random_batches
 from .model import GPT, load_state_strict
+from .rng import Stream, generator
 from .train import OptimConfig, export_moments, import_moments, make_optimizer, merge_moments, pick_device, \
     train_steps
 
@@ -66,7 +67,7 @@ def local_update(cfg: GPTConfig, run: RunConfig, bp: Blueprint, mode: str, array
     if keep_state and moments is not None:
         import_moments(model, opt, moments if masked else {m: slice_state(v, cfg, bp) for m, v in moments.items()},
                        moment_step)
-    rng = np.random.default_rng([run.seed, partition_id, round_])
+    rng = generator(run.seed, Stream.NODE_BATCHES, partition_id, round_)
     batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
     stats = train_steps(model, batches, local_steps, opt, grad_clip=run.grad_clip,
                         mask=bp if masked and not bp.is_full(cfg) else None)

@@ -29,6 +29,7 @@ from .blocks import block_indices, slice_spec, slice_state
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig
 from .model import GPT
+from .rng import Stream
 from .train import evaluate
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def check_keep(cfg: GPTConfig, keep: int) -> None:
 
 def random_blueprint(cfg: GPTConfig, keep: int, seed: int, draw: int = 0) -> Blueprint:
     check_keep(cfg, keep)
-    return sample_blueprints(cfg, 1, keep, seed=seed, round=draw, allow_partial=True)[0]
+    return sample_blueprints(cfg, 1, keep, seed=seed, round=draw, allow_partial=True,
+                             stream=Stream.DEPLOY_DRAWS)[0]
 
 
 def subnet(model: GPT, bp: Blueprint) -> GPT:

@@ -27,6 +27,7 @@ from .data import check_split, eval_windows, load_tokens, unigram_perplexity
 from .model import FORMAT as MODEL_FORMAT
 from .model import GPT
 from .report import final_table, plot_keeps, plot_rounds
+from .rng import Stream
 from .strategy import TwistStrategy, to_numpy, to_record
 from .train import evaluate, pick_device, reuse_freed_memory
 
@@ -64,7 +65,8 @@ class Evaluator:
         self.cfg, self.run, self.windows = cfg, run, windows
         self.device = pick_device(run.device)
         # The same draws at every evaluation, so curves over rounds compare like with like.
-        self.draws = {k: [sample_blueprints(cfg, 1, k, seed=run.seed + 1_000_003, round=d, allow_partial=True)[0]
+        self.draws = {k: [sample_blueprints(cfg, 1, k, seed=run.seed, round=d, allow_partial=True,
+                                            stream=Stream.EVAL_DRAWS)[0]
                           for d in range(run.eval_draws)] for k in run.eval_keeps_for(cfg)}
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, Any]:

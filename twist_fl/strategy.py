@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 from .blocks import coverage_average, slice_state
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
+from .rng import Stream, generator
 from .wire import decode, encode, from_npy_bytes, npy_bytes, wire_numpy_dtype
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class TwistStrategy(FedAvg):
         nodes = sorted((self.nodes[n] for n in connected if n in self.nodes),
                        key=lambda n: (n.partition_id, n.node_id))
         if self.run.num_nodes and len(nodes) > self.run.num_nodes:
-            pick = np.random.default_rng([self.run.seed, rnd, 1]).choice(len(nodes), self.run.num_nodes, replace=False)
+            pick = generator(self.run.seed, Stream.NODE_SAMPLE, rnd).choice(len(nodes), self.run.num_nodes, replace=False)
             nodes = [nodes[i] for i in sorted(pick)]
         record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
         self._assignments = []
