@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from twist_fl.client import make_client_app
-from twist_fl.config import RunConfig
-from twist_fl.localgrid import LocalGrid
-from twist_fl.server import run_server
+from twist_fl.federated.client import make_client_app
+from twist_fl.core.config import RunConfig
+from twist_fl.federated.localgrid import LocalGrid
+from twist_fl.federated.server import run_server
 
 TINY = {"model": "tiny", "num-server-rounds": 2, "local-steps": 2, "seq-len": 32, "batch-size": 4,
         "eval-every": 100, "eval-tokens": 512, "eval-draws": 1, "lr-schedule": "constant"}

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from twist_fl.bench import bench_bytes, gpt2_cfg, train_flops_ratio
-from twist_fl.config import preset
+from twist_fl.tools.bench import bench_bytes, gpt2_cfg, train_flops_ratio
+from twist_fl.core.config import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,13 +33,13 @@ def test_bytes_are_counted_from_serialized_messages():
 
 def test_hydra_sweep_and_its_summary(tmp_path):
     sweep_dir = tmp_path / "multirun"
-    cmd = [sys.executable, "-m", "twist_fl.sweep", "--multirun", "run.local_steps=1,2", "total_local_steps=4",
+    cmd = [sys.executable, "-m", "twist_fl.tools.sweep", "--multirun", "run.local_steps=1,2", "total_local_steps=4",
            "run.model=tiny", "run.seq_len=32", "run.batch_size=4", "run.eval_tokens=512", "run.eval_draws=1",
            "num_supernodes=2", f"hydra.sweep.dir={sweep_dir}"]
 
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    summ = subprocess.run([sys.executable, "-m", "twist_fl.sweep_summary", str(sweep_dir)], capture_output=True,
+    summ = subprocess.run([sys.executable, "-m", "twist_fl.tools.sweep_summary", str(sweep_dir)], capture_output=True,
                           text=True, timeout=120)
 
     assert summ.returncode == 0, summ.stderr
@@ -50,20 +50,20 @@ def test_hydra_sweep_and_its_summary(tmp_path):
 
 
 def test_sweep_refuses_a_bad_key_before_running(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "twist_fl.sweep", "run.keep=99", f"hydra.run.dir={tmp_path}/x"],
+    out = subprocess.run([sys.executable, "-m", "twist_fl.tools.sweep", "run.keep=99", f"hydra.run.dir={tmp_path}/x"],
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode != 0 and "keep=99 is out of range" in out.stderr
 
 
 def test_inference_flop_bound_of_gpt2_at_half_width_is_about_one_and_a_half():
-    from twist_fl.bench_inference import forward_flops
+    from twist_fl.tools.bench_inference import forward_flops
 
     cfg = gpt2_cfg(())
     assert forward_flops(cfg, 12, 12, 300) / forward_flops(cfg, 6, 6, 300) == pytest.approx(1.54, abs=0.01)
 
 
 def test_inference_benchmark_writes_its_measurements(tmp_path):
-    from twist_fl.bench_inference import main
+    from twist_fl.tools.bench_inference import main
 
     out = tmp_path / "inf.json"
     assert main(["--preset", "tiny", "--keep", "2", "--prompt", "8", "--decode", "3", "--repeats", "2",
@@ -84,7 +84,7 @@ def test_inference_benchmark_writes_its_measurements(tmp_path):
 
 @pytest.mark.slow
 def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
-    from twist_fl.bench import bench_overhead
+    from twist_fl.tools.bench import bench_overhead
 
     res = bench_overhead(rounds=3, nodes=2, config={"model": "tiny", "local-steps": 2, "eval-tokens": 1024,
                                                      "eval-draws": 1})
@@ -103,8 +103,8 @@ def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
 
 _MALLOC_CHILD = r"""
 import resource, sys, torch
-from twist_fl.bench import set_malloc
-from twist_fl.train import freed_memory_reused, reuse_freed_memory
+from twist_fl.tools.bench import set_malloc
+from twist_fl.core.train import freed_memory_reused, reuse_freed_memory
 reuse = sys.argv[1] == "reuse"
 if reuse:
     assert reuse_freed_memory() and reuse_freed_memory()  # applies, and again is a no-op

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from twist_fl.blocks import (block_indices, coverage_average, scatter_state, slice_spec, slice_state,
+from twist_fl.core.blocks import (block_indices, coverage_average, scatter_state, slice_spec, slice_state,
                              sparsity, state_shapes)
-from twist_fl.blueprint import Blueprint, sample_blueprints
-from twist_fl.config import GPTConfig
-from twist_fl.model import GPT
+from twist_fl.core.blueprint import Blueprint, sample_blueprints
+from twist_fl.core.config import GPTConfig
+from twist_fl.core.model import GPT
 
 CFG = GPTConfig(vocab_size=13, block_size=8, n_layer=3, n_head=2, n_embd=4, head_dim=3,
                 n_ffn_blocks=2, ffn_block_size=2)

@@ -1,7 +1,7 @@
 import pytest
 
-from twist_fl.blueprint import Blueprint, sample_blueprints
-from twist_fl.config import GPTConfig
+from twist_fl.core.blueprint import Blueprint, sample_blueprints
+from twist_fl.core.config import GPTConfig
 
 CFG = GPTConfig(vocab_size=11, block_size=8, n_layer=4, n_head=6, n_embd=12, head_dim=2,
                 n_ffn_blocks=6, ffn_block_size=3)

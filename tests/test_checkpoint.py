@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from twist_fl.checkpoint import load_checkpoint, save_checkpoint
+from twist_fl.core.checkpoint import load_checkpoint, save_checkpoint
 
 from .helpers import final_weights, run_local
 

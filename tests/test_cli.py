@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from twist_fl.cli import main
-from twist_fl.model import GPT
+from twist_fl.tools.cli import main
+from twist_fl.core.model import GPT
 
 from .helpers import run_local
 
@@ -94,7 +94,7 @@ def test_heatmap_and_report(trained, tmp_path):
     (["prune", "{twist}", "--keep", "9", "--out", "{tmp}/x"], "keep=9 is out of range for this model: allowed 1..4"),
     (["evaluate", "{tmp}"], "is not a twist-fl model directory"),
     (["evaluate", "{twist}", "--tokenizer", "gpt2"], "vocab_size 257, but tokenizer 'gpt2' has 50257"),
-    (["evaluate", "{twist}", "--keeps", "0,2"], r"--keeps has \[0\], out of range: allowed 1..4"),
+    (["evaluate", "{twist}", "--keeps", "0,2"], r"--keeps entry=0 is out of range for this model: allowed 1..4"),
 ])
 def test_bad_inputs_give_clear_errors(trained, tmp_path, capsys, argv, match):
     argv = [a.format(twist=trained / "twist", tmp=tmp_path) for a in argv]

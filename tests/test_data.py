@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from twist_fl import data
-from twist_fl.data import (ByteTokenizer, TokenSplit, check_split, eval_windows, get_tokenizer, load_tokens,
+from twist_fl.core import data
+from twist_fl.core.data import (ByteTokenizer, TokenSplit, check_split, eval_windows, get_tokenizer, load_tokens,
                            partition, random_batches, unigram_perplexity)
 
 

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from twist_fl.blocks import coverage_average, slice_state
-from twist_fl.blueprint import Blueprint
-from twist_fl.client import make_client_app
-from twist_fl.config import RunConfig
-from twist_fl.deploy import LocalDeployment, make_certificates
-from twist_fl.localgrid import LocalGrid
-from twist_fl.server import initial_model, run_server
+from twist_fl.core.blocks import coverage_average, slice_state
+from twist_fl.core.blueprint import Blueprint
+from twist_fl.federated.client import make_client_app
+from twist_fl.core.config import RunConfig
+from twist_fl.deploy.certs import make_certificates
+from twist_fl.deploy.local import LocalDeployment
+from twist_fl.deploy.procs import alive
+from twist_fl.federated.localgrid import LocalGrid
+from twist_fl.federated.server import initial_model, run_server
 
 from .helpers import checkpoint_weights, final_weights
 
@@ -56,8 +58,7 @@ def stop_and_check(d: LocalDeployment) -> None:
     """Stop everything and assert that no process of the deployment survives."""
     started = d.pids()
     d.stop()
-    left = [pid for pid in started if Path(f"/proc/{pid}").exists() and
-            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    left = [pid for pid in started if alive(pid)]
     assert left == [], f"processes left after stop: {left}"
 
 

@@ -1,4 +1,5 @@
-"""The real `flwr run` simulation (Ray, a detached local SuperLink) on a tiny run."""
+"""The real `flwr run` simulation (Ray, a local SuperLink) on a tiny run. The simulation
+SuperLink that `flwr run` would start detached is started by the test, owned by PID and stopped."""
 
 import json
 import subprocess
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .procs import flwr_env, pids_with, stop
+from twist_fl.deploy.local import SimulationSuperLink
+from twist_fl.deploy.procs import alive, flwr_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,17 +17,19 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_flwr_run_simulation_two_rounds(tmp_path):
     env = flwr_env(tmp_path / "flwr-home")
-    port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
     out = tmp_path / "out"
     flwr = str(Path(sys.executable).with_name("flwr"))
     run_config = (f'model="tiny" num-server-rounds=2 local-steps=2 seq-len=32 batch-size=4 eval-every=1 '
                   f'eval-tokens=1024 eval-draws=1 out-dir="{out}" run-name="e2e"')
+    link = SimulationSuperLink(env, cwd=tmp_path)
+    link.start()
     try:
         proc = subprocess.run([flwr, "run", str(ROOT), "--stream", "--run-config", run_config,
                                "--federation-config", "num-supernodes=3"],
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=420)
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-4000:]
+        assert "Starting local SuperLink" not in log  # flwr run used ours
         run_dir = out / "e2e"
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         summary = json.loads((run_dir / "summary.json").read_text())
@@ -37,5 +41,6 @@ def test_flwr_run_simulation_two_rounds(tmp_path):
         assert "final validation perplexity" in log or "final validation perplexity" in \
             (tmp_path / "flwr-home" / "local-superlink" / "superlink.log").read_text()
     finally:
-        stop(pids_with(f"--port {port}"))
-    assert pids_with(f"--port {port}") == []
+        started = link.pids()
+        link.stop()
+    assert started and [p for p in started if alive(p)] == []

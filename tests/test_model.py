@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from twist_fl.blocks import slice_state
-from twist_fl.blueprint import Blueprint, sample_blueprints
-from twist_fl.config import GPTConfig, preset
-from twist_fl.model import GPT, layer_scale
+from twist_fl.core.blocks import slice_state
+from twist_fl.core.blueprint import Blueprint, sample_blueprints
+from twist_fl.core.config import GPTConfig, preset
+from twist_fl.core.model import GPT, layer_scale
 
 CONFIGS = [
     GPTConfig(vocab_size=17, block_size=16, n_layer=3, n_head=4, n_embd=8, head_dim=3, n_ffn_blocks=4,
@@ -127,7 +127,7 @@ def test_load_refuses_a_directory_that_is_not_a_model(tmp_path):
 
 
 def test_load_state_with_wrong_keys_names_them():
-    from twist_fl.model import load_state_strict
+    from twist_fl.core.model import load_state_strict
 
     model = GPT(CONFIGS[0])
     sd = model.state_dict()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from twist_fl.model import GPT
+from twist_fl.core.model import GPT
 
 from .helpers import checkpoint_weights, run_local
 from .test_data import write_wikitext

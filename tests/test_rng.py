@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from twist_fl.rng import KEY_LENGTH, Stream, generator
+from twist_fl.core.rng import KEY_LENGTH, Stream, generator
 
 
 def _first_draws(seed, stream, *key):

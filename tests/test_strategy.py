@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from twist_fl.blocks import block_indices, slice_spec
-from twist_fl.blueprint import Blueprint
-from twist_fl.config import RunConfig
-from twist_fl.strategy import to_numpy, to_record
+from twist_fl.core.blocks import block_indices, slice_spec
+from twist_fl.core.blueprint import Blueprint
+from twist_fl.core.config import RunConfig
+from twist_fl.federated.records import to_numpy, to_record
 
 from .helpers import TINY, checkpoint_weights, final_weights, run_local
 
@@ -264,7 +264,7 @@ def test_train_messages_expire_with_the_round_timeout(tmp_path):
 
 
 def test_fault_spec_names_a_kind_per_round():
-    from twist_fl.faults import fault_for_round
+    from twist_fl.federated.faults import fault_for_round
 
     assert [fault_for_round("nan", r) for r in (1, 2)] == ["nan", "nan"]
     assert [fault_for_round("1:shape,3:stale-round", r) for r in (1, 2, 3)] == ["shape", "ok", "stale-round"]

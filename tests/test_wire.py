@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from twist_fl.wire import decode, encode, from_npy_bytes, npy_bytes
+from twist_fl.core.wire import decode, encode, from_npy_bytes, npy_bytes
 
 from .helpers import run_local
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write, atomic_write_text
 from .rng import Stream, generator
 
 log = logging.getLogger(__name__)
@@ -290,11 +291,14 @@ def load_tokens(dataset: str = "shakespeare", tokenizer: str = "bytes", data_pat
             log.warning("token cache %s is unreadable (%s); tokenizing again", path, e)
     log.info("tokenizing %s with %s (cached at %s)", dataset, tokenizer, path)
     out = {s: _tokenize(corpus[s], tok) for s in SPLITS}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **{f"{s}_tokens": out[s].tokens for s in SPLITS},
-             **{f"{s}_starts": out[s].doc_starts for s in SPLITS})
-    os.replace(tmp, path)
-    (path.with_suffix(".json")).write_text(json.dumps(
+    arrays = {**{f"{s}_tokens": out[s].tokens for s in SPLITS}, **{f"{s}_starts": out[s].doc_starts for s in SPLITS}}
+
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to a name
+            np.savez(f, **arrays)
+
+    atomic_write(path, write_npz)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(
         {"dataset": dataset, "tokenizer": tokenizer, "data_path": data_path,
          "tokens": {s: int(len(out[s])) for s in SPLITS}, "docs": {s: len(corpus[s]) for s in SPLITS}}))
     return out

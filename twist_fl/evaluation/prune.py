@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .blocks import block_indices, slice_spec, slice_state
-from .blueprint import Blueprint, sample_blueprints
-from .config import GPTConfig
-from .model import GPT
-from .rng import Stream
-from .train import evaluate
+from ..core.blocks import block_indices, slice_spec, slice_state
+from ..core.blueprint import Blueprint, sample_blueprints
+from ..core.config import KINDS, GPTConfig
+from ..core.model import GPT
+from ..core.rng import Stream
+from ..core.train import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +39,8 @@ UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def check_keep(cfg: GPTConfig, keep: int) -> None:
-    hi = min(cfg.n_head, cfg.n_ffn_blocks)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= hi:
-        raise ValueError(f"keep={keep!r} is out of range for this model: allowed 1..{hi} "
-                         f"(n_head={cfg.n_head}, n_ffn_blocks={cfg.n_ffn_blocks})")
-
-
 def random_blueprint(cfg: GPTConfig, keep: int, seed: int, draw: int = 0) -> Blueprint:
-    check_keep(cfg, keep)
+    cfg.check_keep(keep)
     return sample_blueprints(cfg, 1, keep, seed=seed, round=draw, allow_partial=True,
                              stream=Stream.DEPLOY_DRAWS)[0]
 
@@ -96,7 +89,7 @@ def block_scores(model: GPT, method: str, norms: dict[str, torch.Tensor] | None 
             w = w * norms[mod].unsqueeze(0)  # weight (out, in) x norm of input feature
         elif method != "magnitude":
             raise ValueError(f"unknown importance {method!r}; allowed: ['magnitude', 'wanda']")
-        n = cfg.n_head if spec.kind == "heads" else cfg.n_ffn_blocks
+        n = cfg.blocks_of(spec.kind)
         per = torch.zeros(n)
         for b in range(n):
             idx = torch.as_tensor(block_indices(cfg, spec, [b]))
@@ -112,13 +105,13 @@ def block_scores(model: GPT, method: str, norms: dict[str, torch.Tensor] | None 
 def importance_blueprint(model: GPT, keep: int, method: str, norms: dict[str, torch.Tensor] | None = None) -> Blueprint:
     """Per non-shared layer, the `keep` heads and FFN blocks with the largest scores."""
     cfg = model.cfg
-    check_keep(cfg, keep)
+    cfg.check_keep(keep)
     scores = block_scores(model, method, norms)
     parts: dict[str, list[tuple[int, ...]]] = {"heads": [], "ffn": []}
     for layer in range(cfg.n_layer):
-        for kind, n in (("heads", cfg.n_head), ("ffn", cfg.n_ffn_blocks)):
+        for kind in KINDS:
             if layer in cfg.shared_layer_ids:
-                parts[kind].append(tuple(range(n)))
+                parts[kind].append(tuple(range(cfg.blocks_of(kind))))
             else:
                 top = torch.argsort(scores[(kind, layer)], descending=True, stable=True)[:keep]
                 parts[kind].append(tuple(sorted(int(i) for i in top)))
@@ -275,13 +268,3 @@ def _input_stats(model: GPT, mods: dict[str, nn.Linear], calib: np.ndarray, batc
         return {k: 2 * v / count[k] for k, v in acc.items()}
     return {k: v.sqrt() for k, v in acc.items()}
 
-
-def zero_share(model: GPT) -> dict[str, float]:
-    """Share of zero weights in the block matrices of the non-shared layers, and overall."""
-    zeros = total = 0
-    for layer in _pruned_layers(model.cfg):
-        for name in MATRICES:
-            w = model.get_parameter(f"h.{layer}.{name}.weight")
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return {"zeros_in_pruned_matrices": zeros / max(total, 1)}

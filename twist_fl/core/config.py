@@ -10,8 +10,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
+
+
+KINDS = ("heads", "ffn")  # the two kinds of blocks a subnet keeps a share of
+STRATEGIES = ("twist", "fedavg")
+NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense subnet; masked = full model + mask
+RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
+
+
+def parse_mode(value: Any, key: str, allowed: tuple[str, ...] = NODE_MODES) -> str:
+    """A mode as read from a run or node config. TOML reads an unquoted `true` as a boolean,
+    so True means the mode "true"; anything else must be one of `allowed`."""
+    mode = "true" if value is True else value
+    if not isinstance(mode, str) or mode not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; allowed: {list(allowed)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -53,8 +69,29 @@ class GPTConfig:
         return tuple(sorted({i % self.n_layer for i in self.shared_layers}))
 
     @property
-    def ffn_hidden(self) -> int:
-        return self.n_ffn_blocks * self.ffn_block_size
+    def n_blocks(self) -> int:
+        """N of "keep X of N": the blocks of each kind a subnet may keep per layer (1..n_blocks)."""
+        return min(self.n_head, self.n_ffn_blocks)
+
+    def blocks_of(self, kind: str) -> int:
+        """Blocks per layer of a kind: `heads` (attention heads) or `ffn` (FFN blocks)."""
+        if kind not in KINDS:
+            raise ValueError(f"block kind {kind!r} is not allowed; allowed: {list(KINDS)}")
+        return self.n_head if kind == "heads" else self.n_ffn_blocks
+
+    def block_width(self, kind: str) -> int:
+        """Units per block of a kind: head_dim for a head, ffn_block_size for an FFN block."""
+        if kind not in KINDS:
+            raise ValueError(f"block kind {kind!r} is not allowed; allowed: {list(KINDS)}")
+        return self.head_dim if kind == "heads" else self.ffn_block_size
+
+    def check_keep(self, keep: Any, what: str = "keep") -> int:
+        """`keep` as an int if it is a valid subnet size for this model, else ValueError naming
+        `what`, the value and the allowed range: the one home of the keep range."""
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= self.n_blocks:
+            raise ValueError(f"{what}={keep!r} is out of range for this model: allowed 1..{self.n_blocks} blocks "
+                             f"of each kind per layer (n_head={self.n_head}, n_ffn_blocks={self.n_ffn_blocks})")
+        return int(keep)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -104,7 +141,7 @@ class RunConfig:
     """Every key of `[tool.flwr.app.config]` (kebab-case there, snake_case here)."""
 
     # TwIST
-    strategy: str = "twist"  # twist | fedavg (the dense data-parallel baseline: every node trains the full model)
+    strategy: str = "twist"  # twist | fedavg (FedAvg of the dense model: every node trains the full model)
     keep: int = 0  # blocks of each kind a subnet keeps per non-shared layer (X of N); 0 = N/2 (50%)
     alpha: float = 0.5  # activation scaling exponent, (N/n)**alpha
     shared_layers: str = "0,-1"  # comma list of layers kept whole ("" for none)
@@ -161,6 +198,8 @@ class RunConfig:
             if name not in types:
                 allowed = ", ".join(sorted(k.replace("_", "-") for k in types))
                 raise ValueError(f"unknown run-config key {key!r}; allowed keys: {allowed}")
+            if name == "mode":  # `mode=true` unquoted is a TOML boolean
+                value = parse_mode(value, "run-config mode", RUN_MODES)
             kwargs[name] = _coerce(key, value, types[name])
         run = cls(**kwargs)
         run.validate()
@@ -183,13 +222,13 @@ class RunConfig:
 
     def keep_for(self, cfg: GPTConfig) -> int:
         """`keep`, with 0 resolved to half the blocks of the model."""
-        return self.keep or max(1, min(cfg.n_head, cfg.n_ffn_blocks) // 2)
+        return self.keep or max(1, cfg.n_blocks // 2)
 
     def eval_keeps_for(self, cfg: GPTConfig) -> tuple[int, ...]:
         """`eval-keeps`, with "" resolved to a quarter, half and three quarters of the blocks."""
         if self.eval_keeps.strip():
             return _int_list("eval-keeps", self.eval_keeps)
-        n = min(cfg.n_head, cfg.n_ffn_blocks)
+        n = cfg.n_blocks
         return tuple(sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75)} - {n}))
 
     def model_config(self) -> GPTConfig:
@@ -219,8 +258,8 @@ class RunConfig:
         """Raise ValueError naming the key, the value and what is allowed."""
         from .data import DATASETS, PARTITIONINGS
 
-        _choice("strategy", self.strategy, ("twist", "fedavg"))
-        _choice("mode", self.mode, ("true", "masked", "hybrid"))
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("mode", self.mode, RUN_MODES)
         _choice("model", self.model, tuple(PRESETS))
         _choice("dataset", self.dataset, DATASETS)
         _choice("tokenizer", self.tokenizer, tuple(TOKENIZER_VOCAB))
@@ -262,13 +301,9 @@ class RunConfig:
 
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
-        hi = min(cfg.n_head, cfg.n_ffn_blocks)
-        if not 1 <= self.keep_for(cfg) <= hi:
-            raise ValueError(f"run-config keep={self.keep} is out of range for model {self.model!r}: "
-                             f"allowed 1..{hi} (n_head={cfg.n_head}, n_ffn_blocks={cfg.n_ffn_blocks})")
+        cfg.check_keep(self.keep_for(cfg), "run-config keep")
         for k in self.eval_keeps_for(cfg):
-            if not 1 <= k <= hi:
-                raise ValueError(f"run-config eval-keeps has {k}, out of range for model {self.model!r}: allowed 1..{hi}")
+            cfg.check_keep(k, "run-config eval-keeps entry")
         for i in self.shared_layer_list:
             if not -cfg.n_layer <= i < cfg.n_layer:
                 raise ValueError(f"run-config shared-layers has {i}; the model has layers 0..{cfg.n_layer - 1}")

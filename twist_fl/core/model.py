@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .blueprint import Blueprint
 from .config import GPTConfig
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -256,8 +257,8 @@ class GPT(nn.Module):
                 "blueprint": None if self.blueprint is None else self.blueprint.to_dict(),
                 "num_params": self.num_params(), **(extra or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        _atomic_write(d / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+        atomic_write(d / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
         return d
 
     @classmethod
@@ -347,11 +348,3 @@ def load_state_strict(model: nn.Module, state: dict[str, Any]) -> None:
         raise ValueError("state dict shapes do not fit the model: " + "; ".join(bad))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
 
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

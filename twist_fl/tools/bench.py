@@ -1,6 +1,6 @@
 """Benchmarks of TwIST against the dense FedAvg baseline, measured on this machine.
 
-    python -m twist_fl.bench [bytes|step|memory|overhead|all] [--json out.json]
+    python -m twist_fl.tools.bench [bytes|step|memory|overhead|all] [--json out.json]
 
 bytes     bytes per round, down and up, per node and in total, counted from the serialized Flower
           messages (every nested object the runtime would store and send), GPT-2 124M shape, 4 nodes,
@@ -16,7 +16,7 @@ overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; s
           coverage averaging, on the default model and data (the app's 60 rounds unless --rounds);
           also split into a per-round ratio and a fixed start-up/shut-down cost, and each round
           into the nodes' local updates and the rest.
-Inference speed: `python -m twist_fl.bench_inference`.
+Inference speed: `python -m twist_fl.tools.bench_inference`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,10 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blocks import coverage_average, slice_state, state_shapes
-from .blueprint import Blueprint, sample_blueprints
-from .config import GPTConfig, RunConfig, preset
-from .model import GPT
+from ..core.blocks import coverage_average, slice_state, state_shapes
+from ..core.blueprint import Blueprint, sample_blueprints
+from ..core.config import GPTConfig, RunConfig, preset
+from ..core.model import GPT
 
 
 def gpt2_cfg(shared: tuple[int, ...] = (0, -1)) -> GPTConfig:
@@ -59,8 +58,8 @@ def bench_bytes(nodes: int = 4, keeps: tuple[int, ...] = (3, 6, 9), cfg: GPTConf
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from .strategy import to_record
-    from .wire import encode
+    from ..federated.records import to_record
+    from ..core.wire import encode
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     cfg = cfg or gpt2_cfg()
@@ -114,7 +113,7 @@ def train_flops_ratio(cfg: GPTConfig, keep: int, seq: int) -> float:
 
 def set_malloc(reuse: bool) -> None:
     """Set this process's malloc as a node with run-config reuse-freed-memory=`reuse` does."""
-    from .train import freed_memory_reused, reuse_freed_memory
+    from ..core.train import freed_memory_reused, reuse_freed_memory
 
     if reuse:
         reuse_freed_memory()
@@ -125,7 +124,7 @@ def set_malloc(reuse: bool) -> None:
 
 def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1),
                profile: bool = False, reuse: bool = True) -> dict:
-    from .train import OptimConfig, make_optimizer
+    from ..core.train import OptimConfig, make_optimizer
 
     set_malloc(reuse)
     run = RunConfig()
@@ -193,11 +192,11 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
 
 _MEM_CHILD = r"""
 import resource, sys, numpy as np, torch
-from twist_fl.bench import gpt2_cfg, set_malloc
-from twist_fl.blueprint import Blueprint, sample_blueprints
-from twist_fl.config import RunConfig
-from twist_fl.model import GPT
-from twist_fl.node import local_update
+from twist_fl.tools.bench import gpt2_cfg, set_malloc
+from twist_fl.core.blueprint import Blueprint, sample_blueprints
+from twist_fl.core.config import RunConfig
+from twist_fl.core.model import GPT
+from twist_fl.core.node import local_update
 variant, keep, reuse = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse"
 set_malloc(reuse)
 cfg = gpt2_cfg()
@@ -234,9 +233,9 @@ def bench_memory(keep: int = 6, reuse: bool = True) -> dict[str, Any]:
 def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     """The same local updates on the same subnets with the same averaging, without Flower;
     the seconds of each round, and of each round's local updates (as nodes report `train-s`)."""
-    from .data import load_tokens, partition
-    from .node import local_update
-    from .server import initial_model
+    from ..core.data import load_tokens, partition
+    from ..core.node import local_update
+    from ..federated.server import initial_model
 
     set_malloc(run.reuse_freed_memory)
     cfg = run.model_config()
@@ -282,9 +281,10 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
     """
     import tempfile
 
-    from .deploy import free_port
+    from ..deploy.local import SimulationSuperLink
+    from ..deploy.procs import flwr_env
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     rounds = rounds or RunConfig().num_server_rounds
     if rounds < 2:
         raise ValueError(f"--rounds {rounds}: the overhead benchmark needs at least 2 rounds")
@@ -293,15 +293,12 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
                 "run-name": "overhead"}
         run = RunConfig.from_flat(flat)
         plain, plain_train = plain_loop(run, nodes)
-        bin_dir = str(Path(sys.executable).parent)  # flwr starts flower-superlink from PATH: this environment's
-        env = {**os.environ, "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-               "FLWR_HOME": f"{d}/flwr-home", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-               "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
-        port = env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]
+        env = flwr_env(Path(d) / "flwr-home")
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())  # TOML: "text", true, 3, 0.5
-        flwr = str(Path(bin_dir) / "flwr")
+        flwr = str(Path(sys.executable).with_name("flwr"))
         t_launch = time.time()
+        link = SimulationSuperLink(env)  # what `flwr run` would start detached: ours, stopped by PID
+        link.start()
         try:
             done = subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides,
                                    "--federation-config", f"num-supernodes={nodes}"],
@@ -310,7 +307,7 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
                 raise RuntimeError(f"flwr run exited with {done.returncode}; its output ends with:\n"
                                    f"{(done.stdout + done.stderr)[-3000:]}")
         finally:
-            subprocess.run(["pkill", "-f", "--", f"--port {port}"], check=False)  # the detached SuperLink
+            link.stop()
         t_exit = time.time()
         rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
     t_eval = sum(r.get("eval_s", 0) for r in rows)
@@ -371,7 +368,7 @@ def _print(name: str, res: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench", description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "all"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=None,

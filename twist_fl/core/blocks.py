@@ -65,17 +65,9 @@ def slice_spec(name: str) -> SliceSpec | None:
     return None
 
 
-def block_width(cfg: GPTConfig, kind: str) -> int:
-    return cfg.head_dim if kind == "heads" else cfg.ffn_block_size
-
-
-def block_count(cfg: GPTConfig, kind: str) -> int:
-    return cfg.n_head if kind == "heads" else cfg.n_ffn_blocks
-
-
 def block_indices(cfg: GPTConfig, spec: SliceSpec, ids: Iterable[int]) -> np.ndarray:
     """Indices along `spec.axis` of the full tensor that blocks `ids` occupy, in subnet order."""
-    w, n = block_width(cfg, spec.kind), block_count(cfg, spec.kind)
+    w, n = cfg.block_width(spec.kind), cfg.blocks_of(spec.kind)
     ids = np.asarray(list(ids), dtype=np.int64)
     within = (ids[:, None] * w + np.arange(w)[None, :]).reshape(-1)  # rows of one fused group
     return (np.arange(spec.fused)[:, None] * (n * w) + within[None, :]).reshape(-1)
@@ -95,7 +87,7 @@ def state_shapes(cfg: GPTConfig, bp: Blueprint | None = None) -> dict[str, tuple
         spec = slice_spec(name)
         if spec is not None:
             cut = list(shape)
-            cut[spec.axis] = spec.fused * len(bp.ids(spec.kind, spec.layer)) * block_width(cfg, spec.kind)
+            cut[spec.axis] = spec.fused * len(bp.ids(spec.kind, spec.layer)) * cfg.block_width(spec.kind)
             shape = tuple(cut)
         out[name] = shape
     return out
@@ -146,7 +138,7 @@ def slice_state(full_state: Mapping[str, Any], cfg: GPTConfig, bp: Blueprint) ->
     for name, x in full_state.items():
         spec = slice_spec(name)
         ids = None if spec is None else bp.ids(spec.kind, spec.layer)
-        if spec is None or len(ids) == block_count(cfg, spec.kind):
+        if spec is None or len(ids) == cfg.blocks_of(spec.kind):
             out[name] = x
             continue
         idx = block_indices(cfg, spec, ids)

@@ -13,14 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .config import GPTConfig
+from .config import KINDS, GPTConfig
 from .rng import Stream, generator
-
-KINDS = ("heads", "ffn")
-
-
-def _kind_size(cfg: GPTConfig, kind: str) -> int:
-    return cfg.n_head if kind == "heads" else cfg.n_ffn_blocks
 
 
 @dataclass(frozen=True)
@@ -39,10 +33,6 @@ class Blueprint:
         return cls(heads=tuple(tuple(range(cfg.n_head)) for _ in range(cfg.n_layer)),
                    ffn=tuple(tuple(range(cfg.n_ffn_blocks)) for _ in range(cfg.n_layer)))
 
-    @property
-    def n_layer(self) -> int:
-        return len(self.heads)
-
     def ids(self, kind: str, layer: int) -> tuple[int, ...]:
         return (self.heads if kind == "heads" else self.ffn)[layer]
 
@@ -54,7 +44,7 @@ class Blueprint:
                 f"the model has n_layer={cfg.n_layer}"
             )
         for kind in KINDS:
-            n = _kind_size(cfg, kind)
+            n = cfg.blocks_of(kind)
             for layer in range(cfg.n_layer):
                 ids = self.ids(kind, layer)
                 if not ids:
@@ -108,15 +98,6 @@ class Blueprint:
         return cls(heads=tuple(tuple(h) for h in d["heads"]), ffn=tuple(tuple(f) for f in d["ffn"]))
 
 
-def _check_keep(cfg: GPTConfig, keep: int) -> None:
-    hi = min(cfg.n_head, cfg.n_ffn_blocks)
-    if isinstance(keep, bool) or not isinstance(keep, (int, np.integer)) or not 1 <= keep <= hi:
-        raise ValueError(
-            f"keep={keep!r} is out of range: allowed 1..{hi} blocks of each kind per layer "
-            f"(n_head={cfg.n_head}, n_ffn_blocks={cfg.n_ffn_blocks})"
-        )
-
-
 def sample_blueprints(
     cfg: GPTConfig,
     n_subnets: int,
@@ -135,7 +116,7 @@ def sample_blueprints(
     subnet is filled to its `keep` with random blocks it lacks); (iii) each subnet has exactly
     its `keep` blocks of each kind. `keep` is one int for all subnets or one per subnet (nodes
     of different capacity). Fewer than N in total raises, unless `allow_partial` (as when
-    deployment draws a single subnet). `stream` names the random stream (`twist_fl.rng`):
+    deployment draws a single subnet). `stream` names the random stream (`twist_fl.core.rng`):
     training rounds use BLUEPRINTS; evaluation and deployment draws their own, keyed by draw.
     """
     if isinstance(n_subnets, bool) or not isinstance(n_subnets, (int, np.integer)) or n_subnets < 1:
@@ -144,7 +125,7 @@ def sample_blueprints(
     if len(keeps) != n_subnets:
         raise ValueError(f"got {len(keeps)} keep values for {n_subnets} subnets")
     for k in keeps:
-        _check_keep(cfg, k)
+        cfg.check_keep(k)
     shared = cfg.shared_layer_ids if shared_layers is None else \
         tuple(sorted({int(i) % cfg.n_layer for i in shared_layers}))
     if shared_layers is not None:
@@ -152,7 +133,7 @@ def sample_blueprints(
             if not -cfg.n_layer <= int(i) < cfg.n_layer:
                 raise ValueError(f"shared layer {i} is outside 0..{cfg.n_layer - 1}")
     for kind in KINDS:
-        n = _kind_size(cfg, kind)
+        n = cfg.blocks_of(kind)
         if sum(keeps) < n and not allow_partial and len(shared) < cfg.n_layer:
             raise ValueError(
                 f"coverage impossible: {n_subnets} subnets keeping {keeps} {kind} cannot cover all "
@@ -163,7 +144,7 @@ def sample_blueprints(
     per_subnet: dict[str, list[list[tuple[int, ...]]]] = {k: [[] for _ in range(n_subnets)] for k in KINDS}
     for layer in range(cfg.n_layer):
         for kind in KINDS:
-            n = _kind_size(cfg, kind)
+            n = cfg.blocks_of(kind)
             if layer in shared:
                 for s in range(n_subnets):
                     per_subnet[kind][s].append(tuple(range(n)))

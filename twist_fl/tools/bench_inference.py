@@ -1,6 +1,6 @@
 """Inference speed of a pruned dense subnet vs the full model on this machine's CPU (or GPU).
 
-    python -m twist_fl.bench_inference [--preset gpt2] [--keep 6] [--prompt 256] [--decode 32]
+    python -m twist_fl.tools.bench_inference [--preset gpt2] [--keep 6] [--prompt 256] [--decode 32]
 
 Random weights of the preset's shape (speed does not depend on the values). Every layer is
 sliced (shared_layers = ()), as the FLOP bound below assumes. Reports tokens/s for prefill (one
@@ -22,10 +22,10 @@ import time
 
 import torch
 
-from .blueprint import sample_blueprints
-from .config import preset
-from .model import GPT
-from .prune import subnet
+from ..core.blueprint import sample_blueprints
+from ..core.config import preset
+from ..core.model import GPT
+from ..evaluation.prune import subnet
 
 
 def forward_flops(cfg, heads: int, blocks: int, ctx: int) -> float:
@@ -87,7 +87,7 @@ def measure(models: dict[str, GPT], prompt: int, decode: int, repeats: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.bench_inference", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench_inference", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2")
     ap.add_argument("--keep", type=int, default=6)
     ap.add_argument("--prompt", type=int, default=256)

@@ -9,24 +9,48 @@ weights of the same matrices, with no recovery training — as in the paper's co
 from __future__ import annotations
 
 import json
+import logging
 import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .blocks import sparsity
-from .cli import UsageError, data_settings, load_model, windows_for
+from ..core.blocks import sparsity
+from ..core.config import RunConfig
+from ..core.io import atomic_write_text
+from ..core.train import evaluate
+from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
 from .prune import choose_blueprint, random_blueprint, random_subnet_ppl, subnet, unstructured_prune
 from .report import comparison_plot
-from .train import evaluate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """What `twist-fl report` compares, and how."""
+
+    twist: str  # run folder or model trained with strategy twist
+    dense: str  # run folder or model trained dense (strategy fedavg)
+    out: str  # folder for REPORT.md, results.json, comparison.png
+    keeps: str = ""  # comma list of subnet sizes; "" = every size 1..N-1
+    draws: int = 5  # random subnets per keep
+    k: int = 8  # draws for best-of-k
+    seed: int = 0
+    split: str = "test"
+    eval_tokens: int = 32768
+    calib_tokens: int = 16384
+    data: dict[str, Any] = field(default_factory=dict)  # dataset, tokenizer, data_path, seq_len overrides
+    argv: list[str] = field(default_factory=list)  # the command line, quoted in the report
 
 
 def _ppl(model, windows) -> float:
     return evaluate(model, windows)["ppl"]
 
 
-def run_comparison(args) -> dict[str, Any]:
+def run_comparison(args: ReportOptions) -> dict[str, Any]:
     twist, meta_t = load_model(args.twist)
     dense, meta_d = load_model(args.dense)
     if twist.cfg != dense.cfg:
@@ -34,12 +58,12 @@ def run_comparison(args) -> dict[str, Any]:
     if twist.blueprint is not None or dense.blueprint is not None:
         raise UsageError("report needs the full trained models, not pruned subnets")
     cfg = twist.cfg
-    d = data_settings(args, meta_t)
+    d = data_settings(meta_t, **args.data)
     windows = windows_for(twist, d, args.split, args.eval_tokens)
     calib = windows_for(twist, d, "calib", args.calib_tokens)
-    n = min(cfg.n_head, cfg.n_ffn_blocks)
-    keeps = [int(k) for k in args.keeps.split(",")] if args.keeps else list(range(1, n))
-    res: dict[str, Any] = {"split": args.split, "tokens": int(windows[:, 1:].size), "keeps": keeps,
+    n = cfg.n_blocks
+    keeps = parse_keeps(args.keeps, cfg) if args.keeps else list(range(1, n))
+    res: dict[str, Any] = {"split": args.split, "tokens": int(windows[:, 1:].size), "keeps": keeps, "n_blocks": n,
                            "twist_full_ppl": _ppl(twist, windows), "dense_full_ppl": _ppl(dense, windows),
                            "structured": {}, "unstructured": {}, "draws": {},
                            "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {})}
@@ -71,21 +95,22 @@ def run_comparison(args) -> dict[str, Any]:
     return res
 
 
-def write_report(args) -> dict[str, Any]:
+def write_report(args: ReportOptions) -> dict[str, Any]:
     res = run_comparison(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     comparison_plot(res, out / "comparison.png")
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    (out / "REPORT.md").write_text(markdown(res, args))
-    print((out / "REPORT.md").read_text())
+    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    text = markdown(res, args)
+    atomic_write_text(out / "REPORT.md", text)
+    log.info("%s", text)
     return res
 
 
-def markdown(res: dict[str, Any], args) -> str:
+def markdown(res: dict[str, Any], args: ReportOptions) -> str:
     keeps = res["keeps"]
     structured = res["structured"]
-    n = max(keeps) + 1 if keeps else 0
+    n = res["n_blocks"]
     half = next((k for k in keeps if 2 * k == n), None)
     lines = ["# TwIST vs post-training pruning", "",
              f"Perplexity on the {res['split']} split ({res['tokens']:,} tokens); no recovery training for any "
@@ -126,14 +151,12 @@ def markdown(res: dict[str, Any], args) -> str:
     lines += ["## Commands", "", "The two models were trained with (keys that differ from the defaults):", "", "```"]
     lines += [train_command(res["twist_run"]), train_command(res["dense_run"]), "```", "",
               "and this report was made with:", "", "```",
-              "twist-fl " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])), "```", ""]
+              "twist-fl " + " ".join(shlex.quote(a) for a in args.argv), "```", ""]
     return "\n".join(lines)
 
 
 def train_command(run: dict[str, Any]) -> str:
     """The `flwr run` that reproduces a run config (its keys that differ from the defaults)."""
-    from .config import RunConfig
-
     default = RunConfig().to_flat()
     diff = {k: v for k, v in run.items() if default.get(k) != v and k not in ("out-dir", "run-name")}
     parts = [f'{k}=\\"{v}\\"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"

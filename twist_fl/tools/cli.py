@@ -17,86 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from .blocks import sparsity
-from .blueprint import Blueprint
-from .config import TOKENIZER_VOCAB
-from .data import DATASETS, TOKENIZERS, eval_windows, get_tokenizer, load_tokens
-from .deploy import DeploymentError
-from .model import CONFIG_FILE, WEIGHTS_FILE, GPT
-from .prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
-from .train import evaluate
+from ..core.blocks import sparsity
+from ..core.data import DATASETS, TOKENIZERS, get_tokenizer
+from ..core.model import WEIGHTS_FILE
+from ..core.train import evaluate
+from ..deploy.local import DeploymentError
+from ..evaluation.loading import (UsageError, check_tokenizer, data_settings, load_model, model_facts, parse_keeps,
+                                  windows_for)
+from ..evaluation.prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
 
-log = logging.getLogger("twist_fl.cli")
-
-
-class UsageError(Exception):
-    pass
+log = logging.getLogger("twist_fl.tools.cli")
 
 
-def load_model(path: str) -> tuple[GPT, dict[str, Any]]:
-    """A model and the metadata in its config.json."""
-    p = Path(path).expanduser()
-    if p.is_dir() and (p / "model" / CONFIG_FILE).is_file():  # a run folder: use its final model
-        p = p / "model"
-    try:
-        model = GPT.load(p)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    model.eval()
-    return model, json.loads((p / CONFIG_FILE).read_text())
-
-
-def data_settings(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    run = meta.get("run", {})
-    out = {"dataset": args.dataset or run.get("dataset", "shakespeare"),
-           "tokenizer": args.tokenizer or run.get("tokenizer", "bytes"),
-           "data_path": args.data_path if args.data_path is not None else (run.get("data-path") or None),
-           "seq_len": args.seq_len or int(run.get("seq-len", 64))}
-    return out
-
-
-def check_tokenizer(model: GPT, tokenizer: str) -> None:
-    want = TOKENIZER_VOCAB[tokenizer]
-    if model.cfg.vocab_size != want:
-        raise UsageError(f"the model has vocab_size {model.cfg.vocab_size}, but tokenizer {tokenizer!r} has {want} "
-                         f"tokens; pass the tokenizer the model was trained with "
-                         f"(allowed: {[k for k, v in TOKENIZER_VOCAB.items() if v == model.cfg.vocab_size]})")
-
-
-def windows_for(model: GPT, d: dict[str, Any], split: str, tokens: int) -> np.ndarray:
-    check_tokenizer(model, d["tokenizer"])
-    if d["seq_len"] > model.cfg.block_size:
-        raise UsageError(f"--seq-len {d['seq_len']} exceeds the model's block_size {model.cfg.block_size}")
-    splits = load_tokens(d["dataset"], d["tokenizer"], d["data_path"])
-    src = splits["train"].tokens if split == "calib" else splits[split].tokens
-    if split == "calib":  # calibration: windows from the middle of the training split
-        start = len(src) // 2
-        src = src[start:start + tokens + 1]
-    return eval_windows(src, d["seq_len"], tokens or None)
-
-
-def parse_keeps(text: str, model: GPT) -> list[int]:
-    try:
-        keeps = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--keeps {text!r} must be a comma list of integers") from None
-    hi = min(model.cfg.n_head, model.cfg.n_ffn_blocks)
-    bad = [k for k in keeps if not 1 <= k <= hi]
-    if bad:
-        raise UsageError(f"--keeps has {bad}, out of range: allowed 1..{hi}")
-    return keeps
-
-
-def model_facts(model: GPT, path: Path | None = None) -> dict[str, Any]:
-    """Parameters, shares removed (relative to the full model of the same config), file size."""
-    bp = model.blueprint or Blueprint.full(model.cfg)
-    s = sparsity(model.cfg, bp)
-    facts = {"params": s["params_kept"], "params_full": s["params_total"],
-             "removed_of_block_params": s["removed_of_block_params"],
-             "removed_of_all_params": s["removed_of_all_params"], "blueprint": bp.to_dict() if model.blueprint else None}
-    if path is not None and (path / WEIGHTS_FILE).is_file():
-        facts["file_bytes"] = (path / WEIGHTS_FILE).stat().st_size
-    return facts
+def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    return data_settings(meta, args.dataset, args.tokenizer, args.data_path, args.seq_len)
 
 
 # --- verbs ---------------------------------------------------------------------------------------
@@ -106,7 +40,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = load_model(args.model)
     if model.blueprint is not None:
         raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
-    d = data_settings(args, meta)
+    d = _data(args, meta)
     calib = windows_for(model, d, "calib", args.calib_tokens) if args.method in ("best-of-k", "wanda") else None
     try:
         bp = choose_blueprint(model, args.keep, args.method, args.seed, calib, args.k)
@@ -126,7 +60,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = load_model(args.model)
-    d = data_settings(args, meta)
+    d = _data(args, meta)
     windows = windows_for(model, d, args.split, args.eval_tokens)
     path = Path(args.model) / ("model" if (Path(args.model) / "model").is_dir() else "")
     res: dict[str, Any] = {"model": str(args.model), "split": args.split, "tokens": int(windows[:, 1:].size),
@@ -135,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.keeps:
         if model.blueprint is not None:
             raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
-        for k in parse_keeps(args.keeps, model):
+        for k in parse_keeps(args.keeps, model.cfg):
             draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
             s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
             res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
@@ -150,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = load_model(args.model)
-    d = data_settings(args, meta)
+    d = _data(args, meta)
     check_tokenizer(model, d["tokenizer"])
     tok = get_tokenizer(d["tokenizer"])
     ids = tok.encode(args.prompt)
@@ -165,18 +99,18 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
-    from .report import heatmap_plot
+    from ..evaluation.report import heatmap_plot
 
     rows = []
     for path in args.models:
         model, meta = load_model(path)
-        d = data_settings(args, meta)
+        d = _data(args, meta)
         windows = windows_for(model, d, args.split, args.eval_tokens)
         run = meta.get("run", {})
-        n = min(model.cfg.n_head, model.cfg.n_ffn_blocks)
+        n = model.cfg.n_blocks
         trained = n if run.get("strategy") == "fedavg" else int(run.get("keep") or n // 2)
         row = {"model": path, "trained_keep": trained, "eval": {}}
-        for k in parse_keeps(args.keeps, model):
+        for k in parse_keeps(args.keeps, model.cfg):
             draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
             row["eval"][str(k)] = float(np.mean(draws))
         rows.append(row)
@@ -194,9 +128,15 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
-    from .compare import write_report
+    from ..evaluation.compare import ReportOptions, write_report
 
-    return write_report(args)
+    res = write_report(ReportOptions(
+        twist=args.twist, dense=args.dense, keeps=args.keeps, draws=args.draws, k=args.k, seed=args.seed,
+        split=args.split, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, out=args.out,
+        data={"dataset": args.dataset, "tokenizer": args.tokenizer, "data_path": args.data_path,
+              "seq_len": args.seq_len}, argv=list(args.argv)))
+    print((Path(args.out) / "REPORT.md").read_text())
+    return res
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -207,7 +147,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from .deploy import deploy_local, parse_run_config
+    from ..deploy.local import deploy_local, parse_run_config
 
     return deploy_local(Path(args.dir), Path(args.app), args.nodes,
                         [m.strip() for m in args.modes.split(",") if m.strip()] or None,
@@ -216,14 +156,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_certs(args: argparse.Namespace) -> None:
-    from .deploy import make_certificates
+    from ..deploy.certs import make_certificates
 
     paths = make_certificates(Path(args.out), args.host, args.days)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 def cmd_deploy_node_key(args: argparse.Namespace) -> None:
-    from .deploy import make_node_key
+    from ..deploy.certs import make_node_key
 
     key, pub = make_node_key(Path(args.out))
     print(json.dumps({"private": str(key), "public": str(pub)}, indent=2))

@@ -19,17 +19,18 @@ import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from .blocks import param_counts, slice_state
-from .blueprint import sample_blueprints
-from .checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .config import TOKENIZER_VOCAB, GPTConfig, RunConfig
-from .data import check_split, eval_windows, load_tokens, unigram_perplexity
-from .model import FORMAT as MODEL_FORMAT
-from .model import GPT
-from .report import final_table, plot_keeps, plot_rounds
-from .rng import Stream
-from .strategy import TwistStrategy, to_numpy, to_record
-from .train import evaluate, pick_device, reuse_freed_memory
+from ..core.blocks import param_counts, slice_state
+from ..core.blueprint import sample_blueprints
+from ..core.checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from ..core.config import TOKENIZER_VOCAB, GPTConfig, RunConfig
+from ..core.data import check_split, eval_windows, load_tokens, unigram_perplexity
+from ..core.model import FORMAT as MODEL_FORMAT
+from ..core.model import GPT
+from ..evaluation.report import final_table, plot_keeps, plot_rounds
+from ..core.rng import Stream
+from .records import to_numpy, to_record
+from .strategy import TwistStrategy
+from ..core.train import evaluate, pick_device, reuse_freed_memory
 
 log = logging.getLogger(__name__)
 

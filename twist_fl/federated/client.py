@@ -13,12 +13,12 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .blueprint import Blueprint
-from .config import TOKENIZER_VOCAB, GPTConfig, RunConfig
-from .node import local_update, node_tokens
-from .strategy import record_bytes, to_numpy, to_record
-from .train import MOMENTS, pick_device, reuse_freed_memory
-from .wire import decode, encode
+from ..core.blueprint import Blueprint
+from ..core.config import TOKENIZER_VOCAB, GPTConfig, RunConfig
+from ..core.node import local_update, node_tokens
+from .records import record_bytes, to_numpy, to_record
+from ..core.train import MOMENTS, pick_device, reuse_freed_memory
+from ..core.wire import decode, encode
 
 FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
 

@@ -21,27 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .io import atomic_write_text, fsync_dir
+
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def rng_states() -> dict[str, Any]:
@@ -72,11 +56,11 @@ def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], 
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     atomic_write_text(root / "LATEST", final.name + "\n")
     for old in sorted(root.glob("round-*"))[:-KEEP_LAST]:
         shutil.rmtree(old, ignore_errors=True)

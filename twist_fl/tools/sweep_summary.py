@@ -1,6 +1,6 @@
 """Gather the runs of a Hydra sweep into one table and one plot.
 
-    python -m twist_fl.sweep_summary multirun/<time> [--x run.local_steps] [--dense <run folder>]
+    python -m twist_fl.tools.sweep_summary multirun/<time> [--x run.local_steps] [--dense <run folder>]
 
 Reads each job's `.hydra/overrides.yaml` and `run/summary.json`; writes `summary.md`,
 `summary.json` and `summary.png` (final perplexity at each evaluated keep vs the swept value,
@@ -75,7 +75,7 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
 
 
 def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
-    from .report import _plt
+    from ..evaluation.report import _plt
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -96,7 +96,7 @@ def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.sweep_summary", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.sweep_summary", description=__doc__.splitlines()[0])
     ap.add_argument("root", help="a Hydra multirun folder")
     ap.add_argument("--x", help="the swept override, e.g. run.local_steps (default: the only one)")
     ap.add_argument("--dense", help="a fedavg run folder for the baseline line")

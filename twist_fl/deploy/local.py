@@ -1,15 +1,12 @@
 """Deployment on real Flower processes: a SuperLink, N SuperNodes and `flwr run`, secure by default.
 
-Three pieces, each usable alone:
-
-* `make_certificates` writes a CA and a server certificate signed by it, with subject
-  alternative names for every host the SuperLink is reached by (TLS for a test deployment or a
-  small private one); `make_node_key` writes an EC (SECP384R1) key pair in OpenSSH format, the
-  kind `flower-supernode --auth-supernode-private-key` and `flwr supernode register` take.
 * `LocalDeployment` runs everything on localhost: free loopback ports, its own FLWR_HOME, one
   folder of logs, a SQLite SuperLink state, every process in its own process group, and `stop()`
   that ends them all (SIGTERM, then SIGKILL after a grace period).
-* `twist-fl deploy local|certs|node-key` (in `cli.py`) wraps them.
+* `SimulationSuperLink` is the local simulation SuperLink that `flwr run` would otherwise start
+  detached and leave running: started here, owned by PID, stopped when done.
+* `deploy_local` is one command over `LocalDeployment`; `twist-fl deploy local|certs|node-key`
+  (in `tools/cli.py`) wraps it and `certs.py`.
 
 Insecure mode (no TLS, no node authentication) exists for debugging only and must be asked for;
 it logs a warning. The SuperLink never installs dependencies at run time.
@@ -17,117 +14,26 @@ it logs a warning. The SuperLink never installs dependencies at run time.
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .certs import make_certificates, make_node_key
+from .procs import Proc, executable, flwr_env, free_port, killpg, port_open, tree_pids
+
 log = logging.getLogger(__name__)
 
 CONNECTION = "twist-local"  # the name of the SuperLink connection written to FLWR_HOME/config.toml
-
-
-# --- certificates and keys ---------------------------------------------------------------------
-
-def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
-    """A CA (ca.crt, ca.key) and a server certificate it signs (server.pem, server.key) whose
-    subject alternative names are `hosts` (IP addresses or DNS names) plus 127.0.0.1 and localhost.
-    Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes and `flwr` ca.crt."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
-    names: list[x509.GeneralName] = []
-    for h in ["127.0.0.1", "localhost", *(hosts or [])]:
-        try:
-            gn: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
-        except ValueError:
-            if not h or any(c.isspace() for c in h):
-                raise ValueError(f"host {h!r} is neither an IP address nor a DNS name") from None
-            gn = x509.DNSName(h)
-        if gn not in names:
-            names.append(gn)
-
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twist-fl test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now)
-          .not_valid_after(now + dt.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(ca_ski, critical=False)
-          .sign(ca_key, hashes.SHA384()))
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    server = (x509.CertificateBuilder()
-              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[-1].value))]))
-              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-              .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
-              .add_extension(x509.SubjectAlternativeName(names), critical=False)
-              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-              .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-              .sign(ca_key, hashes.SHA384()))
-
-    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
-    pem = serialization.Encoding.PEM
-    _write(paths["ca"], ca.public_bytes(pem))
-    _write(paths["cert"], server.public_bytes(pem))
-    for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
-        _write(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
-    log.info("certificates in %s for %s", out, [str(n.value) for n in names])
-    return paths
-
-
-def make_node_key(path: Path) -> tuple[Path, Path]:
-    """An EC SECP384R1 key pair for SuperNode authentication: `path` (private, OpenSSH, mode 600)
-    and `path`.pub (OpenSSH public key, what the SuperLink's operator registers)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pub = path.with_name(path.name + ".pub")
-    _write(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                   serialization.NoEncryption()), 0o600)
-    _write(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                              serialization.PublicFormat.OpenSSH) + b"\n")
-    return path, pub
-
-
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def config_string(values: dict[str, Any]) -> str:
@@ -151,120 +57,6 @@ def config_string(values: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def executable(name: str) -> str:
-    """A Flower console script: next to this Python first (the venv), else on PATH."""
-    near = Path(sys.executable).with_name(name)
-    if near.is_file():
-        return str(near)
-    found = shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name!r} not found next to {sys.executable} or on PATH; install flwr")
-    return found
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """pid -> (parent pid, process group) of every live, non-zombie process (from /proc)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z":
-                out[int(d.name)] = (int(fields[1]), int(fields[2]))
-    return out
-
-
-def tree_pids(pid: int) -> list[int]:
-    """A process, its descendants and the members of its process group, alive now. Flower's
-    SuperLink starts its SuperExec in a new session, so the group alone is not enough."""
-    table = _proc_table()
-    found = {p for p, (_, g) in table.items() if g == pid}
-    if pid in table:
-        found.add(pid)
-    frontier = list(found)
-    while frontier:
-        parent = frontier.pop()
-        for p, (pp, _) in table.items():
-            if pp == parent and p not in found:
-                found.add(p)
-                frontier.append(p)
-    return sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-@dataclass
-class Proc:
-    """A started process, the leader of its own process group (so its children go with it)."""
-
-    name: str
-    popen: subprocess.Popen
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def children(self, fragment: str) -> list[int]:
-        """PIDs among this process's tree whose command line contains `fragment`."""
-        out = []
-        for pid in tree_pids(self.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if fragment in cmd:
-                out.append(pid)
-        return out
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the leader (a clean shutdown), then everything it started; SIGKILL what is left."""
-        pids = set(tree_pids(self.pid))  # before the leader goes: orphans lose their parent link
-        for sig, leader_only in ((signal.SIGTERM, True), (signal.SIGTERM, False), (signal.SIGKILL, False)):
-            pids |= set(tree_pids(self.pid))
-            live = [p for p in pids if _alive(p)]
-            if not live and not self.alive():
-                break
-            for pid in ([self.pid] if leader_only else live):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and (self.alive() or any(_alive(p) for p in pids)):
-                self.popen.poll()
-                time.sleep(0.1)
-        self.popen.poll()
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 class DeploymentError(RuntimeError):
@@ -305,9 +97,7 @@ class LocalDeployment:
         self.home = self.root / "flwr-home"
         for d in (self.logs, self.home):
             d.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ if env is None else env)
-        self.env.update({"FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"})
+        self.env = flwr_env(self.home, env)
         self.port = 0
         self.superlink: Proc | None = None
         self.nodes: dict[str, Proc] = {}
@@ -338,7 +128,7 @@ class LocalDeployment:
             cmd += ["--insecure"]
         self.superlink = self._spawn("superlink", cmd)
         deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
+        while not port_open(self.port):
             if not self.superlink.alive():
                 raise DeploymentError(f"the SuperLink exited with code {self.superlink.popen.returncode}; log "
                                       f"{self.superlink.log_path}:\n{self.superlink.log_text()[-3000:]}")
@@ -452,7 +242,7 @@ class LocalDeployment:
 
             def expire() -> None:
                 expired.set()
-                _killpg(p.pid, signal.SIGKILL)
+                killpg(p.pid, signal.SIGKILL)
 
             watchdog = threading.Timer(timeout, expire)
             watchdog.start()
@@ -465,13 +255,13 @@ class LocalDeployment:
                     if echo:
                         sys.stderr.write(line)
                     if on_line is not None and on_line(line):
-                        _killpg(p.pid, signal.SIGTERM)  # stop streaming only
+                        killpg(p.pid, signal.SIGTERM)  # stop streaming only
                         break
                 code = p.wait(timeout=30)
             finally:
                 watchdog.cancel()
                 if p.poll() is None:
-                    _killpg(p.pid, signal.SIGKILL)
+                    killpg(p.pid, signal.SIGKILL)
                     p.wait()
         if expired.is_set():
             raise DeploymentError(f"flwr run did not finish within {timeout:.0f} s; log {path}")
@@ -510,13 +300,64 @@ class LocalDeployment:
             self.superlink.stop()
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> Proc:
-        path = self.logs / f"{name}.log"
-        with path.open("ab") as f:
-            f.write(f"$ {' '.join(cmd)}\n".encode())
-            f.flush()
-            popen = subprocess.Popen(cmd, env={**self.env, **(env or {})}, cwd=self.root, stdout=f,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        return Proc(name, popen, path)
+        return Proc.spawn(name, cmd, {**self.env, **(env or {})}, self.logs / f"{name}.log", cwd=self.root)
+
+
+class SimulationSuperLink:
+    """The local simulation SuperLink of `flwr run` (`:local:` connection), started by us.
+
+    `flwr run` starts one itself when none answers on FLWR_LOCAL_SUPERLINK_HTTP_API_PORT, detached
+    and never stopped. Starting it here first, with the same command line (flwr 1.41's
+    `flwr.cli.local_superlink`), makes it ours: `flwr run` with the same `env` uses it, and
+    `stop()` ends it and its children by PID. `env` must come from `procs.flwr_env` (its own
+    FLWR_HOME and ports)."""
+
+    def __init__(self, env: dict[str, str], cwd: Path | None = None) -> None:
+        self.env, self.cwd = env, cwd
+        self.home = Path(env["FLWR_HOME"])
+        self.port = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+        self.proc: Proc | None = None
+
+    def start(self, timeout: float = 60.0) -> Proc:
+        state = self.home / "local-superlink"
+        state.mkdir(parents=True, exist_ok=True)
+        cmd = [executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--control-api-address", f"127.0.0.1:{self.env['FLWR_LOCAL_CONTROL_API_PORT']}",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-file", str(state / "superlink.log"),
+               "--database", str(state / "state.db")]
+        self.proc = Proc.spawn("simulation-superlink", cmd, self.env, state / "process.log", cwd=self.cwd)
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if not self.proc.alive():
+                raise DeploymentError(f"the simulation SuperLink exited with code {self.proc.popen.returncode}; "
+                                      f"log {self.proc.log_path}:\n{self.proc.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DeploymentError(f"the simulation SuperLink did not open port {self.port} within {timeout:.0f} s")
+            time.sleep(0.2)
+        return self.proc
+
+    def healthy(self) -> bool:
+        """What `flwr run` asks before it would start its own: does /health answer?"""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=0.5) as r:
+                return 200 <= r.status < 300
+        except OSError:
+            return False
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.proc.pid) if self.proc else []
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+
+    def __enter__(self) -> "SimulationSuperLink":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
 
 # --- one command -------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 """Hydra CLI for sweeps and ablations over the same keys as `[tool.flwr.app.config]`.
 
-    python -m twist_fl.sweep run.keep=2 num_supernodes=4
-    python -m twist_fl.sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
-    python -m twist_fl.sweep --multirun run.alpha=0,0.5,1
+    python -m twist_fl.tools.sweep run.keep=2 num_supernodes=4
+    python -m twist_fl.tools.sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
+    python -m twist_fl.tools.sweep --multirun run.alpha=0,0.5,1
 
-Each job runs the app's own ServerApp and ClientApp code (`twist_fl.server`, `twist_fl.client`)
+Each job runs the app's own ServerApp and ClientApp code (`twist_fl.federated.server`, `twist_fl.federated.client`)
 on an in-process Grid (`engine: local`, the default: no Ray, deterministic) or on Flower's Ray
 simulation engine (`engine: ray`). Outputs go to the job's Hydra folder (`run/` inside it).
 `total_local_steps` keeps the total number of local batches fixed across a sweep of
 `run.local_steps` (rounds = total_local_steps / local_steps, evaluated at the end).
-Summarize a sweep with `python -m twist_fl.sweep_summary <multirun folder>`.
+Summarize a sweep with `python -m twist_fl.tools.sweep_summary <multirun folder>`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config import RunConfig
+from ..core.config import RunConfig
 
 log = logging.getLogger(__name__)
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
@@ -43,11 +43,11 @@ def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
 
 
 def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str, Any]:
-    from .client import make_client_app
-    from .server import make_server_app, route_logs_to_flower, run_server
+    from ..federated.client import make_client_app
+    from ..federated.server import make_server_app, route_logs_to_flower, run_server
 
     if engine == "local":
-        from .localgrid import LocalGrid
+        from ..federated.localgrid import LocalGrid
 
         return run_server(LocalGrid(make_client_app(flat), num_supernodes), RunConfig.from_flat(flat))
     if engine == "ray":

@@ -1,12 +1,14 @@
-"""TwistStrategy: TwIST as FedAvg with partial models, on Flower's own round loop.
+"""TwistStrategy: TwIST with partial models, on Flower's own round loop (`Strategy.start`).
 
 Each round `configure_train` draws one blueprint per node (`sample_blueprints`, deterministic
 from (seed, round)) and sends every node its own Message: the sliced tensors of its subnet
 (`true` nodes) or the full tensors plus the blueprint (`masked` nodes). `aggregate_train`
 validates every reply against what was sent to that node, rejects (logs, counts, never raises)
 whatever does not fit, and averages each block over the valid replies that held it
-(`coverage_average`). `strategy="fedavg"` is the same class with the full blueprint for every
-node: the dense data-parallel baseline with the same data, steps, optimizer and checks.
+(`coverage_average`, which is FedAvg where every node holds every block). `strategy="fedavg"` is
+the same class with the full blueprint for every node: FedAvg of the dense model with the same
+data, local steps, optimizer and checks (not data-parallel training: nodes take `local-steps`
+steps apart between averages).
 
 A node's mode is learnt once per node with a QUERY message (its node config `twist-mode`, or the
 run's `mode`), because the server cannot read node configs.
@@ -23,46 +25,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
-from .blocks import coverage_average, slice_state
-from .blueprint import Blueprint, sample_blueprints
-from .config import GPTConfig, RunConfig
-from .rng import Stream, generator
-from .wire import decode, encode, from_npy_bytes, npy_bytes, wire_numpy_dtype
+from ..core.blocks import coverage_average, slice_state
+from ..core.blueprint import Blueprint, sample_blueprints
+from ..core.config import NODE_MODES, GPTConfig, RunConfig, parse_mode
+from ..core.rng import Stream, generator
+from ..core.wire import decode, encode
+from .records import record_bytes, to_numpy, to_record
+from .validation import Expected, RejectedReply, match_reply, validate_reply
 
 log = logging.getLogger(__name__)
-
-def record_bytes(record: ArrayRecord) -> int:
-    """Bytes of the serialized arrays of a record (numpy .npy payloads, headers included)."""
-    return sum(len(a.data) for a in record.values())
-
-
-def array_numpy(a: Array) -> np.ndarray:
-    """`a.numpy()`: the real array of its payload (not its declared dtype and shape), read fast
-    when the payload is exactly the `.npy` of what it declares."""
-    if a.stype == "numpy.ndarray" and isinstance(a.data, bytes):
-        x = from_npy_bytes(a.data, a.dtype, a.shape)
-        if x is not None:
-            return x
-    return a.numpy()
-
-
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: array_numpy(v) for k, v in record.items()}
-
-
-def to_record(arrays: dict[str, Any]) -> ArrayRecord:
-    """Arrays as Flower `Array`s, the same bytes as `Array(ndarray)` writes."""
-    out = {}
-    for k, v in arrays.items():
-        x = np.ascontiguousarray(np.asarray(v))
-        out[k] = Array(dtype=str(x.dtype), shape=tuple(int(n) for n in x.shape), stype="numpy.ndarray",
-                       data=npy_bytes(x))
-    return ArrayRecord(out)
-
 
 @dataclass
 class NodeInfo:
@@ -97,19 +72,16 @@ class RoundRecord:
     lr: float = 0.0
 
 
-class RejectedReply(Exception):
-    pass
+class TwistStrategy(Strategy):
+    """TwIST (or FedAvg of the dense model, `strategy="fedavg"`) over Flower's Message API.
 
-
-class TwistStrategy(FedAvg):
-    """TwIST (or the dense `fedavg` baseline) over Flower's Message API."""
+    A `Strategy` with its own node handling (min-nodes, sampling, capacities): it uses Flower's
+    round loop `start` and none of FedAvg's state."""
 
     def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=run.min_nodes,
-                         min_available_nodes=run.min_nodes)
         self.cfg, self.run = cfg, run
         self.round_offset = round_offset  # rounds already done before this start() (resume)
-        self.keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
+        self.keep = run.keep_for(cfg) if run.strategy == "twist" else cfg.n_blocks
         self.nodes: dict[int, NodeInfo] = {}
         self.records: dict[int, RoundRecord] = {}
         self.failed_rounds = 0
@@ -150,9 +122,9 @@ class TwistStrategy(FedAvg):
                     raise ValueError(f"error {reply.error.code}: {reply.error.reason}")
                 info = reply.content["node-info"]
                 node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
-                                mode=str(info["twist-mode"]), device=str(info.get("device", "cpu")),
-                                capacity=float(info.get("capacity", 1.0)))
-                if node.mode not in ("true", "masked") or node.node_id not in new or not 0 < node.capacity <= 1:
+                                mode=parse_mode(info["twist-mode"], "node twist-mode", NODE_MODES),
+                                device=str(info.get("device", "cpu")), capacity=float(info.get("capacity", 1.0)))
+                if node.node_id not in new or not 0 < node.capacity <= 1:
                     raise ValueError(f"bad node info {dict(info)}")
                 self.nodes[node.node_id] = node
                 log.info("node %d: partition %d, mode %s, device %s, capacity %.2f (keep %d)", node.node_id,
@@ -165,8 +137,7 @@ class TwistStrategy(FedAvg):
         dense `fedavg` baseline ignores capacities: every node trains the full model."""
         if self.run.strategy != "twist":
             return self.keep
-        n = min(self.cfg.n_head, self.cfg.n_ffn_blocks)
-        return max(1, min(self.keep, int(math.floor(node.capacity * n + 1e-9))))
+        return max(1, min(self.keep, int(math.floor(node.capacity * self.cfg.n_blocks + 1e-9))))
 
     # --- configure ----------------------------------------------------------------------------
 
@@ -225,14 +196,14 @@ class TwistStrategy(FedAvg):
         contributions, losses, weights = [], [], []
         for reply in replies:
             try:
-                a = self._match(reply, by_id, answered)
+                a = match_reply(reply, by_id, answered)
             except RejectedReply as e:
                 self._reject(record, None, str(e))
                 continue
             entry = self._entry(a, "ok")
             record.nodes.append(entry)
             try:
-                arrays, metrics, nbytes = self._validate(reply, a)
+                arrays, metrics, nbytes = validate_reply(reply, self._expected(a))
             except RejectedReply as e:
                 entry["status"] = "rejected"
                 self._reject(record, a, str(e))
@@ -279,70 +250,16 @@ class TwistStrategy(FedAvg):
                 "keep": self.keep_of(a.node), "blueprint": a.blueprint.to_dict(), "bytes_down": a.bytes_down,
                 "bytes_up": 0, "status": status}
 
-    def _match(self, reply: Message, by_id: dict[str, Assignment], answered: set[str]) -> Assignment:
-        mid = reply.metadata.reply_to_message_id
-        a = by_id.get(mid)
-        if a is None:
-            raise RejectedReply(f"reply to an unknown message {mid!r} from node {reply.metadata.src_node_id}")
-        if mid in answered:
-            raise RejectedReply(f"duplicate reply from node {a.node.node_id}")
-        answered.add(mid)
-        return a
+    def _expected(self, a: Assignment) -> Expected:
+        return Expected(node_id=a.node.node_id, round=a.round, nonce=a.nonce, sent=a.sent,
+                        wire_dtype=self.run.wire_dtype, max_examples=self.run.local_steps * self.run.batch_size,
+                        max_update_ratio=self.run.max_update_ratio)
 
     def _reject(self, record: RoundRecord, a: Assignment | None, reason: str) -> None:
         entry = {"node_id": None if a is None else a.node.node_id,
                  "partition_id": None if a is None else a.node.partition_id, "reason": reason}
         record.rejected.append(entry)
         log.warning("round %d: rejected reply of node %s: %s", record.round, entry["node_id"], reason)
-
-    def _validate(self, reply: Message, a: Assignment) -> tuple[dict[str, np.ndarray], Any, int]:
-        if reply.has_error():
-            raise RejectedReply(f"error reply (code {reply.error.code}): {reply.error.reason}")
-        if reply.metadata.src_node_id != a.node.node_id:
-            raise RejectedReply(f"sent by node {reply.metadata.src_node_id}, but the message went to {a.node.node_id}")
-        content = reply.content
-        keys = set(content.keys())
-        if keys != {"arrays", "metrics"}:
-            raise RejectedReply(f"reply records are {sorted(keys)}; expected ['arrays', 'metrics']")
-        record, metrics = content["arrays"], content["metrics"]
-        if not isinstance(record, ArrayRecord) or not isinstance(metrics, MetricRecord):
-            raise RejectedReply("reply 'arrays' must be an ArrayRecord and 'metrics' a MetricRecord")
-        for key in ("server-round", "nonce", "num-examples", "train-loss"):
-            if key not in metrics:
-                raise RejectedReply(f"reply metrics lack {key!r}")
-        if metrics["server-round"] != a.round:
-            raise RejectedReply(f"stale reply: round {metrics['server-round']}, expected {a.round}")
-        if metrics["nonce"] != a.nonce:
-            raise RejectedReply("wrong nonce")
-        n = metrics["num-examples"]
-        cap = self.run.local_steps * self.run.batch_size
-        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or not 0 < n <= cap:
-            raise RejectedReply(f"num-examples={n!r}; allowed a positive finite number up to {cap} "
-                                f"(local-steps x batch-size)")
-        if not math.isfinite(float(metrics["train-loss"])):
-            raise RejectedReply(f"train-loss={metrics['train-loss']!r} is not finite")
-        got, want = set(record.keys()), set(a.sent)
-        if got != want:
-            raise RejectedReply(f"array keys differ: missing {sorted(want - got)}, unexpected {sorted(got - want)}")
-        arrays, diff2, ref2 = {}, 0.0, 0.0
-        want_dtype = wire_numpy_dtype(self.run.wire_dtype)
-        for k, sent in a.sent.items():
-            raw = array_numpy(record[k])  # the real array, not its declared shape/dtype
-            if raw.dtype != want_dtype:
-                raise RejectedReply(f"{k}: dtype {raw.dtype}, expected {want_dtype} (wire-dtype {self.run.wire_dtype})")
-            if raw.shape != sent.shape:
-                raise RejectedReply(f"{k}: shape {raw.shape}, expected {sent.shape}")
-            arr = decode({k: raw}, self.run.wire_dtype)[k]
-            if not np.isfinite(arr).all():
-                raise RejectedReply(f"{k}: contains NaN or Inf")
-            diff2 += float(np.sum((arr.astype(np.float64) - sent) ** 2))
-            ref2 += float(np.sum(sent.astype(np.float64) ** 2))
-            arrays[k] = arr
-        bound = self.run.max_update_ratio * math.sqrt(ref2)
-        if math.sqrt(diff2) > bound:
-            raise RejectedReply(f"update norm {math.sqrt(diff2):.4g} exceeds max-update-ratio x norm of the "
-                                f"sent tensors = {bound:.4g}")
-        return arrays, metrics, record_bytes(record)
 
     # Server-side evaluation only: nodes are not asked to evaluate.
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:

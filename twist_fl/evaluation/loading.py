@@ -1,0 +1,91 @@
+"""Models and data for the verbs a user runs after training (`twist-fl evaluate`, `prune`,
+`heatmap`, `report`): a run folder or model folder, and the data it was trained with.
+
+Data settings (dataset, tokenizer, data path, sequence length) default to those recorded in the
+model's config.json; an explicit value wins. Bad input raises `UsageError` with what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core.blocks import sparsity
+from ..core.blueprint import Blueprint
+from ..core.config import TOKENIZER_VOCAB, GPTConfig
+from ..core.data import eval_windows, load_tokens
+from ..core.model import CONFIG_FILE, WEIGHTS_FILE, GPT
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_model(path: str) -> tuple[GPT, dict[str, Any]]:
+    """A model and the metadata in its config.json."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "model" / CONFIG_FILE).is_file():  # a run folder: use its final model
+        p = p / "model"
+    try:
+        model = GPT.load(p)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model.eval()
+    return model, json.loads((p / CONFIG_FILE).read_text())
+
+
+def data_settings(meta: dict[str, Any], dataset: str | None = None, tokenizer: str | None = None,
+                  data_path: str | None = None, seq_len: int | None = None) -> dict[str, Any]:
+    """The data a model is evaluated on: what its config.json records, unless given here."""
+    run = meta.get("run", {})
+    return {"dataset": dataset or run.get("dataset", "shakespeare"),
+            "tokenizer": tokenizer or run.get("tokenizer", "bytes"),
+            "data_path": data_path if data_path is not None else (run.get("data-path") or None),
+            "seq_len": seq_len or int(run.get("seq-len", 64))}
+
+
+def check_tokenizer(model: GPT, tokenizer: str) -> None:
+    want = TOKENIZER_VOCAB[tokenizer]
+    if model.cfg.vocab_size != want:
+        raise UsageError(f"the model has vocab_size {model.cfg.vocab_size}, but tokenizer {tokenizer!r} has {want} "
+                         f"tokens; pass the tokenizer the model was trained with "
+                         f"(allowed: {[k for k, v in TOKENIZER_VOCAB.items() if v == model.cfg.vocab_size]})")
+
+
+def windows_for(model: GPT, d: dict[str, Any], split: str, tokens: int) -> np.ndarray:
+    check_tokenizer(model, d["tokenizer"])
+    if d["seq_len"] > model.cfg.block_size:
+        raise UsageError(f"--seq-len {d['seq_len']} exceeds the model's block_size {model.cfg.block_size}")
+    splits = load_tokens(d["dataset"], d["tokenizer"], d["data_path"])
+    src = splits["train"].tokens if split == "calib" else splits[split].tokens
+    if split == "calib":  # calibration: windows from the middle of the training split
+        start = len(src) // 2
+        src = src[start:start + tokens + 1]
+    return eval_windows(src, d["seq_len"], tokens or None)
+
+
+def parse_keeps(text: str, cfg: GPTConfig, what: str = "--keeps") -> list[int]:
+    """A comma list of subnet sizes, each checked against the model (`GPTConfig.check_keep`)."""
+    try:
+        keeps = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{what} {text!r} must be a comma list of integers") from None
+    try:
+        return [cfg.check_keep(k, f"{what} entry") for k in keeps]
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def model_facts(model: GPT, path: Path | None = None) -> dict[str, Any]:
+    """Parameters, shares removed (relative to the full model of the same config), file size."""
+    bp = model.blueprint or Blueprint.full(model.cfg)
+    s = sparsity(model.cfg, bp)
+    facts = {"params": s["params_kept"], "params_full": s["params_total"],
+             "removed_of_block_params": s["removed_of_block_params"],
+             "removed_of_all_params": s["removed_of_all_params"], "blueprint": bp.to_dict() if model.blueprint else None}
+    if path is not None and (path / WEIGHTS_FILE).is_file():
+        facts["file_bytes"] = (path / WEIGHTS_FILE).stat().st_size
+    return facts

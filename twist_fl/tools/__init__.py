@@ -1,0 +1,1 @@
+"""Entry points only: the `twist-fl` CLI, the Hydra sweep and its summary, benchmarks."""
