@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file
 
-from twist_fl.federated.client import make_client_app
 from twist_fl.core.config import RunConfig
+from twist_fl.federated.client import make_client_app
 from twist_fl.federated.localgrid import LocalGrid
 from twist_fl.federated.server import run_server
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from twist_fl.tools.bench import bench_bytes, gpt2_cfg, train_flops_ratio
 from twist_fl.core.config import preset
+from twist_fl.tools.bench import bench_bytes, gpt2_cfg, train_flops_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
     assert res["eval_s"] > 0  # the final evaluation ran, and was timed and taken out
     assert len(res["flwr_train_s"]) == 2 and len(res["plain_train_s"]) == 3
     assert all(a > 0 for a in res["flwr_train_s"])  # the nodes' train-s, summed per round (actors may overlap)
-    assert all(0 < a < r for a, r in zip(res["plain_train_s"], res["plain_round_s"]))
+    assert all(0 < a < r for a, r in zip(res["plain_train_s"], res["plain_round_s"], strict=True))
     assert res["train_ratio_min"] <= res["train_ratio"] <= res["train_ratio_max"]
 
 

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from twist_fl.core.blocks import (block_indices, coverage_average, scatter_state, slice_spec, slice_state,
-                             sparsity, state_shapes)
+from twist_fl.core.blocks import (
+    block_indices,
+    coverage_average,
+    scatter_state,
+    slice_spec,
+    slice_state,
+    sparsity,
+    state_shapes,
+)
 from twist_fl.core.blueprint import Blueprint, sample_blueprints
 from twist_fl.core.config import GPTConfig
 from twist_fl.core.model import GPT

@@ -36,7 +36,7 @@ def test_sampling_is_deterministic_and_varies_by_round():
 def test_per_subnet_keep_and_coverage():
     bps = sample_blueprints(CFG, 3, [1, 2, 3], seed=0, round=1)
 
-    for bp, k in zip(bps, [1, 2, 3]):
+    for bp, k in zip(bps, [1, 2, 3], strict=True):
         assert all(len(bp.heads[layer]) == k for layer in (1, 2))
     assert set().union(*(bp.ffn[1] for bp in bps)) == set(range(6))
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from twist_fl.tools.cli import main
 from twist_fl.core.model import GPT
+from twist_fl.tools.cli import main
 
 from .helpers import run_local
 
@@ -68,9 +68,13 @@ def test_generate_from_a_pruned_model_is_deterministic_when_greedy(trained, tmp_
     a = capsys.readouterr().out
     main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20"])
     b = capsys.readouterr().out
-    main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0.8"])
+    sampled = []
+    for _ in range(2):
+        main(["generate", str(tmp_path / "p"), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--temperature", "0.8"])
+        sampled.append(capsys.readouterr().out)
 
     assert a == b and a.startswith("ROMEO:") and len(a.rstrip("\n")) > len("ROMEO:")  # 20 new tokens
+    assert sampled[0] == sampled[1] and sampled[0].startswith("ROMEO:")  # sampling is seeded (--seed 0)
 
 
 def test_heatmap_and_report(trained, tmp_path):

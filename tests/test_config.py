@@ -65,3 +65,16 @@ def test_hydra_config_mirrors_the_run_config():
     conf = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
 
     assert RunConfig.from_flat(conf["run"]) == RunConfig()
+
+
+def test_mode_true_unquoted_in_toml_arrives_as_a_boolean_and_is_accepted():
+    import tomllib
+
+    from twist_fl.core.config import parse_mode
+
+    values = tomllib.loads("mode = true\ntwist-mode = true")  # as `--run-config` / `--node-config` parse them
+
+    assert values["mode"] is True and RunConfig.from_flat({"mode": values["mode"]}).mode == "true"
+    assert parse_mode(values["twist-mode"], "node config twist-mode") == "true"
+    with pytest.raises(ValueError, match=r"run-config mode=False is not allowed; allowed: \['true', 'masked'"):
+        RunConfig.from_flat({"mode": False})

@@ -2,8 +2,17 @@ import numpy as np
 import pytest
 
 from twist_fl.core import data
-from twist_fl.core.data import (ByteTokenizer, TokenSplit, check_split, eval_windows, get_tokenizer, load_tokens,
-                           partition, random_batches, unigram_perplexity)
+from twist_fl.core.data import (
+    ByteTokenizer,
+    TokenSplit,
+    check_split,
+    eval_windows,
+    get_tokenizer,
+    load_tokens,
+    partition,
+    random_batches,
+    unigram_perplexity,
+)
 
 
 def test_gpt2_tokenizer_is_exact_offline():

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.common.config import parse_config_args
 
-from twist_fl.tools.cli import main
 from twist_fl.deploy.certs import make_certificates, make_node_key
 from twist_fl.deploy.local import config_string, deploy_local
+from twist_fl.tools.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

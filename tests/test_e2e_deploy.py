@@ -19,13 +19,14 @@ import torch
 
 from twist_fl.core.blocks import coverage_average, slice_state
 from twist_fl.core.blueprint import Blueprint
-from twist_fl.federated.client import make_client_app
 from twist_fl.core.config import RunConfig
+from twist_fl.core.model import initial_model
 from twist_fl.deploy.certs import make_certificates
 from twist_fl.deploy.local import LocalDeployment
 from twist_fl.deploy.procs import alive
+from twist_fl.federated.client import make_client_app
 from twist_fl.federated.localgrid import LocalGrid
-from twist_fl.federated.server import initial_model, run_server
+from twist_fl.federated.server import run_server
 
 from .helpers import checkpoint_weights, final_weights
 
@@ -45,7 +46,8 @@ def by_partition(row: dict) -> dict[int, dict]:
 
 
 def run_config(tmp: Path, name: str, **kw) -> dict:
-    return {**TINY_RUN, "out-dir": str(tmp / "out"), "run-name": name, **{k.replace("_", "-"): v for k, v in kw.items()}}
+    return {**TINY_RUN, "out-dir": str(tmp / "out"), "run-name": name,
+            **{k.replace("_", "-"): v for k, v in kw.items()}}
 
 
 def start(tmp: Path) -> LocalDeployment:
@@ -254,7 +256,7 @@ def test_malformed_replies_are_rejected_with_their_reason(deployment, tmp_path):
     for row in rows(run_dir):
         assert row["updated"] and by_partition(row)[0]["status"] == "ok"
         reasons = {x["partition_id"]: x["reason"] for x in row["rejected"]}
-        for p, fault in zip((1, 2), MALFORMED[row["round"]]):
+        for p, fault in zip((1, 2), MALFORMED[row["round"]], strict=True):
             assert REASONS[fault] in reasons[p], (row["round"], fault, reasons)
             assert f"rejected reply of node {by_partition(row)[p]['node_id']}" in res.output
     assert all(np.isfinite(w).all() for w in final_weights(run_dir).values())
@@ -265,8 +267,8 @@ def test_malformed_replies_are_rejected_with_their_reason(deployment, tmp_path):
 def test_rounds_where_every_node_fails_keep_the_model_then_stop_the_run(deployment, tmp_path):
     d = deployment
     for p in (0, 1):
-        d.start_node(str(p), {"partition-id": p, "num-partitions": 2, "num-threads": 1, "twist-fault": "2:raise,3:raise"},
-                     env=FAULTY)
+        d.start_node(str(p), {"partition-id": p, "num-partitions": 2, "num-threads": 1,
+                              "twist-fault": "2:raise,3:raise"}, env=FAULTY)
     d.wait_online(2)
     rc = run_config(tmp_path, "allfail", num_server_rounds=4, max_failed_rounds=2)
 

@@ -6,8 +6,16 @@ from twist_fl.core.blocks import block_indices, slice_spec
 from twist_fl.core.blueprint import Blueprint
 from twist_fl.core.config import GPTConfig
 from twist_fl.core.model import GPT
-from twist_fl.evaluation.prune import (best_of_k, block_scores, importance_blueprint, magnitude_mask, sparsegpt_prune,
-                            subnet, unstructured_prune, wanda_mask)
+from twist_fl.evaluation.prune import (
+    best_of_k,
+    block_scores,
+    importance_blueprint,
+    magnitude_mask,
+    sparsegpt_prune,
+    subnet,
+    unstructured_prune,
+    wanda_mask,
+)
 
 CFG = GPTConfig(vocab_size=19, block_size=16, n_layer=3, n_head=4, n_embd=8, head_dim=2, n_ffn_blocks=4,
                 ffn_block_size=3)
@@ -53,8 +61,8 @@ def test_best_of_k_returns_the_lowest_calibration_perplexity():
 
     bp, ppl = best_of_k(m, 2, 5, calib, seed=0)
 
-    from twist_fl.evaluation.prune import random_blueprint
     from twist_fl.core.train import evaluate
+    from twist_fl.evaluation.prune import random_blueprint
     assert len(ppl) == 5 and bp == random_blueprint(CFG, 2, 0, int(np.argmin(ppl)))
     assert evaluate(subnet(m, bp), calib)["ppl"] == pytest.approx(min(ppl))
 

@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from twist_fl.core.blocks import block_indices, slice_spec
 from twist_fl.core.blueprint import Blueprint
 from twist_fl.core.config import RunConfig
+from twist_fl.federated.localgrid import LocalGrid
 from twist_fl.federated.records import to_numpy, to_record
 
 from .helpers import TINY, checkpoint_weights, final_weights, run_local
@@ -19,7 +20,8 @@ def rows(run_dir):
 
 
 def sent_train(grid, round_):
-    return [m for m in grid.sent if m.metadata.message_type == "train" and m.content["config"]["server-round"] == round_]
+    return [m for m in grid.sent
+            if m.metadata.message_type == "train" and m.content["config"]["server-round"] == round_]
 
 
 def test_records_are_flowers_own_arrays_and_read_back_exactly():
@@ -54,7 +56,8 @@ def test_rounds_send_each_node_only_its_slices_and_cover_every_block(tmp_path):
     assert r[0]["bytes_down_total"] == sum(n["bytes_down"] for n in r[0]["nodes"]) > 0
     assert all(n["train_s"] > 0 for x in r for n in x["nodes"])  # each node's own training time
     assert r[0]["time"] <= r[1]["time"]
-    assert r[1]["valid"]["full"]["ppl"] < summary["unigram_ppl_valid"] * 10
+    # learnt: an untrained model is at the uniform 257 (256.8 at lr 1e-9); these two rounds reach about 157
+    assert r[1]["valid"]["full"]["ppl"] < 200
     for f in ("config.json", "summary.json", "rounds.png", "keeps.png", "model/model.safetensors"):
         assert (run_dir / f).is_file(), f
     assert cfg.n_head == 4
@@ -133,18 +136,12 @@ def check_rejected_and_blocks_kept(grid, run_dir, reason, bad_node):
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_bad_reply_is_rejected_and_its_blocks_are_unchanged(tmp_path, monkeypatch, fault):
     monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
-    seen = {"round": 0}
-
-    def only_first_round(sent, reply, node):
-        seen["round"] = max(seen["round"], int(sent.content["config"].get("server-round", 0)))
-        return reply
 
     # node 1 (partition 1) misbehaves in every round; keep 2 of 4 with 2 nodes: disjoint blocks
     summary, grid, run_dir = run_local(tmp_path, fault, num_nodes=2, keep=2, max_failed_rounds=0,
-                                       node_configs=[{}, {"twist-fault": fault}], reply_hook=only_first_round)
+                                       node_configs=[{}, {"twist-fault": fault}])
 
-    bad = sorted(grid.contexts)[1]
-    check_rejected_and_blocks_kept(grid, run_dir, FAULTS[fault], bad)
+    check_rejected_and_blocks_kept(grid, run_dir, FAULTS[fault], LocalGrid.node_id(1))
     assert summary["rejected_replies"] == 2
 
 
@@ -156,10 +153,13 @@ def test_faults_are_off_unless_enabled(tmp_path, monkeypatch):
     assert summary["rejected_replies"] == 0
 
 
+SECOND = LocalGrid.node_id(1)
+
+
 def _tamper(fn):
     """A reply hook that rewrites the reply of the second node (round 1 only)."""
     def hook(sent, reply, node):
-        if sent.metadata.message_type != "train" or node != 1017 or sent.content["config"]["server-round"] != 1:
+        if sent.metadata.message_type != "train" or node != SECOND or sent.content["config"]["server-round"] != 1:
             return reply
         return fn(sent, reply)
     return hook
@@ -177,13 +177,13 @@ def test_lying_declared_shape_is_checked_against_the_real_array(tmp_path):
 
     _, grid, run_dir = run_local(tmp_path, "lie", num_nodes=2, keep=2, reply_hook=_tamper(lie))
 
-    check_rejected_and_blocks_kept(grid, run_dir, "dtype float64", 1017)
+    check_rejected_and_blocks_kept(grid, run_dir, "dtype float64", SECOND)
 
 
 def test_reply_to_unknown_message_and_extra_record_are_rejected(tmp_path):
-    def unknown(sent, reply):
-        reply.metadata.__dict__["_reply_to_message_id"] = "not-a-message"
-        return reply
+    def unknown(sent, reply):  # a reply to a message the server never sent
+        never_sent = Message(content=RecordDict(), dst_node_id=SECOND, message_type="train")
+        return Message(content=reply.content, reply_to=never_sent)
 
     _, grid, run_dir = run_local(tmp_path, "unknown", num_nodes=2, keep=2, reply_hook=_tamper(unknown))
     r = rows(run_dir)
@@ -195,7 +195,7 @@ def test_reply_to_unknown_message_and_extra_record_are_rejected(tmp_path):
                                            "more": MetricRecord({"x": 1})}), reply_to=sent)
 
     _, grid, run_dir = run_local(tmp_path, "extra", num_nodes=2, keep=2, reply_hook=_tamper(extra))
-    check_rejected_and_blocks_kept(grid, run_dir, "reply records are ['arrays', 'metrics', 'more']", 1017)
+    check_rejected_and_blocks_kept(grid, run_dir, "reply records are ['arrays', 'metrics', 'more']", SECOND)
 
 
 def test_bad_num_examples_values(tmp_path):
@@ -205,7 +205,7 @@ def test_bad_num_examples_values(tmp_path):
             return reply
 
         _, grid, run_dir = run_local(tmp_path, f"nex{i}", num_nodes=2, keep=2, reply_hook=_tamper(hook))
-        check_rejected_and_blocks_kept(grid, run_dir, "num-examples=", 1017)
+        check_rejected_and_blocks_kept(grid, run_dir, "num-examples=", SECOND)
 
 
 def test_round_with_every_reply_rejected_keeps_the_model(tmp_path, monkeypatch):
@@ -273,3 +273,11 @@ def test_fault_spec_names_a_kind_per_round():
         fault_for_round("2:melt", 1)
     with pytest.raises(ValueError, match="the round before ':' must be an integer"):
         fault_for_round("x:nan", 1)
+
+
+def test_node_config_twist_mode_true_as_a_toml_boolean_trains_in_true_mode(tmp_path):
+    summary, grid, run_dir = run_local(tmp_path, "boolmode", num_nodes=2, num_server_rounds=1,
+                                       node_configs=[{"twist-mode": True}, {"twist-mode": "masked"}])
+
+    nodes = {n["partition_id"]: n for n in rows(run_dir)[0]["nodes"]}
+    assert summary["rejected_replies"] == 0 and {p: n["mode"] for p, n in nodes.items()} == {0: "true", 1: "masked"}

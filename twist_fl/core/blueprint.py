@@ -29,14 +29,14 @@ class Blueprint:
         object.__setattr__(self, "ffn", tuple(tuple(int(i) for i in ids) for ids in self.ffn))
 
     @classmethod
-    def full(cls, cfg: GPTConfig) -> "Blueprint":
+    def full(cls, cfg: GPTConfig) -> Blueprint:
         return cls(heads=tuple(tuple(range(cfg.n_head)) for _ in range(cfg.n_layer)),
                    ffn=tuple(tuple(range(cfg.n_ffn_blocks)) for _ in range(cfg.n_layer)))
 
     def ids(self, kind: str, layer: int) -> tuple[int, ...]:
         return (self.heads if kind == "heads" else self.ffn)[layer]
 
-    def validate(self, cfg: GPTConfig) -> "Blueprint":
+    def validate(self, cfg: GPTConfig) -> Blueprint:
         """Raise ValueError unless this blueprint fits `cfg`; return self."""
         if len(self.heads) != cfg.n_layer or len(self.ffn) != cfg.n_layer:
             raise ValueError(
@@ -50,7 +50,8 @@ class Blueprint:
                 if not ids:
                     raise ValueError(f"blueprint keeps no {kind} in layer {layer}; at least 1 is required")
                 if list(ids) != sorted(set(ids)):
-                    raise ValueError(f"blueprint {kind} ids of layer {layer} must be sorted and unique, got {list(ids)}")
+                    raise ValueError(f"blueprint {kind} ids of layer {layer} must be sorted and unique, "
+                                     f"got {list(ids)}")
                 if ids[0] < 0 or ids[-1] >= n:
                     raise ValueError(
                         f"blueprint {kind} ids of layer {layer} are {list(ids)}; allowed ids are 0..{n - 1}"
@@ -70,7 +71,7 @@ class Blueprint:
         return out
 
     @classmethod
-    def from_config(cls, record: Any, prefix: str = "bp") -> "Blueprint":
+    def from_config(cls, record: Any, prefix: str = "bp") -> Blueprint:
         """Inverse of `to_config`; `record` is any mapping (dict, ConfigRecord)."""
         parts = {}
         for kind in KINDS:
@@ -94,7 +95,7 @@ class Blueprint:
         return {"heads": [list(h) for h in self.heads], "ffn": [list(f) for f in self.ffn]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Blueprint":
+    def from_dict(cls, d: dict[str, Any]) -> Blueprint:
         return cls(heads=tuple(tuple(h) for h in d["heads"]), ffn=tuple(tuple(f) for f in d["ffn"]))
 
 
@@ -103,14 +104,14 @@ def sample_blueprints(
     n_subnets: int,
     keep: int | Sequence[int],
     seed: int,
-    round: int,  # noqa: A002 - the DESIGN contract's name
+    round: int,  # noqa: A002 - the name in the stable API
     shared_layers: Sequence[int] | None = None,
     allow_partial: bool = False,
     stream: Stream = Stream.BLUEPRINTS,
 ) -> list[Blueprint]:
     """Sample one blueprint per subnet for a round, deterministically from (seed, round).
 
-    Rules (DESIGN): (i) every subnet holds the shared layers whole; (ii) in every other layer,
+    Rules: (i) every subnet holds the shared layers whole; (ii) in every other layer,
     every block of each kind is held by at least one subnet when the subnets' keeps add up to
     at least N (a random permutation is dealt round-robin to subnets with room left, then each
     subnet is filled to its `keep` with random blocks it lacks); (iii) each subnet has exactly

@@ -14,7 +14,6 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-
 KINDS = ("heads", "ffn")  # the two kinds of blocks a subnet keeps a share of
 STRATEGIES = ("twist", "fedavg")
 NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense subnet; masked = full model + mask
@@ -99,7 +98,7 @@ class GPTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "GPTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -133,7 +132,10 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
 
 # --- the run configuration ------------------------------------------------------------------
 
-TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}
+TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}  # tokens of each tokenizer (the model's vocab_size)
+TOKENIZERS = tuple(TOKENIZER_VOCAB)
+DATASETS = ("shakespeare", "wikitext-103", "wikitext-2", "text")
+PARTITIONINGS = ("iid", "document")  # document: whole documents per node (non-IID)
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ class RunConfig:
     lr_min_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables
-    optimizer_state: str = "keep"  # keep (nodes keep AdamW moments of blocks they held) | reset (fresh AdamW each round)
+    optimizer_state: str = "keep"  # keep (nodes keep AdamW moments of blocks they held) | reset (fresh each round)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
     reuse_freed_memory: bool = True  # nodes and server keep freed memory (glibc): no page faults on large buffers
@@ -179,7 +181,7 @@ class RunConfig:
     max_update_ratio: float = 10.0  # reject a reply whose update norm exceeds this times the sent tensors' norm
     # evaluation and outputs
     eval_every: int = 10  # server-side evaluation every this many rounds (and after the last)
-    eval_keeps: str = ""  # subnet sizes evaluated (comma list), mean +- std over eval-draws random subnets; "" = N/4, N/2, 3N/4
+    eval_keeps: str = ""  # subnet sizes evaluated (comma list; mean +- std over eval-draws); "" = N/4, N/2, 3N/4
     eval_draws: int = 3
     eval_tokens: int = 16384  # validation tokens per evaluation (0 = the whole split)
     out_dir: str = "outputs"
@@ -189,7 +191,7 @@ class RunConfig:
     # --- parsing ---------------------------------------------------------------------------
 
     @classmethod
-    def from_flat(cls, values: dict[str, Any]) -> "RunConfig":
+    def from_flat(cls, values: dict[str, Any]) -> RunConfig:
         """From run-config values (kebab- or snake-case keys); types are checked and coerced."""
         types = {f.name: f.type for f in fields(cls)}
         kwargs = {}
@@ -209,7 +211,7 @@ class RunConfig:
         """Kebab-case scalars, as `[tool.flwr.app.config]` and `--run-config` take them."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         run = dataclasses.replace(self, **changes)
         run.validate()
         return run
@@ -256,13 +258,11 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the key, the value and what is allowed."""
-        from .data import DATASETS, PARTITIONINGS
-
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("mode", self.mode, RUN_MODES)
         _choice("model", self.model, tuple(PRESETS))
         _choice("dataset", self.dataset, DATASETS)
-        _choice("tokenizer", self.tokenizer, tuple(TOKENIZER_VOCAB))
+        _choice("tokenizer", self.tokenizer, TOKENIZERS)
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("optimizer-state", self.optimizer_state, ("reset", "keep"))

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import DATASETS, PARTITIONINGS, TOKENIZERS
 from .io import atomic_write, atomic_write_text
 from .rng import Stream, generator
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("shakespeare", "wikitext-103", "wikitext-2", "text")
-TOKENIZERS = ("bytes", "gpt2")
 SPLITS = ("train", "valid", "test")
 CACHE_VERSION = 1
 
@@ -315,7 +314,6 @@ def check_split(split: TokenSplit, seq_len: int, name: str, min_windows: int = 1
 
 # --- partitions and batches ---------------------------------------------------------------
 
-PARTITIONINGS = ("iid", "document")
 
 
 def partition(split: TokenSplit, num_partitions: int, partition_id: int, scheme: str = "iid",

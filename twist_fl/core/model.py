@@ -14,9 +14,9 @@ uses `Conv1D`, (in, out): `from_hf` transposes exactly the four tensors in `_HF_
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .blueprint import Blueprint
-from .config import GPTConfig
+from .config import GPTConfig, RunConfig
 from .io import atomic_write
-
-log = logging.getLogger(__name__)
 
 FORMAT = "twist-fl/model-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -262,7 +260,17 @@ class GPT(nn.Module):
         return d
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> "GPT":
+    def from_state(cls, cfg: GPTConfig, state: Mapping[str, Any], blueprint: Blueprint | None = None) -> GPT:
+        """The model holding `state` (torch tensors or numpy arrays): the full model, or with
+        `blueprint` the dense subnet whose sliced state it is. No random init (every weight is
+        overwritten); a strict load that names missing or extra keys and wrong shapes. The one
+        way to build a model whose weights exist already."""
+        model = cls(cfg, blueprint=blueprint, init=False)
+        load_state_strict(model, state)
+        return model
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> GPT:
         """Load a model written by `save` (full or pruned), with no knowledge of its parent."""
         from safetensors.torch import load_file
 
@@ -278,14 +286,12 @@ class GPT(nn.Module):
             raise ValueError(f"{cfg_path} has format {meta.get('format')!r}; expected {FORMAT!r}")
         cfg = GPTConfig.from_dict(meta["gpt"])
         bp = Blueprint.from_dict(meta["blueprint"]) if meta.get("blueprint") else None
-        model = cls(cfg, blueprint=bp)
-        load_state_strict(model, load_file(str(w_path), device=map_location))
-        return model
+        return cls.from_state(cfg, load_file(str(w_path), device=map_location), blueprint=bp)
 
     # --- Hugging Face GPT-2 import ---------------------------------------------------------
 
     @classmethod
-    def from_hf(cls, source: Any, **cfg_overrides: Any) -> "GPT":
+    def from_hf(cls, source: Any, **cfg_overrides: Any) -> GPT:
         """A full GPT from a `transformers.GPT2LMHeadModel`, a local `save_pretrained` dir, or a
         hub name (when online). Every tensor is mapped by `HF_NAME_MAP`; key sets must match."""
         from transformers import GPT2LMHeadModel
@@ -305,13 +311,13 @@ class GPT(nn.Module):
                                   n_head=c.n_head, n_embd=c.n_embd, head_dim=c.n_embd // c.n_head,
                                   n_ffn_blocks=n_blocks, ffn_block_size=n_inner // n_blocks,
                                   dropout=0.0, bias=True), **cfg_overrides})
-        model = cls(cfg)
+        names = list(cls(cfg, init=False).state_dict())
         sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         lm_head = sd_hf.pop("lm_head.weight", None)
         if lm_head is not None and not torch.equal(lm_head, sd_hf["transformer.wte.weight"]):
             raise ValueError("HF lm_head.weight is not tied to wte; twist-fl models tie them")
         ours = {}
-        for name in model.state_dict():
+        for name in names:
             hf_name = _hf_name(name)
             if hf_name not in sd_hf:
                 raise ValueError(f"HF state dict lacks {hf_name!r} (for {name!r})")
@@ -319,8 +325,7 @@ class GPT(nn.Module):
             ours[name] = t.t() if _is_transposed(name) else t
         if sd_hf:
             raise ValueError(f"HF state dict has tensors with no twist-fl counterpart: {sorted(sd_hf)}")
-        load_state_strict(model, ours)
-        return model
+        return cls.from_state(cfg, ours)
 
 
 # Hugging Face name of each native tensor: "transformer." + the same GPT-2 name. The four
@@ -336,7 +341,7 @@ def _is_transposed(name: str) -> bool:
     return name.startswith("h.") and name.endswith(_HF_TRANSPOSED)
 
 
-def load_state_strict(model: nn.Module, state: dict[str, Any]) -> None:
+def load_state_strict(model: nn.Module, state: Mapping[str, Any]) -> None:
     """load_state_dict with an error that names missing/extra keys and wrong shapes."""
     own = model.state_dict()
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -347,4 +352,23 @@ def load_state_strict(model: nn.Module, state: dict[str, Any]) -> None:
     if bad:
         raise ValueError("state dict shapes do not fit the model: " + "; ".join(bad))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def initial_model(run: RunConfig) -> GPT:
+    """The model of round 0: `init-from` (a Hugging Face GPT-2 or twist-fl model folder) or a
+    random init seeded by the run's seed."""
+    torch.manual_seed(run.seed)
+    if not run.init_from:
+        return GPT(run.model_config())
+    path = Path(run.init_from).expanduser()
+    cfg_file = path / CONFIG_FILE  # twist-fl and Hugging Face folders both have one: check the format
+    meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    if meta.get("format") == FORMAT:
+        model = GPT.load(path)
+        if model.blueprint is not None:
+            raise ValueError(f"init-from={run.init_from!r} is a pruned subnet; training needs a full model")
+        cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": run.alpha,
+                                   "shared_layers": list(run.shared_layer_list)})
+        return GPT.from_state(cfg, model.state_dict())
+    return GPT.from_hf(path, alpha=run.alpha, shared_layers=run.shared_layer_list)
 

@@ -9,7 +9,6 @@ other blocks are unchanged by construction), so the server validates and average
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,16 +19,11 @@ import torch
 
 from .blocks import slice_state
 from .blueprint import Blueprint
-from .config import GPTConfig, RunConfig
+from .config import NODE_MODES, GPTConfig, RunConfig, parse_mode
 from .data import check_split, load_tokens, partition, random_batches
 from .model import GPT, load_state_strict
 from .rng import Stream, generator
-from .train import OptimConfig, export_moments, import_moments, make_optimizer, merge_moments, pick_device, \
-    train_steps
-
-log = logging.getLogger(__name__)
-
-MODES = ("true", "masked")
+from .train import OptimConfig, export_moments, import_moments, make_optimizer, merge_moments, pick_device, train_steps
 
 
 @dataclass
@@ -49,27 +43,44 @@ def node_tokens(dataset: str, tokenizer: str, data_path: str, partitioning: str,
     return partition(splits["train"], num_partitions, partition_id, partitioning, seq_len, seed)
 
 
-def local_update(cfg: GPTConfig, run: RunConfig, bp: Blueprint, mode: str, arrays: Mapping[str, Any],
-                 tokens: np.ndarray, partition_id: int, round_: int, lr: float, local_steps: int,
-                 moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None, moment_step: int = 0,
-                 device: str = "auto") -> LocalResult:
-    """One round of local training. Batches are drawn from (seed, partition_id, round_), so
-    the same inputs give the same update in either mode and after a resume."""
-    if mode not in MODES:
-        raise ValueError(f"node mode {mode!r} is not allowed; allowed: {list(MODES)}")
-    dev = pick_device(device)
-    masked = mode == "masked"
+@dataclass(frozen=True)
+class LocalTask:
+    """One round of work for one node, as the server's TRAIN message asks for it."""
+
+    cfg: GPTConfig  # the server's architecture
+    blueprint: Blueprint  # the subnet this node trains this round
+    mode: str  # true (the sliced dense subnet) | masked (the full model with the blueprint as a mask)
+    round: int  # the server round (1-based), which seeds the node's batches
+    partition_id: int
+    lr: float
+    local_steps: int
+
+    def __post_init__(self) -> None:
+        parse_mode(self.mode, "node mode", NODE_MODES)
+
+
+def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], tokens: np.ndarray,
+                 moments: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                 moment_step: int = 0) -> LocalResult:
+    """One round of local training from `arrays` (the tensors the node received, float32; the
+    full model in masked mode) on the node's `tokens`, with the run's optimizer settings and
+    device. Batches are drawn from (seed, partition_id, round), so the same inputs give the same
+    update in either mode and after a resume. `moments` are the node's full-size AdamW moments
+    (optimizer-state=keep)."""
+    cfg, bp, round_, partition_id = task.cfg, task.blueprint, task.round, task.partition_id
+    dev = pick_device(run.device)
+    masked = task.mode == "masked"
     model = GPT(cfg, init=False) if masked else GPT(cfg, blueprint=bp, init=False)  # the state is loaded next
     load_state_strict(model, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()})
     model.to(dev)
-    opt = make_optimizer(model, OptimConfig(lr=lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
+    opt = make_optimizer(model, OptimConfig(lr=task.lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
     keep_state = run.optimizer_state == "keep"
     if keep_state and moments is not None:
         import_moments(model, opt, moments if masked else {m: slice_state(v, cfg, bp) for m, v in moments.items()},
                        moment_step)
     rng = generator(run.seed, Stream.NODE_BATCHES, partition_id, round_)
     batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
-    stats = train_steps(model, batches, local_steps, opt, grad_clip=run.grad_clip,
+    stats = train_steps(model, batches, task.local_steps, opt, grad_clip=run.grad_clip,
                         mask=bp if masked and not bp.is_full(cfg) else None)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reply = slice_state(state, cfg, bp) if masked else state

@@ -54,7 +54,7 @@ def reuse_freed_memory() -> bool:
         if sys.platform.startswith("linux"):
             try:
                 libc = ctypes.CDLL(None)
-                libc.gnu_get_libc_version  # only glibc has it
+                _ = libc.gnu_get_libc_version  # only glibc has it
                 mallopt = libc.mallopt
             except (OSError, AttributeError):
                 log.debug("not glibc: freed memory is returned as the C library does by default")

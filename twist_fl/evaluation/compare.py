@@ -20,10 +20,10 @@ import numpy as np
 from ..core.blocks import sparsity
 from ..core.config import RunConfig
 from ..core.io import atomic_write_text
+from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
 from .prune import choose_blueprint, random_blueprint, random_subnet_ppl, subnet, unstructured_prune
-from .report import comparison_plot
 
 log = logging.getLogger(__name__)
 

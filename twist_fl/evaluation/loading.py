@@ -17,7 +17,7 @@ from ..core.blocks import sparsity
 from ..core.blueprint import Blueprint
 from ..core.config import TOKENIZER_VOCAB, GPTConfig
 from ..core.data import eval_windows, load_tokens
-from ..core.model import CONFIG_FILE, WEIGHTS_FILE, GPT
+from ..core.model import CONFIG_FILE, GPT, WEIGHTS_FILE
 
 
 class UsageError(Exception):
@@ -85,7 +85,8 @@ def model_facts(model: GPT, path: Path | None = None) -> dict[str, Any]:
     s = sparsity(model.cfg, bp)
     facts = {"params": s["params_kept"], "params_full": s["params_total"],
              "removed_of_block_params": s["removed_of_block_params"],
-             "removed_of_all_params": s["removed_of_all_params"], "blueprint": bp.to_dict() if model.blueprint else None}
+             "removed_of_all_params": s["removed_of_all_params"],
+             "blueprint": bp.to_dict() if model.blueprint else None}
     if path is not None and (path / WEIGHTS_FILE).is_file():
         facts["file_bytes"] = (path / WEIGHTS_FILE).stat().st_size
     return facts

@@ -19,8 +19,6 @@ same tensors (the four block matrices of each non-shared layer):
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -31,8 +29,6 @@ from ..core.config import KINDS, GPTConfig
 from ..core.model import GPT
 from ..core.rng import Stream
 from ..core.train import evaluate
-
-log = logging.getLogger(__name__)
 
 STRUCTURED = ("random", "best-of-k", "magnitude", "wanda")
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
@@ -49,9 +45,7 @@ def subnet(model: GPT, bp: Blueprint) -> GPT:
     """The dense model of blueprint `bp` cut out of a full model (no copy of `model` itself)."""
     if model.blueprint is not None:
         raise ValueError("pruning needs a full model; this one is already a subnet")
-    sub = GPT(model.cfg, blueprint=bp)
-    sub.load_state_dict(slice_state(model.state_dict(), model.cfg, bp))
-    return sub
+    return GPT.from_state(model.cfg, slice_state(model.state_dict(), model.cfg, bp), blueprint=bp)
 
 
 def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray) -> list[float]:
@@ -225,8 +219,7 @@ def unstructured_prune(model: GPT, method: str, sparsity: float, calib: np.ndarr
         raise ValueError(f"sparsity={sparsity!r} must be in (0, 1)")
     if method != "magnitude" and calib is None:
         raise ValueError(f"{method} needs calibration data")
-    out = GPT(model.cfg)
-    out.load_state_dict(model.state_dict())
+    out = GPT.from_state(model.cfg, model.state_dict())
     out.eval()
     for layer in _pruned_layers(model.cfg):
         block = out.h[layer]

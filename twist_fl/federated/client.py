@@ -14,11 +14,11 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from ..core.blueprint import Blueprint
-from ..core.config import TOKENIZER_VOCAB, GPTConfig, RunConfig
-from ..core.node import local_update, node_tokens
-from .records import record_bytes, to_numpy, to_record
+from ..core.config import RUN_MODES, TOKENIZER_VOCAB, GPTConfig, RunConfig, parse_mode
+from ..core.node import LocalTask, local_update, node_tokens
 from ..core.train import MOMENTS, pick_device, reuse_freed_memory
 from ..core.wire import decode, encode
+from .records import record_bytes, to_numpy, to_record
 
 FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
 
@@ -26,11 +26,10 @@ FAULTS_ENV = "TWIST_FL_ENABLE_FAULTS"
 def node_mode(run: RunConfig, node_config: dict[str, Any]) -> str:
     """The node's mode: node config `twist-mode` wins; else the run's mode, where `hybrid`
     alternates true (even partition ids) and masked (odd)."""
-    mode = str(node_config.get("twist-mode", "") or run.mode)
+    raw = node_config.get("twist-mode", "")
+    mode = run.mode if raw == "" else parse_mode(raw, "node config twist-mode", RUN_MODES)
     if mode == "hybrid":
         mode = "masked" if int(node_config.get("partition-id", 0)) % 2 else "true"
-    if mode not in ("true", "masked"):
-        raise ValueError(f"node config twist-mode={mode!r} is not allowed; allowed: ['true', 'masked']")
     return mode
 
 
@@ -66,7 +65,7 @@ def handle_query(msg: Message, context: Context, run: RunConfig) -> Message:
 def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     cfg_rec = msg.content["config"]
     bp = Blueprint.from_config(cfg_rec)
-    mode = str(cfg_rec["mode"])
+    mode = parse_mode(cfg_rec["mode"], "message mode")
     rnd = int(cfg_rec["server-round"])
     pid, num = _partition(context)
     cfg = GPTConfig.from_dict(json.loads(str(cfg_rec["model-config"])))  # the server's architecture
@@ -81,8 +80,10 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     if run.reuse_freed_memory:
         reuse_freed_memory()
     t_train = time.perf_counter()
-    result = local_update(cfg, run, bp, mode, decode(to_numpy(received), run.wire_dtype), tokens, pid, rnd,
-                          float(cfg_rec["lr"]), int(cfg_rec["local-steps"]), moments, step, run.device)
+    task = LocalTask(cfg=cfg, blueprint=bp, mode=mode, round=rnd, partition_id=pid, lr=float(cfg_rec["lr"]),
+                     local_steps=int(cfg_rec["local-steps"]))
+    result = local_update(task, run=run, arrays=decode(to_numpy(received), run.wire_dtype), tokens=tokens,
+                          moments=moments, moment_step=step)
     if result.moments is not None:
         _store_moments(context, result.moments, result.moment_step)
     arrays, metrics = encode(result.arrays, run.wire_dtype), dict(result.metrics)

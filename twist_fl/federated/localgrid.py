@@ -2,8 +2,10 @@
 
 For tests and for measuring the federated runtime's overhead against the same work done in
 one process. Each node has a persistent Context (node config, state), as in a simulation.
-It relies on two flwr 1.41 internals, as Flower's own tests do: `TaskIdentity` (a Message
-built outside a Flower runtime needs a run id) and the message id set on push.
+It relies on two flwr 1.41 internals, as Flower's own grids do: `TaskIdentity` (a Message
+built outside a Flower runtime needs a run id) and the message id, which every Grid sets on the
+pushed Message itself (`flwr.superlink.grid.inmemory_grid` writes the same field) and which has
+no public setter. Both are written in this module only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 
 class LocalGrid(Grid):
+    @staticmethod
+    def node_id(i: int) -> int:
+        """The node id of the i-th node (0-based), deliberately unlike its partition id."""
+        return 1000 + 17 * i
+
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
                  run_config: dict[str, Any] | None = None,
                  node_configs: list[dict[str, Any]] | None = None,
@@ -30,8 +37,8 @@ class LocalGrid(Grid):
         self.contexts = {}
         for i in range(num_nodes):
             node_cfg = {"partition-id": i, "num-partitions": num_nodes, **((node_configs or [{}] * num_nodes)[i])}
-            self.contexts[1000 + 17 * i] = Context(run_id=1, node_id=1000 + 17 * i, node_config=node_cfg,
-                                                   state=RecordDict(), run_config=dict(run_config or {}))
+            self.contexts[self.node_id(i)] = Context(run_id=1, node_id=self.node_id(i), node_config=node_cfg,
+                                                     state=RecordDict(), run_config=dict(run_config or {}))
         self.offline: set[int] = set()
         self._run = None
         self._inbox: dict[str, Message] = {}
@@ -54,7 +61,7 @@ class LocalGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
         for m in messages:
-            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as a Grid does on push (no public setter)
             self.sent.append(m)
             node = m.metadata.dst_node_id
             try:

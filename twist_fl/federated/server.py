@@ -24,39 +24,18 @@ from ..core.blueprint import sample_blueprints
 from ..core.checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from ..core.config import TOKENIZER_VOCAB, GPTConfig, RunConfig
 from ..core.data import check_split, eval_windows, load_tokens, unigram_perplexity
-from ..core.model import FORMAT as MODEL_FORMAT
-from ..core.model import GPT
-from ..evaluation.report import final_table, plot_keeps, plot_rounds
+from ..core.model import GPT, initial_model, load_state_strict
+from ..core.report import final_table, plot_keeps, plot_rounds
 from ..core.rng import Stream
+from ..core.train import evaluate, pick_device, reuse_freed_memory
 from .records import to_numpy, to_record
 from .strategy import TwistStrategy
-from ..core.train import evaluate, pick_device, reuse_freed_memory
 
 log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume_from", "num_server_rounds", "eval_every", "eval_keeps", "eval_draws", "eval_tokens",
                      "out_dir", "run_name", "round_timeout", "node_wait_timeout", "min_nodes", "device"}
-
-
-def initial_model(run: RunConfig) -> GPT:
-    """The model of round 0: `init-from` (HF GPT-2 or twist-fl folder) or a seeded random init."""
-    torch.manual_seed(run.seed)
-    if not run.init_from:
-        return GPT(run.model_config())
-    path = Path(run.init_from).expanduser()
-    cfg_file = path / "config.json"  # twist-fl and Hugging Face folders both have one: check the format
-    meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if meta.get("format") == MODEL_FORMAT:
-        model = GPT.load(path)
-        if model.blueprint is not None:
-            raise ValueError(f"init-from={run.init_from!r} is a pruned subnet; training needs a full model")
-        cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": run.alpha,
-                                   "shared_layers": list(run.shared_layer_list)})
-        new = GPT(cfg)
-        new.load_state_dict(model.state_dict())
-        return new
-    return GPT.from_hf(path, alpha=run.alpha, shared_layers=run.shared_layer_list)
 
 
 class Evaluator:
@@ -72,14 +51,12 @@ class Evaluator:
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         torch_state = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
-        full = GPT(self.cfg)
-        full.load_state_dict(torch_state)
+        full = GPT.from_state(self.cfg, torch_state)
         out: dict[str, Any] = {"full": evaluate(full.to(self.device), self.windows)}
         for k, bps in self.draws.items():
             ppl = []
             for bp in bps:
-                sub = GPT(self.cfg, blueprint=bp)
-                sub.load_state_dict(slice_state(torch_state, self.cfg, bp))
+                sub = GPT.from_state(self.cfg, slice_state(torch_state, self.cfg, bp), blueprint=bp)
                 ppl.append(evaluate(sub.to(self.device), self.windows)["ppl"])
             out[f"keep-{k}"] = {"mean": float(np.mean(ppl)), "std": float(np.std(ppl)), "draws": ppl}
         return out
@@ -136,7 +113,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"resume-from={run.resume_from!r}: the run config differs from the checkpoint's in "
                              f"{diff} (key: (checkpoint, now)); only {sorted(RESUMABLE_CHANGES)} may change")
-        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+        load_state_strict(model, {k: torch.from_numpy(v) for k, v in weights.items()})
         restore_rng_states(state["rng"])
         folder.truncate_after(start_round)
         log.info("resuming %s from round %d", folder.path, start_round)
@@ -189,7 +166,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
                                 timeout=run.round_timeout, evaluate_fn=on_round_end)
         arrays = result.arrays or arrays
     final_state = {k: torch.from_numpy(v) for k, v in to_numpy(arrays).items()}
-    model.load_state_dict(final_state)
+    load_state_strict(model, final_state)
     model.save(folder.path / "model", extra={"run": run.to_flat()})
     return _summarize(folder, run, cfg, splits, time.time() - t_start)
 
@@ -198,7 +175,7 @@ def _summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s
     rows = folder.rows()
     evals = [r for r in rows if r.get("valid")]
     final = evals[-1]["valid"] if evals else {}
-    n_total = min(cfg.n_head, cfg.n_ffn_blocks)
+    n_total = cfg.n_blocks
     params = {"full": param_counts(cfg)["params"]}
     for k in run.eval_keeps_for(cfg):
         bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]

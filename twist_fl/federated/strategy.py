@@ -150,7 +150,8 @@ class TwistStrategy(Strategy):
         nodes = sorted((self.nodes[n] for n in connected if n in self.nodes),
                        key=lambda n: (n.partition_id, n.node_id))
         if self.run.num_nodes and len(nodes) > self.run.num_nodes:
-            pick = generator(self.run.seed, Stream.NODE_SAMPLE, rnd).choice(len(nodes), self.run.num_nodes, replace=False)
+            rng = generator(self.run.seed, Stream.NODE_SAMPLE, rnd)
+            pick = rng.choice(len(nodes), self.run.num_nodes, replace=False)
             nodes = [nodes[i] for i in sorted(pick)]
         record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
         self._assignments = []
@@ -167,7 +168,7 @@ class TwistStrategy(Strategy):
         bps = sample_blueprints(self.cfg, len(nodes), keeps, self.run.seed, rnd, allow_partial=partial)
         nonce = secrets.randbits(62)
         messages = []
-        for node, bp in zip(nodes, bps):
+        for node, bp in zip(nodes, bps, strict=True):
             sliced = encode(slice_state(self._global, self.cfg, bp), wire)
             payload = to_record(encode(self._global, wire) if node.mode == "masked" else sliced)
             sent = decode(sliced, wire)  # what the node starts from, in float32

@@ -58,8 +58,8 @@ def bench_bytes(nodes: int = 4, keeps: tuple[int, ...] = (3, 6, 9), cfg: GPTConf
     from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from ..federated.records import to_record
     from ..core.wire import encode
+    from ..federated.records import to_record
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     cfg = cfg or gpt2_cfg()
@@ -68,8 +68,9 @@ def bench_bytes(nodes: int = 4, keeps: tuple[int, ...] = (3, 6, 9), cfg: GPTConf
     # content-addressed objects would store once and so undercount.
     rng = np.random.default_rng(0)
     full = {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in state_shapes(cfg).items()}
-    out: dict[str, Any] = {"nodes": nodes, "shape": f"{cfg.n_layer}x{cfg.n_embd} ({sum(v.size for v in full.values()):,} "
-                           "parameters)", "shared_layers": list(cfg.shared_layer_ids)}
+    n_params = sum(v.size for v in full.values())
+    out: dict[str, Any] = {"nodes": nodes, "shape": f"{cfg.n_layer}x{cfg.n_embd} ({n_params:,} parameters)",
+                           "shared_layers": list(cfg.shared_layer_ids)}
     rows = {}
     for wire in ("float32", "bfloat16"):
         for label, keep in [("dense", n)] + [(f"twist k{k}/{n}", k) for k in keeps]:
@@ -141,9 +142,7 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
     models = {"full": full}
     for k in keeps:
         bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]
-        sub = GPT(cfg, blueprint=bp)
-        sub.load_state_dict(slice_state(full.state_dict(), cfg, bp))
-        models[f"keep {k}"] = sub
+        models[f"keep {k}"] = GPT.from_state(cfg, slice_state(full.state_dict(), cfg, bp), blueprint=bp)
     opts = {name: make_optimizer(m.to(dev), OptimConfig()) for name, m in models.items()}
 
     def step(name: str) -> float:
@@ -179,7 +178,7 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
     for k in keeps:
         # One reduction per repeat, against the full step of the same repeat (paired): the
         # machine's drift between repeats cancels; the median and the range over repeats are kept.
-        per_repeat = [1 - t / f for t, f in zip(times[f"keep {k}"], times["full"])]
+        per_repeat = [1 - t / f for t, f in zip(times[f"keep {k}"], times["full"], strict=True)]
         reduction = statistics.median(per_repeat)
         bound = 1 - train_flops_ratio(cfg, k, run.seq_len)
         res[f"keep {k}"] = {"step_s": statistics.median(times[f"keep {k}"]), "all_s": times[f"keep {k}"],
@@ -196,7 +195,7 @@ from twist_fl.tools.bench import gpt2_cfg, set_malloc
 from twist_fl.core.blueprint import Blueprint, sample_blueprints
 from twist_fl.core.config import RunConfig
 from twist_fl.core.model import GPT
-from twist_fl.core.node import local_update
+from twist_fl.core.node import LocalTask, local_update
 variant, keep, reuse = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse"
 set_malloc(reuse)
 cfg = gpt2_cfg()
@@ -211,7 +210,9 @@ else:
 run = RunConfig.from_flat({"optimizer-state": "reset"})
 tokens = np.random.default_rng(0).integers(0, 50257, size=100_000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-local_update(cfg, run, bp, "masked" if variant != "true" else "true", arrays, tokens, 0, 1, 1e-3, 2)
+task = LocalTask(cfg=cfg, blueprint=bp, mode="true" if variant == "true" else "masked", round=1, partition_id=0,
+                 lr=1e-3, local_steps=2)
+local_update(task, run=run, arrays=arrays, tokens=tokens)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -234,8 +235,8 @@ def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     """The same local updates on the same subnets with the same averaging, without Flower;
     the seconds of each round, and of each round's local updates (as nodes report `train-s`)."""
     from ..core.data import load_tokens, partition
-    from ..core.node import local_update
-    from ..federated.server import initial_model
+    from ..core.model import initial_model
+    from ..core.node import LocalTask, local_update
 
     set_malloc(run.reuse_freed_memory)
     cfg = run.model_config()
@@ -245,7 +246,7 @@ def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     state = {k: v.numpy() for k, v in initial_model(run).state_dict().items()}
     moments: list[Any] = [None] * nodes
     steps = [0] * nodes
-    keep = run.keep_for(cfg) if run.strategy == "twist" else min(cfg.n_head, cfg.n_ffn_blocks)
+    keep = run.keep_for(cfg) if run.strategy == "twist" else cfg.n_blocks
     times, train = [], []
     for rnd in range(1, run.num_server_rounds + 1):
         bps = sample_blueprints(cfg, nodes, keep, run.seed, rnd)
@@ -253,8 +254,10 @@ def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
         t_train = 0.0
         for p, bp in enumerate(bps):
             t_node = time.perf_counter()
-            r = local_update(cfg, run, bp, "true", slice_state(state, cfg, bp), parts[p], p, rnd, run.lr_at(rnd),
-                             run.local_steps, moments[p], steps[p])
+            task = LocalTask(cfg=cfg, blueprint=bp, mode="true", round=rnd, partition_id=p, lr=run.lr_at(rnd),
+                             local_steps=run.local_steps)
+            r = local_update(task, run=run, arrays=slice_state(state, cfg, bp), tokens=parts[p], moments=moments[p],
+                             moment_step=steps[p])
             t_train += time.perf_counter() - t_node
             moments[p], steps[p] = r.moments, r.moment_step
             contribs.append((bp, r.arrays, float(r.metrics["num-examples"])))
@@ -312,10 +315,10 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
         rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
     t_eval = sum(r.get("eval_s", 0) for r in rows)
     ends = [r["time"] - r.get("eval_s", 0) for r in rows]  # each round's end, its evaluation taken out
-    app_rounds = [b - a for a, b in zip(ends, ends[1:])]  # rounds 2..N
-    per_round = [a / p for a, p in zip(app_rounds, plain[1:])]
+    app_rounds = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # rounds 2..N
+    per_round = [a / p for a, p in zip(app_rounds, plain[1:], strict=True)]
     app_train = [sum(n.get("train_s", 0.0) for n in r["nodes"]) for r in rows[1:]]
-    train_ratio = [a / p for a, p in zip(app_train, plain_train[1:])]
+    train_ratio = [a / p for a, p in zip(app_train, plain_train[1:], strict=True)]
     t_app = t_exit - t_launch - t_eval
     return {"rounds": rounds, "nodes": nodes, "plain_s": sum(plain), "flwr_run_s": t_app, "eval_s": t_eval,
             "ratio": t_app / sum(plain),
@@ -324,8 +327,8 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
             "fixed_s": t_app - sum(app_rounds) - plain[0],
             "train_ratio": statistics.median(train_ratio),
             "train_ratio_min": min(train_ratio), "train_ratio_max": max(train_ratio),
-            "rest_s": statistics.median(a - t for a, t in zip(app_rounds, app_train)),
-            "plain_rest_s": statistics.median(p - t for p, t in zip(plain[1:], plain_train[1:])),
+            "rest_s": statistics.median(a - t for a, t in zip(app_rounds, app_train, strict=True)),
+            "plain_rest_s": statistics.median(p - t for p, t in zip(plain[1:], plain_train[1:], strict=True)),
             "plain_round_s": plain, "flwr_round_s": app_rounds, "plain_train_s": plain_train,
             "flwr_train_s": app_train}
 
@@ -350,8 +353,9 @@ def _print(name: str, res: dict[str, Any]) -> None:
             print(f"profile of one step, {variant}:\n{table}")
         for k, r in res.items():
             if k.startswith("keep"):
-                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} to "
-                      f"{r['reduction_max']:.1%}), FLOP bound {r['flop_bound']:.1%}, measured/bound {r['of_bound']:.0%}")
+                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} "
+                      f"to {r['reduction_max']:.1%}), FLOP bound {r['flop_bound']:.1%}, "
+                      f"measured/bound {r['of_bound']:.0%}")
     elif name == "memory":
         print(f"peak RSS, {res['shape']}, {_malloc_label(res)}, keep {res['keep']}: true {res['true']:.0f} MiB, "
               f"masked {res['masked']:.0f} MiB, dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")

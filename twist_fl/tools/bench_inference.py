@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         bound = forward_flops(cfg, cfg.n_head, cfg.n_ffn_blocks, ctx) / forward_flops(cfg, args.keep, args.keep, ctx)
         key = "prefill_s" if phase == "prefill" else "decode_s_per_token"
         # one speed-up per repeat, full and pruned of the same repeat (they ran back to back)
-        per_repeat = [f[key] / p[key] for f, p in zip(res["full"]["runs"], res["pruned"]["runs"])]
+        per_repeat = [f[key] / p[key] for f, p in zip(res["full"]["runs"], res["pruned"]["runs"], strict=True)]
         speedup = statistics.median(per_repeat)
         res[phase] = {"speedup": speedup, "speedup_min": min(per_repeat), "speedup_max": max(per_repeat),
                       "flop_bound": bound, "of_bound": speedup / bound}

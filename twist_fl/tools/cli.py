@@ -18,15 +18,21 @@ import numpy as np
 import torch
 
 from ..core.blocks import sparsity
-from ..core.data import DATASETS, TOKENIZERS, get_tokenizer
+from ..core.config import DATASETS, TOKENIZERS
+from ..core.data import get_tokenizer
 from ..core.model import WEIGHTS_FILE
 from ..core.train import evaluate
 from ..deploy.local import DeploymentError
-from ..evaluation.loading import (UsageError, check_tokenizer, data_settings, load_model, model_facts, parse_keeps,
-                                  windows_for)
+from ..evaluation.loading import (
+    UsageError,
+    check_tokenizer,
+    data_settings,
+    load_model,
+    model_facts,
+    parse_keeps,
+    windows_for,
+)
 from ..evaluation.prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
-
-log = logging.getLogger("twist_fl.tools.cli")
 
 
 def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -99,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
-    from ..evaluation.report import heatmap_plot
+    from ..core.report import heatmap_plot
 
     rows = []
     for path in args.models:

@@ -75,9 +75,9 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
 
 
 def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
-    from ..evaluation.report import _plt
+    from ..core.report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [str(r["x"]) for r in out["rows"]]
     ax.plot(xs, [r["full"] for r in out["rows"]], "k-o", label="full model")

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     evals = [r for r in rows if r.get("valid")]
     if not evals:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["round"] for r in evals], [r["valid"]["full"]["ppl"] for r in evals], "k-o", label="full model")
     keys = sorted({k for r in evals for k in r["valid"] if k != "full"}, key=lambda k: int(k.split("-")[1]))
@@ -30,7 +31,9 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         mean = [p[1]["mean"] for p in pts]
         std = [p[1]["std"] for p in pts]
         ax.plot(xs, mean, "-o", label=f"random subnets, keep {k.split('-')[1]}")
-        ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        lo = [m - s for m, s in zip(mean, std, strict=True)]
+        hi = [m + s for m, s in zip(mean, std, strict=True)]
+        ax.fill_between(xs, lo, hi, alpha=0.2)
     ax.set_xlabel("round")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -46,7 +49,7 @@ def plot_keeps(final: dict[str, Any], n_total: int, path: Path, title: str) -> P
     """Validation perplexity vs blocks kept per layer at the end (mean +- std over draws)."""
     if not final:
         return None
-    plt = _plt()
+    plt = pyplot()
     pts = sorted((int(k.split("-")[1]), v["mean"], v["std"]) for k, v in final.items() if k != "full")
     pts.append((n_total, final["full"]["ppl"], 0.0))
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -74,7 +77,7 @@ def final_table(final: dict[str, Any], n_total: int, params: dict[str, int]) -> 
 
 def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Perplexity of models trained at keep X (rows) evaluated at keep Y (columns)."""
-    plt = _plt()
+    plt = pyplot()
     keys = sorted({k for r in rows for k in r["eval"]}, key=int)
     grid = [[r["eval"].get(k, float("nan")) for k in keys] for r in rows]
     fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 0.6 * len(rows) + 2))
@@ -95,7 +98,7 @@ def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def comparison_plot(results: dict[str, Any], path: Path) -> Path:
     """Perplexity vs share of block weights removed, TwIST and every baseline."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, series in results["structured"].items():
         xs = [p["removed_of_block_params"] for p in series]
