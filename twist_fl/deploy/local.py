@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.io import atomic_write_text
 from .certs import make_certificates, make_node_key
 from .procs import Proc, executable, flwr_env, free_port, killpg, port_open, tree_pids
 
@@ -145,7 +146,7 @@ class LocalDeployment:
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "127.0.0.1:{self.port}"']
         lines += [f'root-certificates = "{self.certs["ca"]}"'] if self.secure else ["insecure = true"]
-        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+        atomic_write_text(self.home / "config.toml", "\n".join(lines) + "\n")
 
     # -- SuperNodes ---------------------------------------------------------------------------
 

@@ -21,9 +21,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from ..core.blocks import param_counts, slice_state
 from ..core.blueprint import sample_blueprints
-from ..core.checkpoint import atomic_write_text, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from ..core.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from ..core.config import TOKENIZER_VOCAB, GPTConfig, RunConfig
 from ..core.data import check_split, eval_windows, load_tokens, unigram_perplexity
+from ..core.io import atomic_write_text
 from ..core.model import GPT, initial_model, load_state_strict
 from ..core.report import final_table, plot_keeps, plot_rounds
 from ..core.rng import Stream

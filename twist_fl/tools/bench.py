@@ -37,6 +37,7 @@ import torch
 from ..core.blocks import coverage_average, slice_state, state_shapes
 from ..core.blueprint import Blueprint, sample_blueprints
 from ..core.config import GPTConfig, RunConfig, preset
+from ..core.io import atomic_write_text
 from ..core.model import GPT
 
 
@@ -397,8 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        atomic_write_text(Path(args.json), json.dumps(results, indent=2))
     return 0
 
 

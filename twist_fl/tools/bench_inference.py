@@ -19,11 +19,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from ..core.blueprint import sample_blueprints
 from ..core.config import preset
+from ..core.io import atomic_write_text
 from ..core.model import GPT
 from ..evaluation.prune import subnet
 
@@ -125,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{phase:8} | {res['full'][f'{phase}_tok_s']:>10.1f} | {res['pruned'][f'{phase}_tok_s']:>12.1f} | "
               f"{spread:>20} | {r['flop_bound']:>9.2f}x | {r['of_bound']:.0%}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
     return 0
 
 

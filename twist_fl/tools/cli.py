@@ -20,6 +20,7 @@ import torch
 from ..core.blocks import sparsity
 from ..core.config import DATASETS, TOKENIZERS
 from ..core.data import get_tokenizer
+from ..core.io import atomic_write_text
 from ..core.model import WEIGHTS_FILE
 from ..core.train import evaluate
 from ..deploy.local import DeploymentError
@@ -84,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
                   f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
     return res
 
 
@@ -127,9 +128,9 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
     table = ["| trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
              "|---|" + "---|" * len(keys)]
     table += [f"| {r['trained_keep']} | " + " | ".join(f"{r['eval'][k]:.3f}" for k in keys) + " |" for r in rows]
-    (out / "heatmap.md").write_text("\n".join(table) + "\n")
+    atomic_write_text(out / "heatmap.md", "\n".join(table) + "\n")
     print("\n".join(table))
-    (out / "heatmap.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out / "heatmap.json", json.dumps(rows, indent=2))
     return {"rows": rows}
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from ..core.io import atomic_write_text
+
 
 def collect(root: Path) -> list[dict[str, Any]]:
     jobs = []
@@ -68,8 +70,8 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
     if dense_ppl is not None:
         lines.append(f"\nDense FedAvg baseline (full model): {dense_ppl:.3f}")
     out = {"x": x, "rows": rows, "dense_full_ppl": dense_ppl, "table": "\n".join(lines)}
-    (root / "summary.md").write_text(out["table"] + "\n")
-    (root / "summary.json").write_text(json.dumps(out, indent=2))
+    atomic_write_text(root / "summary.md", out["table"] + "\n")
+    atomic_write_text(root / "summary.json", json.dumps(out, indent=2))
     _plot(out, keys, root / "summary.png")
     return out
 
