@@ -1,0 +1,95 @@
+"""Certificates and keys for a secure deployment.
+
+`make_certificates` writes a CA and a server certificate signed by it, with subject alternative
+names for every host the SuperLink is reached by (TLS for a test deployment or a small private
+one); `make_node_key` writes an EC (SECP384R1) key pair in OpenSSH format, the kind
+`flower-supernode --auth-supernode-private-key` and `flwr supernode register` take. Every file
+is written atomically; private keys are created with mode 600.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import logging
+from pathlib import Path
+
+from ..core.io import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+
+def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
+    """A CA (ca.crt, ca.key) and a server certificate it signs (server.pem, server.key) whose
+    subject alternative names are `hosts` (IP addresses or DNS names) plus 127.0.0.1 and localhost.
+    Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes and `flwr` ca.crt."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    names: list[x509.GeneralName] = []
+    for h in ["127.0.0.1", "localhost", *(hosts or [])]:
+        try:
+            gn: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
+        except ValueError:
+            if not h or any(c.isspace() for c in h):
+                raise ValueError(f"host {h!r} is neither an IP address nor a DNS name") from None
+            gn = x509.DNSName(h)
+        if gn not in names:
+            names.append(gn)
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "twist-fl test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now)
+          .not_valid_after(now + dt.timedelta(days=days))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .add_extension(ca_ski, critical=False)
+          .sign(ca_key, hashes.SHA384()))
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder()
+              .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(names[-1].value))]))
+              .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + dt.timedelta(days=days))
+              .add_extension(x509.SubjectAlternativeName(names), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+
+    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
+    pem = serialization.Encoding.PEM
+    atomic_write_bytes(paths["ca"], ca.public_bytes(pem))
+    atomic_write_bytes(paths["cert"], server.public_bytes(pem))
+    for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
+        atomic_write_bytes(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    log.info("certificates in %s for %s", out, [str(n.value) for n in names])
+    return paths
+
+
+def make_node_key(path: Path) -> tuple[Path, Path]:
+    """An EC SECP384R1 key pair for SuperNode authentication: `path` (private, OpenSSH, mode 600)
+    and `path`.pub (OpenSSH public key, what the SuperLink's operator registers)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pub = path.with_name(path.name + ".pub")
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    atomic_write_bytes(path, private, 0o600)
+    atomic_write_bytes(pub, public + b"\n")
+    return path, pub
+
+
