@@ -29,7 +29,7 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     out.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     names: list[x509.GeneralName] = []
     for h in ["127.0.0.1", "localhost", *(hosts or [])]:
         try:
@@ -71,7 +71,8 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
     atomic_write_bytes(paths["ca"], ca.public_bytes(pem))
     atomic_write_bytes(paths["cert"], server.public_bytes(pem))
     for p, k in ((paths["ca_key"], ca_key), (paths["key"], key)):
-        atomic_write_bytes(p, k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+        private = k.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        atomic_write_bytes(p, private, 0o600)
     log.info("certificates in %s for %s", out, [str(n.value) for n in names])
     return paths
 

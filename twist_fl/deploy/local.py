@@ -108,7 +108,7 @@ class LocalDeployment:
             log.warning("INSECURE deployment: no TLS and no SuperNode authentication. Anyone who can reach the "
                         "SuperLink port can join as a node or read the model. Use it only for debugging.")
 
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> LocalDeployment:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -225,7 +225,7 @@ class LocalDeployment:
         return res
 
     def run(self, app: Path, run_config: dict[str, Any] | None = None, timeout: float = 3600.0,
-            echo: bool = False, on_line: Callable[[str], bool] | None = None) -> "RunResult":
+            echo: bool = False, on_line: Callable[[str], bool] | None = None) -> RunResult:
         """`flwr run <app> twist-local --stream`, its output also in logs/run-<n>.log (the
         ServerApp's log lines are streamed into it), and the run's final status from the
         SuperLink. `on_line(line)` sees each line; when it returns True, streaming stops (the run
@@ -353,7 +353,7 @@ class SimulationSuperLink:
         if self.proc is not None:
             self.proc.stop()
 
-    def __enter__(self) -> "SimulationSuperLink":
+    def __enter__(self) -> SimulationSuperLink:
         self.start()
         return self
 

@@ -175,7 +175,7 @@ class Proc:
         self.popen.poll()
 
     @classmethod
-    def spawn(cls, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> "Proc":
+    def spawn(cls, name: str, cmd: list[str], env: dict[str, str], log_path: Path, cwd: Path | None = None) -> Proc:
         """Start `cmd` as the leader of a new session, its output appended to `log_path`."""
         with log_path.open("ab") as f:
             f.write(f"$ {' '.join(cmd)}\n".encode())
