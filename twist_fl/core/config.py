@@ -15,7 +15,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 KINDS = ("heads", "ffn")  # the two kinds of blocks a subnet keeps a share of
-STRATEGIES = ("twist", "fedavg")
+FLOWER_STRATEGIES = ("twist", "fedavg")  # what the Flower app runs
+DENSE_STRATEGIES = ("fedavg", "ddp")  # every worker trains the full model
+STRATEGIES = (*FLOWER_STRATEGIES, "ddp")  # ddp: data-parallel training on torch.distributed (`twist-fl ddp`)
 NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense subnet; masked = full model + mask
 RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
 
@@ -143,7 +145,8 @@ class RunConfig:
     """Every key of `[tool.flwr.app.config]` (kebab-case there, snake_case here)."""
 
     # TwIST
-    strategy: str = "twist"  # twist | fedavg (FedAvg of the dense model: every node trains the full model)
+    strategy: str = "twist"  # twist | fedavg (FedAvg of the dense model: every node trains the full model); ddp runs
+    # are recorded as ddp (`twist-fl ddp`, not the Flower app)
     keep: int = 0  # blocks of each kind a subnet keeps per non-shared layer (X of N); 0 = N/2 (50%)
     alpha: float = 0.5  # activation scaling exponent, (N/n)**alpha
     shared_layers: str = "0,-1"  # comma list of layers kept whole ("" for none)
@@ -225,6 +228,10 @@ class RunConfig:
     def keep_for(self, cfg: GPTConfig) -> int:
         """`keep`, with 0 resolved to half the blocks of the model."""
         return self.keep or max(1, cfg.n_blocks // 2)
+
+    def trained_keep(self, cfg: GPTConfig) -> int:
+        """Blocks per layer each worker trains: `keep` for twist, every block for fedavg and ddp."""
+        return cfg.n_blocks if self.strategy in DENSE_STRATEGIES else self.keep_for(cfg)
 
     def eval_keeps_for(self, cfg: GPTConfig) -> tuple[int, ...]:
         """`eval-keeps`, with "" resolved to a quarter, half and three quarters of the blocks."""

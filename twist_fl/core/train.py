@@ -6,6 +6,7 @@ import ctypes
 import logging
 import math
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -85,15 +86,18 @@ def make_optimizer(model: GPT, opt: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), foreach=False)
 
 
-def train_steps(model: GPT, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int,
+def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int,
                 optimizer: torch.optim.Optimizer, grad_clip: float = 1.0,
-                mask: Blueprint | None = None) -> dict[str, float]:
-    """Train for exactly `steps` batches; `mask` trains a full model as that subnet."""
+                mask: Blueprint | None = None, step_times: list[float] | None = None) -> dict[str, float]:
+    """Train for exactly `steps` batches; `mask` trains a full model as that subnet. `model` is a
+    GPT or a wrapper that forwards to one (DistributedDataParallel). `step_times` collects each
+    step's seconds (forward, backward with its gradient exchange, clip, optimizer step)."""
     device = next(model.parameters()).device
     model.train()
     losses = []
     n_examples = 0
     for _ in range(steps):
+        t0 = time.perf_counter()
         x, y = next(batches)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         _, loss = model(x, y, mask=mask)
@@ -103,6 +107,8 @@ def train_steps(model: GPT, batches: Iterator[tuple[np.ndarray, np.ndarray]], st
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         losses.append(loss.item())
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
         n_examples += x.shape[0]
     if not all(math.isfinite(v) for v in losses):
         raise FloatingPointError(f"training loss became non-finite: {losses}")

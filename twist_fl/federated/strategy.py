@@ -81,7 +81,7 @@ class TwistStrategy(Strategy):
     def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0) -> None:
         self.cfg, self.run = cfg, run
         self.round_offset = round_offset  # rounds already done before this start() (resume)
-        self.keep = run.keep_for(cfg) if run.strategy == "twist" else cfg.n_blocks
+        self.keep = run.trained_keep(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         self.records: dict[int, RoundRecord] = {}
         self.failed_rounds = 0

@@ -1,4 +1,4 @@
-"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): prune, evaluate, generate, heatmap, report, deploy.
+"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): ddp, prune, evaluate, generate, heatmap, report, deploy.
 
 Every verb reads models in the core save format (a run's `model/` folder, or a pruned model).
 Data settings (dataset, tokenizer, data path, sequence length) default to those the model was
@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..baselines.ddp import DDPError
 from ..core.blocks import sparsity
-from ..core.config import DATASETS, TOKENIZERS
+from ..core.config import DATASETS, DENSE_STRATEGIES, TOKENIZERS
 from ..core.data import get_tokenizer
 from ..core.io import atomic_write_text
 from ..core.model import WEIGHTS_FILE
@@ -41,6 +42,17 @@ def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # --- verbs ---------------------------------------------------------------------------------------
+
+
+def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
+    from ..baselines.ddp import app_defaults, ddp_run_config, parse_overrides, run_ddp
+
+    run = ddp_run_config(parse_overrides(args.run_config), app_defaults(Path(args.app)))
+    summary = run_ddp(run, args.nproc, threads=args.threads, backend=args.backend, timeout=args.timeout)
+    print(f"DDP over {args.nproc} workers: validation perplexity {summary['final']['full']['ppl']:.3f} (full), "
+          f"median step {summary['ddp']['step_s_median'] * 1e3:.1f} ms, "
+          f"{summary['ddp']['grad_bytes_per_step']:,.0f} gradient bytes per worker and step -> {summary['run_folder']}")
+    return summary
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,7 +127,7 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
         windows = windows_for(model, d, args.split, args.eval_tokens)
         run = meta.get("run", {})
         n = model.cfg.n_blocks
-        trained = n if run.get("strategy") == "fedavg" else int(run.get("keep") or n // 2)
+        trained = n if run.get("strategy") in DENSE_STRATEGIES else int(run.get("keep") or n // 2)
         row = {"model": path, "trained_keep": trained, "eval": {}}
         for k in parse_keeps(args.keeps, model.cfg):
             draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
@@ -190,6 +202,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="twist-fl", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("ddp", help="train the dense model data-parallel on torch.distributed (the DDP baseline)")
+    p.add_argument("--nproc", type=int, default=4, help="worker processes; worker i trains on partition i of nproc")
+    p.add_argument("--run-config", default="", help="'key=value ...' as for flwr run --run-config")
+    p.add_argument("--app", default=".", help="read defaults from this app's [tool.flwr.app.config], if it has one")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0 = cores / nproc")
+    p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on GPUs, else gloo")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait for a worker")
+    p.set_defaults(fn=cmd_ddp)
 
     p = sub.add_parser("prune", help="cut a smaller dense model out of a trained one")
     p.add_argument("model", help="a model folder or a run folder")
@@ -283,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ValueError) as e:
         print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
         return 2
-    except DeploymentError as e:
+    except (DeploymentError, DDPError) as e:
         print(f"twist-fl {args.verb}: {e}", file=sys.stderr)
         return 1
 

@@ -3,10 +3,12 @@
     python -m twist_fl.tools.sweep run.keep=2 num_supernodes=4
     python -m twist_fl.tools.sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
     python -m twist_fl.tools.sweep --multirun run.alpha=0,0.5,1
+    python -m twist_fl.tools.sweep --multirun run.strategy=twist,fedavg,ddp run.lr=1e-3,1.5e-3,2e-3,3e-3,6e-3
 
 Each job runs the app's own ServerApp and ClientApp code (`twist_fl.federated.server`, `twist_fl.federated.client`)
 on an in-process Grid (`engine: local`, the default: no Ray, deterministic) or on Flower's Ray
-simulation engine (`engine: ray`). Outputs go to the job's Hydra folder (`run/` inside it).
+simulation engine (`engine: ray`); a job with `run.strategy=ddp` runs `twist-fl ddp`'s code
+instead, with `num_supernodes` workers. Outputs go to the job's Hydra folder (`run/` inside it).
 `total_local_steps` keeps the total number of local batches fixed across a sweep of
 `run.local_steps` (rounds = total_local_steps / local_steps, evaluated at the end).
 Summarize a sweep with `python -m twist_fl.tools.sweep_summary <multirun folder>`.
@@ -43,6 +45,10 @@ def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
 
 
 def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str, Any]:
+    if flat["strategy"] == "ddp":
+        from ..baselines.ddp import ddp_from_flat, run_ddp
+
+        return run_ddp(ddp_from_flat(flat), num_supernodes)
     from ..federated.client import make_client_app
     from ..federated.server import make_server_app, route_logs_to_flower, run_server
 

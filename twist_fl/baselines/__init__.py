@@ -1,0 +1,1 @@
+"""Baselines that are not Flower strategies: data-parallel training on torch.distributed."""
