@@ -34,7 +34,7 @@ def test_resolved_defaults():
 
 
 @pytest.mark.parametrize("values,match", [
-    ({"keep": 9}, r"run-config keep=9 is out of range for this model: allowed 1\.\.8"),
+    ({"keep": 9}, r"run-config keep=9 is out of range for model 'cpu-small': allowed 1\.\.8"),
     ({"model": "gpt5"}, r"model='gpt5' is not allowed; allowed: \["),
     ({"dataset": "c4"}, r"dataset='c4' is not allowed; allowed: \['shakespeare'"),
     ({"strategy": "fedprox"}, r"strategy='fedprox' is not allowed"),
@@ -42,7 +42,7 @@ def test_resolved_defaults():
     ({"lr": -1.0}, r"lr=-1.0 must be a positive finite number"),
     ({"local-steps": 0}, r"local-steps=0 must be >= 1"),
     ({"eval-keeps": "2,x"}, r"eval-keeps='2,x' must be a comma list of integers"),
-    ({"eval-keeps": "12"}, r"run-config eval-keeps entry=12 is out of range for this model: allowed 1\.\.8"),
+    ({"eval-keeps": "12"}, r"run-config eval-keeps entry=12 is out of range for model 'cpu-small': allowed 1\.\.8"),
     ({"seq-len": 4096}, None),
     ({"dataset": "wikitext-103", "data-path": "/nonexistent"}, r"data-path='/nonexistent' is not a readable folder"),
     ({"dataset": "text"}, r"dataset='text' needs data-path"),

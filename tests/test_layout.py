@@ -11,9 +11,9 @@ import twist_fl
 PKG = Path(twist_fl.__file__).parent
 CORE_FORBIDDEN = {"flwr", "ray", "subprocess", "socket", "urllib", "http", "requests", "httpx"}
 # Which subpackages each one may import (besides itself): core <- federated <- apps;
-# deploy, evaluation and tools on top.
+# baselines, deploy, evaluation and tools on top (DDP borrows deploy's free_port).
 ALLOWED = {"core": set(), "federated": {"core"}, "deploy": {"core"}, "evaluation": {"core"},
-           "tools": {"core", "federated", "deploy", "evaluation"}}
+           "baselines": {"core", "deploy"}, "tools": {"core", "federated", "baselines", "deploy", "evaluation"}}
 
 
 def modules(sub: str) -> list[Path]:
@@ -94,3 +94,11 @@ def test_the_stable_names_come_from_the_package_root():
     new = coverage_average({k: v.detach().numpy() for k, v in full.state_dict().items()}, cfg,
                            [(bp, {k: v.detach().numpy() for k, v in sub.state_dict().items()}, 1.0)])
     assert isinstance(bp, Blueprint) and set(new) == set(full.state_dict())
+
+
+def test_the_ddp_baseline_runs_without_flower():
+    code = ("import sys, twist_fl.baselines.ddp\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('flwr', 'ray')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+
+    assert out.stdout.strip() == "[]"

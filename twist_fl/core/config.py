@@ -86,11 +86,11 @@ class GPTConfig:
             raise ValueError(f"block kind {kind!r} is not allowed; allowed: {list(KINDS)}")
         return self.head_dim if kind == "heads" else self.ffn_block_size
 
-    def check_keep(self, keep: Any, what: str = "keep") -> int:
+    def check_keep(self, keep: Any, what: str = "keep", model: str = "this model") -> int:
         """`keep` as an int if it is a valid subnet size for this model, else ValueError naming
-        `what`, the value and the allowed range: the one home of the keep range."""
+        `what`, the value, the model and the allowed range: the one home of the keep range."""
         if isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or not 1 <= keep <= self.n_blocks:
-            raise ValueError(f"{what}={keep!r} is out of range for this model: allowed 1..{self.n_blocks} blocks "
+            raise ValueError(f"{what}={keep!r} is out of range for {model}: allowed 1..{self.n_blocks} blocks "
                              f"of each kind per layer (n_head={self.n_head}, n_ffn_blocks={self.n_ffn_blocks})")
         return int(keep)
 
@@ -308,9 +308,10 @@ class RunConfig:
 
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
-        cfg.check_keep(self.keep_for(cfg), "run-config keep")
+        name = f"the model of init-from={self.init_from!r}" if self.init_from else f"model {self.model!r}"
+        cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
         for k in self.eval_keeps_for(cfg):
-            cfg.check_keep(k, "run-config eval-keeps entry")
+            cfg.check_keep(k, "run-config eval-keeps entry", name)
         for i in self.shared_layer_list:
             if not -cfg.n_layer <= i < cfg.n_layer:
                 raise ValueError(f"run-config shared-layers has {i}; the model has layers 0..{cfg.n_layer - 1}")

@@ -1,0 +1,47 @@
+"""`python -m twist_fl.tools.tune`: the LR grid, seeds at each best, and the table over seeds."""
+
+import json
+
+from twist_fl.tools.tune import main
+
+RC = ("model='tiny' seq-len=32 batch-size=4 num-server-rounds=2 local-steps=2 eval-every=2 eval-tokens=512 "
+      "eval-draws=1")
+
+
+def test_grid_then_seeds_then_table(tmp_path, capsys):
+    out = tmp_path / "tune"
+    assert main(["run", "--out", str(out), "--strategies", "twist,ddp", "--lrs", "0.001,0.01", "--seeds", "2",
+                 "--nodes", "2", "--run-config", RC]) == 0
+    best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_lr"]
+
+    jobs = sorted(p.name for p in out.iterdir() if (p / "run" / "summary.json").is_file())
+    assert jobs == sorted(["twist-lr0.001-s0", "twist-lr0.01-s0", "ddp-lr0.001-s0", "ddp-lr0.01-s0",
+                           f"twist-lr{best['twist']:g}-s1", f"ddp-lr{best['ddp']:g}-s1"])
+    for s in ("twist", "ddp"):
+        ppl = {lr: json.loads((out / f"{s}-lr{lr:g}-s0" / "run" / "summary.json").read_text())["final"]["full"]["ppl"]
+               for lr in (0.001, 0.01)}
+        assert best[s] == min(ppl, key=ppl.get)
+    mtimes = {p: p.stat().st_mtime for p in out.rglob("summary.json")}
+    assert main(["run", "--out", str(out), "--strategies", "twist,ddp", "--lrs", "0.001,0.01", "--seeds", "2",
+                 "--nodes", "2", "--run-config", RC]) == 0  # finished jobs are not run again
+    assert {p: p.stat().st_mtime for p in out.rglob("summary.json")} == mtimes
+
+    assert main(["table", str(out), "--out", str(tmp_path / "t"), "--test-tokens", "512", "--draws", "1"]) == 0
+    res = json.loads((tmp_path / "t" / "tuning.json").read_text())
+    tuned = {r["strategy"]: r for r in res["tuned"]}
+    assert set(tuned) == {"twist", "ddp"}
+    for s, r in tuned.items():
+        assert r["lr"] == best[s] and sorted(r["seeds"]) == [0, 1]
+        assert len(r["valid"]["full"]) == len(r["test"]["full"]) == 2 and set(r["test"]) == {"full", "keep-1", "keep-2",
+                                                                                              "keep-3"}
+    md = (tmp_path / "t" / "TUNING.md").read_text()
+    assert f"| ddp | {best['ddp']:g} | 2 | test |" in md
+
+
+def test_bad_grid_is_refused(tmp_path, capsys):
+    assert main(["run", "--out", str(tmp_path), "--strategies", "twist,sgd"]) == 2
+    assert "--strategies entry 'sgd' is not allowed" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path), "--lrs", "0.1,x"]) == 2
+    assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert "no finished run folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
