@@ -159,3 +159,19 @@ def test_a_dead_worker_fails_the_run_and_leaves_nothing_behind(tmp_path):
     while [p for p in family if alive(p)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [cmdline(p) for p in family if alive(p)]
+
+
+def test_latency_benchmark_runs_each_mode_on_real_workers():
+    from twist_fl.core.config import preset
+    from twist_fl.tools.bench_ddp import reply_bytes, run_mode
+
+    cfg = preset("tiny", vocab_size=257)
+    res = {m: run_mode(cfg, m, 2, 1, 2, 1, 4, 32, 2 if m == "twist" else 4) for m in ("twist", "fedavg", "ddp")}
+    full = res["fedavg"]["params"][0]
+
+    assert res["ddp"]["grad_bytes_per_step"] == 4 * full  # one all-reduce of every float32 gradient per step
+    assert res["fedavg"]["grad_bytes_per_step"] == res["twist"]["grad_bytes_per_step"] == 0  # no exchange in a round
+    assert all(p < full for p in res["twist"]["params"]) and res["ddp"]["params"] == [full, full]
+    assert all(r["step_s"] > 0 and len(r["step_s_per_worker"]) == 2 for r in res.values())
+    assert 4 * full < reply_bytes(cfg, 4, 2) < 4 * full * 1.2  # a dense reply: the tensors and their framing
+    assert reply_bytes(cfg, 2, 2) < reply_bytes(cfg, 4, 2)
