@@ -9,10 +9,16 @@ from twist_fl.core.model import GPT
 from twist_fl.evaluation.prune import (
     best_of_k,
     block_scores,
+    choose_blueprint,
+    flap_scores,
+    flap_subnet,
     importance_blueprint,
     magnitude_mask,
+    projection_input_moments,
+    prune_structured,
     sparsegpt_prune,
     subnet,
+    taylor_scores,
     unstructured_prune,
     wanda_mask,
 )
@@ -114,3 +120,87 @@ def test_pruned_subnet_equals_masked_full_model():
     torch.testing.assert_close(subnet(m, bp)(idx)[0], m(idx, mask=bp)[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="already a subnet"):
         subnet(subnet(m, bp), bp)
+
+
+def calib_windows(n=8, t=12, seed=0):
+    return np.random.default_rng(seed).integers(0, CFG.vocab_size, size=(n, t + 1)).astype(np.int64)
+
+
+def test_taylor_importance_is_the_hand_computed_sum_of_weight_times_gradient():
+    m = model(1)
+    calib = calib_windows()
+    w = torch.from_numpy(calib)
+    _, loss = m(w[:, :-1], w[:, 1:])  # one batch of 8: the mean loss taylor_scores differentiates
+    g = dict(zip([n for n, _ in m.named_parameters()], torch.autograd.grad(loss, list(m.parameters())), strict=True))
+    p = dict(m.named_parameters())
+    h = "h.1"
+
+    def wg(name, rows=None, cols=None):
+        x = (p[name] * g[name]).abs().detach()
+        return (x[rows] if rows is not None else x[:, cols]).sum()
+
+    # FFN block b of layer 1: rows 3b..3b+2 of c_fc (weight and bias), the same columns of c_proj
+    ffn = [wg(f"{h}.mlp.c_fc.weight", rows=slice(3 * b, 3 * b + 3))
+           + wg(f"{h}.mlp.c_fc.bias", rows=slice(3 * b, 3 * b + 3))
+           + wg(f"{h}.mlp.c_proj.weight", cols=slice(3 * b, 3 * b + 3))
+           for b in range(4)]
+    # head b of layer 1: its q, k and v rows of c_attn (2 each, at offsets 0, 8, 16), its columns of c_proj
+    heads = []
+    for b in range(4):
+        qkv = [off + 2 * b + i for off in (0, 8, 16) for i in range(2)]
+        heads.append(wg(f"{h}.attn.c_attn.weight", rows=qkv) + wg(f"{h}.attn.c_attn.bias", rows=qkv)
+                     + wg(f"{h}.attn.c_proj.weight", cols=slice(2 * b, 2 * b + 2)))
+
+    scores = taylor_scores(m, calib, batch_size=8)
+
+    torch.testing.assert_close(scores[("ffn", 1)], torch.stack(ffn), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(scores[("heads", 1)], torch.stack(heads), rtol=1e-5, atol=1e-9)
+    bp = choose_blueprint(m, 2, "taylor", calib=calib)
+    assert bp.ffn[1] == tuple(sorted(int(i) for i in torch.argsort(torch.stack(ffn), descending=True)[:2]))
+
+
+def test_flap_fluctuation_and_bias_compensation_by_hand():
+    m = model(2)
+    calib = calib_windows()
+    hidden = []
+    hook = m.h[1].mlp.c_proj.register_forward_hook(lambda mod, inp, out: hidden.append(inp[0]))
+    with torch.no_grad():
+        m(torch.from_numpy(calib[:, :-1]))
+    hook.remove()
+    x = torch.cat(hidden).reshape(-1, 12).double()
+    w = m.h[1].mlp.c_proj.weight.double()
+    by_hand = torch.stack([(x[:, 3 * b:3 * b + 3].var(0, unbiased=False) * (w[:, 3 * b:3 * b + 3] ** 2).sum(0)).sum()
+                           for b in range(4)])
+
+    moments = projection_input_moments(m, calib)
+    scores = flap_scores(m, moments)
+
+    torch.testing.assert_close(scores[("ffn", 1)].double(), by_hand, rtol=1e-4, atol=1e-9)
+    bp = Blueprint(heads=((0, 1, 2, 3), (1, 2), (0, 1, 2, 3)), ffn=((0, 1, 2, 3), (0, 3), (0, 1, 2, 3)))
+    pruned = flap_subnet(m, bp, moments)
+    # Layer 1 sees the same input in both models (layer 0 is shared): the subnet's scaled FFN output
+    # has the full FFN's mean over the calibration tokens, and without compensation it would not.
+    full_mlp, sub_mlp = m.h[1].mlp, pruned.h[1].mlp
+    captured = []
+    hook = m.h[1].ln_2.register_forward_hook(lambda mod, inp, out: captured.append(out))
+    with torch.no_grad():
+        m(torch.from_numpy(calib[:, :-1]))
+        hook.remove()
+        z = torch.cat(captured)
+        full_mean = full_mlp(z).mean((0, 1))
+        sub_mean = (pruned.h[1].mlp_scale * sub_mlp(z)).mean((0, 1))
+        plain = subnet(m, bp)
+        plain_mean = (plain.h[1].mlp_scale * plain.h[1].mlp(z)).mean((0, 1))
+    torch.testing.assert_close(sub_mean, full_mean, rtol=1e-4, atol=1e-6)
+    assert (plain_mean - full_mean).abs().max() > 20 * (sub_mean - full_mean).abs().max()
+
+
+def test_taylor_and_flap_prune_to_a_standalone_dense_model():
+    m = model(3)
+    calib = calib_windows()
+    for method in ("taylor", "flap"):
+        pruned = prune_structured(m, 2, method, calib=calib)
+        assert pruned.blueprint is not None and pruned.num_params() < m.num_params()
+        assert all(len(pruned.blueprint.ffn[i]) == 2 for i in (1,))
+        with pytest.raises(ValueError, match=f"{method} needs calibration data"):
+            prune_structured(m, 2, method)

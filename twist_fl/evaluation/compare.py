@@ -1,7 +1,8 @@
 """TwIST against post-training pruning, side by side (`twist-fl report`).
 
-The TwIST model and the dense model must be trained with the same data and budget (the app's
-`strategy = "twist"` and `strategy = "fedavg"` runs of one config). Every method removes whole
+The TwIST model and the dense model must be trained with the same data and budget (a
+`strategy = "twist"` run and a dense one of the same config: `twist-fl ddp`, or the app's
+`strategy = "fedavg"`). Every method removes whole
 heads and FFN blocks of the same (non-shared) layers, or, unstructured, the same share of the
 weights of the same matrices, with no recovery training — as in the paper's comparison.
 """
@@ -18,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from ..core.blocks import sparsity
-from ..core.config import RunConfig
+from ..core.config import DENSE_STRATEGIES, RunConfig
 from ..core.io import atomic_write_text
 from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
-from .prune import choose_blueprint, random_blueprint, random_subnet_ppl, subnet, unstructured_prune
+from .prune import prune_structured, random_blueprint, random_subnet_ppl, unstructured_prune
 
 log = logging.getLogger(__name__)
+DENSE_NAMES = {"fedavg": "FedAvg", "ddp": "DDP"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ def run_comparison(args: ReportOptions) -> dict[str, Any]:
         raise UsageError("the TwIST and dense models have different architectures; train both from one config")
     if twist.blueprint is not None or dense.blueprint is not None:
         raise UsageError("report needs the full trained models, not pruned subnets")
+    st, sd = meta_t.get("run", {}).get("strategy"), meta_d.get("run", {}).get("strategy")
+    if st is not None and st != "twist":
+        raise UsageError(f"--twist {args.twist} was trained with strategy {st!r}; it needs a strategy 'twist' run")
+    if sd is not None and sd not in DENSE_STRATEGIES:
+        raise UsageError(f"--dense {args.dense} was trained with strategy {sd!r}; it needs a dense run "
+                         f"(allowed: {list(DENSE_STRATEGIES)})")
     cfg = twist.cfg
     d = data_settings(meta_t, **args.data)
     windows = windows_for(twist, d, args.split, args.eval_tokens)
@@ -66,11 +74,12 @@ def run_comparison(args: ReportOptions) -> dict[str, Any]:
     res: dict[str, Any] = {"split": args.split, "tokens": int(windows[:, 1:].size), "keeps": keeps, "n_blocks": n,
                            "twist_full_ppl": _ppl(twist, windows), "dense_full_ppl": _ppl(dense, windows),
                            "structured": {}, "unstructured": {}, "draws": {},
-                           "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {})}
+                           "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {}),
+                           "dense_strategy": sd or "unknown"}
     methods = {"TwIST random": (twist, "random"), "TwIST best-of-k": (twist, "best-of-k"),
                "TwIST magnitude": (twist, "magnitude"), "dense random": (dense, "random"),
                "dense best-of-k": (dense, "best-of-k"), "dense magnitude": (dense, "magnitude"),
-               "dense Wanda": (dense, "wanda")}
+               "dense Wanda": (dense, "wanda"), "dense Taylor": (dense, "taylor"), "dense FLAP": (dense, "flap")}
     for label, (model, method) in methods.items():
         series = []
         for k in keeps:
@@ -82,8 +91,7 @@ def run_comparison(args: ReportOptions) -> dict[str, Any]:
                 point.update(ppl=float(np.mean(draws)), std=float(np.std(draws)))
                 res["draws"][f"{label} keep {k}"] = draws
             else:
-                bp = choose_blueprint(model, k, method, args.seed, calib, args.k)
-                point["ppl"] = _ppl(subnet(model, bp), windows)
+                point["ppl"] = _ppl(prune_structured(model, k, method, args.seed, calib, args.k), windows)
             series.append(point)
         res["structured"][label] = series
     half = n // 2
@@ -114,7 +122,8 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
     half = next((k for k in keeps if 2 * k == n), None)
     lines = ["# TwIST vs post-training pruning", "",
              f"Perplexity on the {res['split']} split ({res['tokens']:,} tokens); no recovery training for any "
-             f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, dense (FedAvg) {res['dense_full_ppl']:.3f}.",
+             f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, "
+             f"dense ({DENSE_NAMES.get(res['dense_strategy'], 'unknown')}) {res['dense_full_ppl']:.3f}.",
              "", "![perplexity vs share removed](comparison.png)", "",
              "| method | " + " | ".join(f"keep {k} ({structured['TwIST random'][i]['removed_of_block_params']:.0%})"
                                        for i, k in enumerate(keeps)) + " |",
@@ -156,10 +165,14 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
 
 
 def train_command(run: dict[str, Any]) -> str:
-    """The `flwr run` that reproduces a run config (its keys that differ from the defaults)."""
+    """The `flwr run` (or `twist-fl ddp`) that reproduces a run config (its keys that differ from
+    the defaults)."""
     default = RunConfig().to_flat()
-    diff = {k: v for k, v in run.items() if default.get(k) != v and k not in ("out-dir", "run-name")}
+    ddp = run.get("strategy") == "ddp"
+    diff = {k: v for k, v in run.items() if default.get(k) != v and k not in ("out-dir", "run-name")
+            and not (ddp and k == "strategy")}
     parts = [f'{k}=\\"{v}\\"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
              for k, v in sorted(diff.items())]
-    return 'flwr run . --stream --federation-config "num-supernodes=4"' + (
+    head = "twist-fl ddp --nproc 4" if ddp else 'flwr run . --stream --federation-config "num-supernodes=4"'
+    return head + (
         f' --run-config "{" ".join(parts)}"' if parts else "")

@@ -6,7 +6,15 @@ blocks of the non-shared layers are removed, shared layers are kept whole):
 - `best-of-k`: the best of K random blueprints on a calibration split;
 - `magnitude`: per layer, the heads / FFN blocks with the largest weight L2 norm;
 - `wanda`: per layer, the heads / FFN blocks with the largest Wanda score, sum |W| x ||X|| over
-  the block's weights, with ||X|| the L2 norm of each input feature on calibration data.
+  the block's weights, with ||X|| the L2 norm of each input feature on calibration data;
+- `taylor` (LLM-Pruner's first-order criterion): per layer, the blocks with the largest
+  sum |w x dL/dw| over every weight and bias of the block, with the gradient of the
+  calibration loss;
+- `flap` (FLAP's fluctuation metric): per layer, the blocks with the largest sum over their
+  input channels j of the output projection of Var(X_j) x ||W[:, j]||^2 on calibration data,
+  then bias compensation: the output projection's bias absorbs the removed channels' mean
+  contribution, so that the subnet's mean output (after its (N/n)**alpha scale) equals the full
+  layer's on the calibration data.
 
 Unstructured (the same shapes with zeros; no speed-up without sparse kernels), applied to the
 same tensors (the four block matrices of each non-shared layer):
@@ -30,7 +38,8 @@ from ..core.model import GPT
 from ..core.rng import Stream
 from ..core.train import evaluate
 
-STRUCTURED = ("random", "best-of-k", "magnitude", "wanda")
+STRUCTURED = ("random", "best-of-k", "magnitude", "wanda", "taylor", "flap")
+CALIBRATED = ("best-of-k", "wanda", "taylor", "flap")  # structured methods that need calibration data
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -96,11 +105,13 @@ def block_scores(model: GPT, method: str, norms: dict[str, torch.Tensor] | None 
     return scores
 
 
-def importance_blueprint(model: GPT, keep: int, method: str, norms: dict[str, torch.Tensor] | None = None) -> Blueprint:
-    """Per non-shared layer, the `keep` heads and FFN blocks with the largest scores."""
+def importance_blueprint(model: GPT, keep: int, method: str, norms: dict[str, torch.Tensor] | None = None,
+                         scores: dict[tuple[str, int], torch.Tensor] | None = None) -> Blueprint:
+    """Per non-shared layer, the `keep` heads and FFN blocks with the largest scores (given, or
+    `block_scores` of `method`)."""
     cfg = model.cfg
     cfg.check_keep(keep)
-    scores = block_scores(model, method, norms)
+    scores = scores if scores is not None else block_scores(model, method, norms)
     parts: dict[str, list[tuple[int, ...]]] = {"heads": [], "ffn": []}
     for layer in range(cfg.n_layer):
         for kind in KINDS:
@@ -110,6 +121,120 @@ def importance_blueprint(model: GPT, keep: int, method: str, norms: dict[str, to
                 top = torch.argsort(scores[(kind, layer)], descending=True, stable=True)[:keep]
                 parts[kind].append(tuple(sorted(int(i) for i in top)))
     return Blueprint(heads=tuple(parts["heads"]), ffn=tuple(parts["ffn"]))
+
+
+def taylor_scores(model: GPT, calib: np.ndarray, batch_size: int = 16) -> dict[tuple[str, int], torch.Tensor]:
+    """{(kind, layer): first-order Taylor importance of each block}: sum |w x g| over the
+    block's weights and biases, g the gradient of the mean calibration loss."""
+    cfg = model.cfg
+    params = dict(model.named_parameters())
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    batches = range(0, len(calib), batch_size)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in batches:
+            w = torch.from_numpy(calib[i:i + batch_size])
+            _, loss = model(w[:, :-1], w[:, 1:])
+            g = torch.autograd.grad(loss, list(params.values()))
+            for n, gi in zip(params, g, strict=True):
+                grads[n] += gi / len(batches)
+    finally:
+        model.train(was_training)
+    scores: dict[tuple[str, int], torch.Tensor] = {}
+    for name, p in params.items():
+        spec = slice_spec(name)
+        if spec is None:
+            continue
+        contrib = (p.detach() * grads[name]).abs()
+        n = cfg.blocks_of(spec.kind)
+        per = torch.stack([contrib.index_select(spec.axis, torch.as_tensor(block_indices(cfg, spec, [b]))).sum()
+                           for b in range(n)])
+        key = (spec.kind, spec.layer)
+        scores[key] = scores.get(key, 0) + per
+    return scores
+
+
+PROJECTIONS = {"heads": "attn.c_proj", "ffn": "mlp.c_proj"}  # the matrix whose input channels are a kind's blocks
+
+
+def projection_input_moments(model: GPT, calib: np.ndarray, batch_size: int = 16) -> dict[str, tuple]:
+    """{module name: (mean, variance)} of each input channel of every output projection
+    (attn.c_proj, mlp.c_proj), over calibration tokens."""
+    mods = {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and name.endswith(tuple(PROJECTIONS.values()))}
+    acc: dict[str, list] = {}
+    hooks = []
+    for name, mod in mods.items():
+        def hook(m, inp, out, name=name):
+            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+            a = acc.setdefault(name, [0, 0, 0])
+            a[0], a[1], a[2] = a[0] + x.sum(0), a[1] + (x * x).sum(0), a[2] + x.shape[0]
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            for i in range(0, len(calib), batch_size):
+                model(torch.from_numpy(calib[i:i + batch_size, :-1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, (s1, s2, n) in acc.items():
+        mean = s1 / n
+        out[name] = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float())
+    return out
+
+
+def flap_scores(model: GPT, moments: dict[str, tuple]) -> dict[tuple[str, int], torch.Tensor]:
+    """{(kind, layer): FLAP fluctuation of each block}: sum over its projection input channels
+    of Var(X_j) x ||W[:, j]||^2."""
+    cfg = model.cfg
+    state = model.state_dict()
+    scores = {}
+    for layer in range(cfg.n_layer):
+        for kind, proj in PROJECTIONS.items():
+            name = f"h.{layer}.{proj}"
+            w = state[f"{name}.weight"].float()
+            channel = moments[name][1] * (w * w).sum(0)
+            spec = slice_spec(f"{name}.weight")
+            scores[(kind, layer)] = torch.stack([
+                channel[torch.as_tensor(block_indices(cfg, spec, [b]))].sum() for b in range(cfg.blocks_of(kind))])
+    return scores
+
+
+def flap_subnet(model: GPT, bp: Blueprint, moments: dict[str, tuple]) -> GPT:
+    """The subnet of `bp` with FLAP's bias compensation: for each output projection,
+    s (W_kept mu_kept + b') = W mu + b on the calibration means mu, s the subnet's scale."""
+    from ..core.model import layer_scale
+
+    cfg = model.cfg
+    if not cfg.bias:
+        raise ValueError("flap's bias compensation needs output projections with biases (the model has bias=False)")
+    pruned = subnet(model, bp)
+    full, new = model.state_dict(), pruned.state_dict()
+    for layer in range(cfg.n_layer):
+        for kind, proj in PROJECTIONS.items():
+            name = f"h.{layer}.{proj}"
+            kept = bp.heads[layer] if kind == "heads" else bp.ffn[layer]
+            if len(kept) == cfg.blocks_of(kind):
+                continue
+            spec = slice_spec(f"{name}.weight")
+            idx = torch.as_tensor(block_indices(cfg, spec, kept))
+            mu = moments[name][0].double()
+            w, b = full[f"{name}.weight"].double(), full[f"{name}.bias"].double()
+            scale = layer_scale(cfg, len(kept), cfg.blocks_of(kind))
+            target = w @ mu + b
+            new[f"{name}.bias"].copy_((target / scale - w[:, idx] @ mu[idx]).to(new[f"{name}.bias"].dtype))
+    return pruned
+
+
+def prune_structured(model: GPT, keep: int, method: str, seed: int = 0, calib: np.ndarray | None = None,
+                     k: int = 8) -> GPT:
+    """The pruned dense model a structured method gives (FLAP's with its bias compensation)."""
+    bp = choose_blueprint(model, keep, method, seed, calib, k)
+    if method == "flap":
+        return flap_subnet(model, bp, projection_input_moments(model, calib))
+    return subnet(model, bp)
 
 
 def best_of_k(model: GPT, keep: int, k: int, calib: np.ndarray, seed: int) -> tuple[Blueprint, list[float]]:
@@ -134,6 +259,12 @@ def choose_blueprint(model: GPT, keep: int, method: str, seed: int = 0, calib: n
             raise ValueError("wanda needs calibration data")
         norms = input_norms(model, calib) if method == "wanda" else None
         return importance_blueprint(model, keep, method, norms)
+    if method in ("taylor", "flap"):
+        if calib is None:
+            raise ValueError(f"{method} needs calibration data")
+        scores = taylor_scores(model, calib) if method == "taylor" else \
+            flap_scores(model, projection_input_moments(model, calib))
+        return importance_blueprint(model, keep, method, scores=scores)
     raise ValueError(f"unknown structured method {method!r}; allowed: {list(STRUCTURED)}")
 
 

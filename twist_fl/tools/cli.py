@@ -34,7 +34,7 @@ from ..evaluation.loading import (
     parse_keeps,
     windows_for,
 )
-from ..evaluation.prune import STRUCTURED, choose_blueprint, random_blueprint, random_subnet_ppl, subnet
+from ..evaluation.prune import CALIBRATED, STRUCTURED, prune_structured, random_blueprint, random_subnet_ppl
 
 
 def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -60,12 +60,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if model.blueprint is not None:
         raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
     d = _data(args, meta)
-    calib = windows_for(model, d, "calib", args.calib_tokens) if args.method in ("best-of-k", "wanda") else None
+    calib = windows_for(model, d, "calib", args.calib_tokens) if args.method in CALIBRATED else None
     try:
-        bp = choose_blueprint(model, args.keep, args.method, args.seed, calib, args.k)
+        pruned = prune_structured(model, args.keep, args.method, args.seed, calib, args.k)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    pruned = subnet(model, bp)
     out = Path(args.out)
     pruned.save(out, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
                             "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
@@ -218,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=STRUCTURED, default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (best-of-k, wanda)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (calibrated methods)")
     p.add_argument("--out", required=True)
     _data_args(p)
     p.set_defaults(fn=cmd_prune)
@@ -257,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="TwIST vs post-training pruning baselines, as markdown and plots")
     p.add_argument("--twist", required=True, help="run folder (or model) trained with strategy twist")
-    p.add_argument("--dense", required=True, help="run folder (or model) trained with strategy fedavg")
+    p.add_argument("--dense", required=True, help="run folder (or model) trained dense: strategy ddp or fedavg")
     p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
