@@ -88,10 +88,31 @@ def test_heatmap_and_report(trained, tmp_path):
     res = json.loads((tmp_path / "rep" / "results.json").read_text())
     text = (tmp_path / "rep" / "REPORT.md").read_text()
     assert set(res["structured"]) == {"TwIST random", "TwIST best-of-k", "TwIST magnitude", "dense random",
-                                      "dense best-of-k", "dense magnitude", "dense Wanda"}
+                                      "dense best-of-k", "dense magnitude", "dense Wanda", "dense Taylor",
+                                      "dense FLAP"}
     assert set(res["unstructured"]) == {"dense magnitude", "dense Wanda", "dense SparseGPT"}
-    assert "Ratio TwIST / best" in text and 'strategy=\\"fedavg\\"' in text
+    assert "Ratio TwIST / best" in text and 'strategy=\\"fedavg\\"' in text and "dense (FedAvg)" in text
     assert (tmp_path / "rep" / "comparison.png").is_file()
+
+    # one pair per seed: the same pair twice gives the same means and no spread
+    assert main(["report", "--twist", str(trained / "twist"), str(trained / "twist"), "--dense", str(trained / "dense"),
+                 str(trained / "dense"), "--keeps", "2", "--draws", "2", "--k", "2", "--eval-tokens", "512",
+                 "--calib-tokens", "512", "--out", str(tmp_path / "rep2")]) == 0
+    res2 = json.loads((tmp_path / "rep2" / "results.json").read_text())
+    assert res2["seeds"] == 2 and "mean ± std over 2 seeds" in (tmp_path / "rep2" / "REPORT.md").read_text()
+    for label, series in res2["structured"].items():
+        single = next(p for p in res["structured"][label] if p["keep"] == 2)
+        assert series[0]["ppl"] == pytest.approx(single["ppl"]) and series[0]["std"] == pytest.approx(0, abs=1e-9)
+
+
+def test_report_refuses_unpaired_runs_and_a_twist_run_as_dense(trained, tmp_path, capsys):
+    common = ["--keeps", "2", "--draws", "1", "--eval-tokens", "512", "--out", str(tmp_path / "r")]
+    assert main(["report", "--twist", str(trained / "twist"), "--dense", str(trained / "dense"),
+                 str(trained / "dense"), *common]) == 2
+    assert "one run folder per seed, paired: 1 and 2 given" in capsys.readouterr().err
+    assert main(["report", "--twist", str(trained / "twist"), "--dense", str(trained / "twist"), *common]) == 2
+    assert "was trained with strategy 'twist'; it needs a dense run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("argv,match", [

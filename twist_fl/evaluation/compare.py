@@ -34,8 +34,8 @@ DENSE_NAMES = {"fedavg": "FedAvg", "ddp": "DDP"}
 class ReportOptions:
     """What `twist-fl report` compares, and how."""
 
-    twist: str  # run folder or model trained with strategy twist
-    dense: str  # run folder or model trained dense (strategy fedavg)
+    twist: list[str]  # run folders (or models) trained with strategy twist, one per seed
+    dense: list[str]  # run folders (or models) trained dense (strategy ddp or fedavg), paired with `twist`
     out: str  # folder for REPORT.md, results.json, comparison.png
     keeps: str = ""  # comma list of subnet sizes; "" = every size 1..N-1
     draws: int = 5  # random subnets per keep
@@ -53,17 +53,53 @@ def _ppl(model, windows) -> float:
 
 
 def run_comparison(args: ReportOptions) -> dict[str, Any]:
-    twist, meta_t = load_model(args.twist)
-    dense, meta_d = load_model(args.dense)
+    """Every method on each (twist, dense) pair; with several pairs (seeds), mean ± std over them."""
+    twist, dense = list(args.twist), list(args.dense)
+    if not twist or len(twist) != len(dense):
+        raise UsageError(f"--twist and --dense take one run folder per seed, paired: {len(twist)} and {len(dense)} "
+                         "given")
+    per_seed = [compare_pair(t, d, args) for t, d in zip(twist, dense, strict=True)]
+    return per_seed[0] if len(per_seed) == 1 else aggregate(per_seed)
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result with each perplexity the mean over seeds and `std` its spread over seeds."""
+    first = per_seed[0]
+    if any(r["keeps"] != first["keeps"] or r["n_blocks"] != first["n_blocks"] for r in per_seed):
+        raise UsageError("the runs of a report must share one architecture and keeps")
+    out = {**first, "seeds": len(per_seed), "per_seed": per_seed,
+           "dense_strategy": ",".join(sorted({r["dense_strategy"] for r in per_seed}))}
+    for key in ("twist_full_ppl", "dense_full_ppl"):
+        vals = [r[key] for r in per_seed]
+        out[key], out[key.replace("_ppl", "_std")] = float(np.mean(vals)), float(np.std(vals))
+    out["structured"] = {}
+    for label, series in first["structured"].items():
+        out["structured"][label] = []
+        for i, point in enumerate(series):
+            vals = [r["structured"][label][i]["ppl"] for r in per_seed]
+            out["structured"][label].append({**point, "ppl": float(np.mean(vals)), "std": float(np.std(vals)),
+                                             "per_seed": vals})
+    out["unstructured"] = {}
+    for label, point in first["unstructured"].items():
+        vals = [r["unstructured"][label]["ppl"] for r in per_seed]
+        out["unstructured"][label] = {**point, "ppl": float(np.mean(vals)), "std": float(np.std(vals)),
+                                      "per_seed": vals}
+    out["draws"] = {k: [x for r in per_seed for x in r["draws"][k]] for k in first["draws"]}
+    return out
+
+
+def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[str, Any]:
+    twist, meta_t = load_model(twist_path)
+    dense, meta_d = load_model(dense_path)
     if twist.cfg != dense.cfg:
         raise UsageError("the TwIST and dense models have different architectures; train both from one config")
     if twist.blueprint is not None or dense.blueprint is not None:
         raise UsageError("report needs the full trained models, not pruned subnets")
     st, sd = meta_t.get("run", {}).get("strategy"), meta_d.get("run", {}).get("strategy")
     if st is not None and st != "twist":
-        raise UsageError(f"--twist {args.twist} was trained with strategy {st!r}; it needs a strategy 'twist' run")
+        raise UsageError(f"--twist {twist_path} was trained with strategy {st!r}; it needs a strategy 'twist' run")
     if sd is not None and sd not in DENSE_STRATEGIES:
-        raise UsageError(f"--dense {args.dense} was trained with strategy {sd!r}; it needs a dense run "
+        raise UsageError(f"--dense {dense_path} was trained with strategy {sd!r}; it needs a dense run "
                          f"(allowed: {list(DENSE_STRATEGIES)})")
     cfg = twist.cfg
     d = data_settings(meta_t, **args.data)
@@ -120,11 +156,14 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
     structured = res["structured"]
     n = res["n_blocks"]
     half = next((k for k in keeps if 2 * k == n), None)
+    seeds = res.get("seeds", 1)
+    spread = f"mean ± std over {seeds} seeds (each random subnet's perplexity a mean over draws)" if seeds > 1 \
+        else f"random subnets: mean ± std over {args.draws} draws"
     lines = ["# TwIST vs post-training pruning", "",
              f"Perplexity on the {res['split']} split ({res['tokens']:,} tokens); no recovery training for any "
              f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, "
              f"dense ({DENSE_NAMES.get(res['dense_strategy'], 'unknown')}) {res['dense_full_ppl']:.3f}.",
-             "", "![perplexity vs share removed](comparison.png)", "",
+             "", f"Cells: {spread}.", "", "![perplexity vs share removed](comparison.png)", "",
              "| method | " + " | ".join(f"keep {k} ({structured['TwIST random'][i]['removed_of_block_params']:.0%})"
                                        for i, k in enumerate(keeps)) + " |",
              "|---|" + "---|" * len(keeps)]
@@ -141,8 +180,7 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
         lines += [f"## At keep {half} of {n} (half the blocks of every pruned layer; "
                   f"{structured['TwIST random'][i]['removed_of_block_params']:.0%} of the block weights of all layers)",
                   "",
-                  f"- TwIST random subnets: {tw:.3f} ± {structured['TwIST random'][i]['std']:.3f} "
-                  f"(mean ± std over {args.draws} draws).",
+                  f"- TwIST random subnets: {tw:.3f} ± {structured['TwIST random'][i]['std']:.3f} ({spread}).",
                   f"- Best structured baseline: {best_label}, {best:.3f}. Ratio TwIST / best = **{tw / best:.3f}** "
                   f"(target ≤ 0.75; the paper's ratio against SparseGPT is 0.73).",
                   ]
@@ -152,16 +190,28 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
         best_u = min(res["unstructured"].values(), key=lambda p: p["ppl"])["ppl"]
         lines += [f"- Each relative to its own full model: TwIST random subnets {tw / res['twist_full_ppl']:.3f}, "
                   f"best structured baseline {best / res['dense_full_ppl']:.3f}, best unstructured "
-                  f"{best_u / res['dense_full_ppl']:.3f}. (The TwIST model's full perplexity is itself lower than the "
-                  f"dense model's here, so part of the ratios above is training, not pruning.)"]
+                  f"{best_u / res['dense_full_ppl']:.3f}. ({_full_models(res)})"]
         draws = res["draws"][f"TwIST random keep {half}"]
         lines += [f"- The spread over random draws (the 'golden ticket'): {', '.join(f'{x:.3f}' for x in draws)}; "
                   f"worst / best = {max(draws) / min(draws):.3f}.", ""]
     lines += ["## Commands", "", "The two models were trained with (keys that differ from the defaults):", "", "```"]
-    lines += [train_command(res["twist_run"]), train_command(res["dense_run"]), "```", "",
+    for r in res.get("per_seed", [res]):
+        lines += [train_command(r["twist_run"]), train_command(r["dense_run"])]
+    lines += ["```", "",
               "and this report was made with:", "", "```",
               "twist-fl " + " ".join(shlex.quote(a) for a in args.argv), "```", ""]
     return "\n".join(lines)
+
+
+def _full_models(res: dict[str, Any]) -> str:
+    t, d = res["twist_full_ppl"], res["dense_full_ppl"]
+    if t < d:
+        return ("The TwIST model's full perplexity is itself lower than the dense model's here, so part of the "
+                "ratios above is training, not pruning.")
+    if t > d:
+        return ("The dense model's full perplexity is lower than the TwIST model's here, so the ratios above "
+                "understate what pruning costs the dense model relative to its own start.")
+    return "The two full models have the same perplexity."
 
 
 def train_command(run: dict[str, Any]) -> str:

@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_heatmap)
 
     p = sub.add_parser("report", help="TwIST vs post-training pruning baselines, as markdown and plots")
-    p.add_argument("--twist", required=True, help="run folder (or model) trained with strategy twist")
-    p.add_argument("--dense", required=True, help="run folder (or model) trained dense: strategy ddp or fedavg")
+    p.add_argument("--twist", required=True, nargs="+", help="run folders (or models) trained with strategy twist, "
+                   "one per seed")
+    p.add_argument("--dense", required=True, nargs="+", help="run folders trained dense (strategy ddp or fedavg), "
+                   "paired with --twist")
     p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
