@@ -45,7 +45,7 @@ from ..core.io import fsync_dir
 from ..core.model import initial_model
 from ..core.node import node_tokens
 from ..core.rng import Stream, generator
-from ..core.runs import Evaluator, RunFolder, summarize
+from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
 from ..deploy.procs import free_port
 
@@ -174,7 +174,7 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--timeout={timeout!r} is not allowed; allowed: a positive number of seconds")
     backend = pick_backend(backend, nproc, run.device)
-    cfg = initial_model(run).cfg
+    cfg = initial_model(run).cfg if run.init_from else run.model_config()  # no model built just for its shape
     run.check_model(cfg)
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
     check_split(splits["valid"], run.seq_len, "valid")
@@ -273,9 +273,7 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
                 t = time.monotonic()
                 row["valid"] = evaluator({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
                 row["eval_s"] = round(time.monotonic() - t, 3)
-                log.info("step %d (round %d): validation perplexity %.3f (full)%s", rnd * run.local_steps, rnd,
-                         row["valid"]["full"]["ppl"], "".join(f", {v['mean']:.3f} ± {v['std']:.3f} ({k})"
-                                                             for k, v in row["valid"].items() if k != "full"))
+                log.info("step %d (round %d): %s", rnd * run.local_steps, rnd, describe(row["valid"]))
             row["time"] = round(time.time(), 3)
             folder.append(row)
         dist.barrier()  # worker 0's evaluation is not counted in the others' next step

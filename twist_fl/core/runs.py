@@ -53,6 +53,12 @@ class Evaluator:
         return out
 
 
+def describe(valid: dict[str, Any]) -> str:
+    """One log line's worth of an evaluation: the full model, then each keep (mean ± std)."""
+    return f"validation perplexity {valid['full']['ppl']:.3f} (full)" + "".join(
+        f", {v['mean']:.3f} ± {v['std']:.3f} ({k})" for k, v in valid.items() if k != "full")
+
+
 class RunFolder:
     def __init__(self, path: Path):
         self.path = path

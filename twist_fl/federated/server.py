@@ -16,7 +16,7 @@ from ..core.checkpoint import load_checkpoint, restore_rng_states, rng_states, s
 from ..core.config import FLOWER_STRATEGIES, TOKENIZER_VOCAB, RunConfig
 from ..core.data import check_split, eval_windows, load_tokens
 from ..core.model import initial_model, load_state_strict
-from ..core.runs import Evaluator, RunFolder, summarize
+from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.train import reuse_freed_memory
 from .records import to_numpy, to_record
 from .strategy import TwistStrategy
@@ -91,9 +91,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
             t = time.monotonic()
             row["valid"] = evaluator(state)
             row["eval_s"] = round(time.monotonic() - t, 3)
-            log.info("round %d: validation perplexity %.3f (full)%s", rnd, row["valid"]["full"]["ppl"],
-                     "".join(f", {v['mean']:.3f} ± {v['std']:.3f} ({k})" for k, v in row["valid"].items()
-                             if k != "full"))
+            log.info("round %d: %s", rnd, describe(row["valid"]))
         row["time"] = round(time.time(), 3)
         folder.append(row)
         save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
