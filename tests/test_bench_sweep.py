@@ -102,21 +102,30 @@ def test_runtime_overhead_benchmark_splits_a_real_flwr_run():
 
 
 _MALLOC_CHILD = r"""
-import resource, sys, torch
+import ctypes, sys, torch
 from twist_fl.tools.bench import set_malloc
 from twist_fl.core.train import freed_memory_reused, reuse_freed_memory
+
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33 <malloc.h>
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
 reuse = sys.argv[1] == "reuse"
 if reuse:
     assert reuse_freed_memory() and reuse_freed_memory()  # applies, and again is a no-op
 set_malloc(reuse)
-def faults_of_a_buffer():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    t = torch.ones(64 * 2**20)  # 256 MiB, over glibc's 32 MiB ceiling for serving from the heap
+MiB = 2**20
+for _ in range(3):  # a training loop's first steps
+    before = libc.mallinfo2()
+    t = torch.ones(64 * MiB)  # 256 MiB, over glibc's 32 MiB ceiling for serving from the heap
+    live = libc.mallinfo2()
     del t
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-for _ in range(3):  # a training loop's first steps grow the heap
-    faults_of_a_buffer()
-print(freed_memory_reused(), faults_of_a_buffer())
+    freed = libc.mallinfo2()
+print(freed_memory_reused(), (live.hblkhd - before.hblkhd) // MiB, freed.fordblks // MiB)
 try:
     set_malloc(False)
     print("set_malloc(False) accepted")
@@ -126,19 +135,20 @@ except RuntimeError as e:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_reused_freed_memory_takes_no_page_faults_for_a_repeated_large_buffer():
+def test_reused_freed_memory_keeps_a_large_buffer_in_the_heap_for_the_next_one():
+    # glibc's own accounting (mallinfo2), not the kernel's page-fault counters: how the kernel
+    # backs the kept memory (huge pages, reclaim) is the machine's business, and the benchmark's.
     def child(mode):
         out = subprocess.run([sys.executable, "-c", _MALLOC_CHILD, mode], capture_output=True, text=True, check=True)
         first, second = out.stdout.strip().splitlines()
-        reused, faults = first.split()
-        return reused == "True", int(faults), second
+        reused, mmapped_mib, free_in_heap_mib = first.split()
+        return reused == "True", int(mmapped_mib), int(free_in_heap_mib), second
 
-    reused, faults, refusal = child("reuse")
+    reused, mmapped, kept, refusal = child("reuse")
     assert reused
-    assert faults < 64, faults  # in steady state the buffer is an earlier one's memory, already mapped
+    assert mmapped == 0  # the 256 MiB buffer came from the heap: no fresh mmap
+    assert kept >= 256  # and once freed it stays there, for the next step's buffer
     assert "cannot be undone" in refusal  # a benchmark of glibc's default cannot run in this process
-    reused, faults, accepted = child("return")
+    reused, mmapped, kept, accepted = child("return")
     assert not reused and accepted == "set_malloc(False) accepted"
-    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    if not (thp.exists() and "[always]" in thp.read_text()):  # 4 KiB pages: the default maps 65,536 anew
-        assert faults > 60_000, faults
+    assert mmapped >= 256 and kept < 256  # glibc's default: mapped anew, unmapped when freed
