@@ -91,6 +91,11 @@ def test_heatmap_and_report(trained, tmp_path):
                                       "dense best-of-k", "dense magnitude", "dense Wanda", "dense Taylor",
                                       "dense FLAP"}
     assert set(res["unstructured"]) == {"dense magnitude", "dense Wanda", "dense SparseGPT"}
+    for series in res["unstructured"].values():  # at every keep, the structured methods' share
+        assert [p["keep"] for p in series] == [1, 2, 3]
+        assert [p["sparsity_in_pruned_matrices"] for p in series] == [0.75, 0.5, 0.25]
+        assert [p["removed_of_block_params"] for p in series] == \
+            [p["removed_of_block_params"] for p in res["structured"]["dense random"]]
     assert "Ratio TwIST / best" in text and 'strategy=\\"fedavg\\"' in text and "dense (FedAvg)" in text
     assert (tmp_path / "rep" / "comparison.png").is_file()
 
@@ -100,9 +105,10 @@ def test_heatmap_and_report(trained, tmp_path):
                  "--calib-tokens", "512", "--out", str(tmp_path / "rep2")]) == 0
     res2 = json.loads((tmp_path / "rep2" / "results.json").read_text())
     assert res2["seeds"] == 2 and "mean ± std over 2 seeds" in (tmp_path / "rep2" / "REPORT.md").read_text()
-    for label, series in res2["structured"].items():
-        single = next(p for p in res["structured"][label] if p["keep"] == 2)
-        assert series[0]["ppl"] == pytest.approx(single["ppl"]) and series[0]["std"] == pytest.approx(0, abs=1e-9)
+    for kind in ("structured", "unstructured"):
+        for label, series in res2[kind].items():
+            single = next(p for p in res[kind][label] if p["keep"] == 2)
+            assert series[0]["ppl"] == pytest.approx(single["ppl"]) and series[0]["std"] == pytest.approx(0, abs=1e-9)
 
 
 def test_report_refuses_unpaired_runs_and_a_twist_run_as_dense(trained, tmp_path, capsys):

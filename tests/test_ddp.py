@@ -98,7 +98,7 @@ def test_heatmap_reads_a_ddp_run_as_dense(ddp2, tmp_path):
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["--nproc", "0"], "--nproc=0"),
+    (["--nproc", "0"], "argument --nproc: '0' is not allowed; allowed: 1 or more"),
     (["--nproc", "35", "--run-config", 'partitioning="document"'], "--nproc 35 is more workers than"),
     (["--run-config", "keep=2"], "keep=2 has no meaning for DDP"),
     (["--run-config", "resume-from='x'"], "resume-from='x' has no meaning for DDP"),

@@ -184,8 +184,6 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     except ValueError as e:
         raise ValueError(f"--nproc {nproc} is more workers than the training split has partitions: {e}") from None
     folder = RunFolder.new(run)
-    if (folder.path / "model").exists():
-        raise ValueError(f"{folder.path / 'model'} exists; choose another run-name")
     folder.write_config(run, cfg)
     spec = WorkerSpec(run=run.to_flat(), nproc=nproc, port=free_port(), backend=backend,
                       threads=threads or max(1, len(os.sched_getaffinity(0)) // nproc), timeout=timeout,

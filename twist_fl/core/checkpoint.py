@@ -21,11 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_text, fsync_dir
+from .io import atomic_write_text, fsync_dir, json_line
 
 log = logging.getLogger(__name__)
 
 KEEP_LAST = 2
+STATE_KEYS = ("round", "weights_sha256", "rng", "config", "strategy")  # what a resume reads
 
 
 def rng_states() -> dict[str, Any]:
@@ -52,7 +53,7 @@ def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], 
     wpath = tmp / "weights.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(wpath))
     digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
-    (tmp / "state.json").write_text(json.dumps({"round": round_, "weights_sha256": digest, **state}))
+    (tmp / "state.json").write_text(json_line({"round": round_, "weights_sha256": digest, **state}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -71,6 +72,11 @@ def _read(ckpt: Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
     from safetensors.numpy import load_file
 
     state = json.loads((ckpt / "state.json").read_text())
+    missing = [k for k in STATE_KEYS if k not in state] if isinstance(state, dict) else list(STATE_KEYS)
+    if missing:
+        raise ValueError(f"state.json lacks {missing}")
+    if not all(k in state["rng"] for k in ("torch", "numpy")):
+        raise ValueError("state.json's rng entry lacks the torch or numpy state")
     wpath = ckpt / "weights.safetensors"
     if hashlib.sha256(wpath.read_bytes()).hexdigest() != state["weights_sha256"]:
         raise ValueError("weights do not match the recorded sha256")
@@ -90,6 +96,6 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[int, dict[str, np.ndarr
     for ckpt in candidates:
         try:
             return _read(ckpt)
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
             log.warning("skipping checkpoint %s: %s", ckpt, e)
     raise ValueError(f"resume-from={str(run_dir)!r} has no complete checkpoint")

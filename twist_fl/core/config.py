@@ -242,11 +242,8 @@ class RunConfig:
 
     def model_config(self) -> GPTConfig:
         """The GPTConfig of this run (without `init-from`, which brings its own architecture)."""
-        base = preset(self.model, vocab_size=TOKENIZER_VOCAB[self.tokenizer], alpha=self.alpha,
+        return preset(self.model, vocab_size=TOKENIZER_VOCAB[self.tokenizer], alpha=self.alpha,
                       shared_layers=self.shared_layer_list)
-        if self.seq_len > base.block_size:
-            base = dataclasses.replace(base, block_size=self.seq_len)
-        return base
 
     def lr_at(self, round_: int) -> float:
         """Learning rate of a round (1-based): constant, or cosine from lr to lr * lr_min_ratio."""
@@ -296,6 +293,13 @@ class RunConfig:
 
             if not Path(self.data_path).expanduser().is_dir():
                 raise ValueError(f"run-config data-path={self.data_path!r} is not a readable folder")
+        if self.dataset == "shakespeare" and self.data_path:
+            raise ValueError(f"run-config data-path={self.data_path!r} has no meaning for dataset 'shakespeare' (the "
+                             "embedded corpus); leave it empty, or use dataset 'text' for a folder of text files")
+        name = self.run_name
+        if name and (name in (".", "..") or "/" in name or "\\" in name or name != name.strip()):
+            raise ValueError(f"run-config run-name={name!r} must be a folder name, not a path (no '/', not '.' or "
+                             "'..'); the run folder is out-dir/run-name: set out-dir for where it goes")
         if self.dataset == "text" and not self.data_path:
             raise ValueError("run-config dataset='text' needs data-path (a folder with train.txt, valid.txt, test.txt)")
         if self.init_from:
@@ -315,8 +319,12 @@ class RunConfig:
         for i in self.shared_layer_list:
             if not -cfg.n_layer <= i < cfg.n_layer:
                 raise ValueError(f"run-config shared-layers has {i}; the model has layers 0..{cfg.n_layer - 1}")
+        if len({i % cfg.n_layer for i in self.shared_layer_list}) == cfg.n_layer:
+            raise ValueError(f"run-config shared-layers={self.shared_layers!r} covers all {cfg.n_layer} layers of "
+                             f"{name}, so no block could ever be pruned; leave at least one layer out")
         if self.seq_len > cfg.block_size:
-            raise ValueError(f"run-config seq-len={self.seq_len} exceeds the model's block_size {cfg.block_size}")
+            raise ValueError(f"run-config seq-len={self.seq_len} is longer than {name} can read: allowed "
+                             f"1..{cfg.block_size} (its block_size, the positions it has)")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -16,9 +16,9 @@ when that wheel is absent and the network is allowed).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DATASETS, PARTITIONINGS, TOKENIZERS
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, write_json
 from .rng import Stream, generator
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,31 @@ def _local_files(data_path: str | None, names: dict[str, Sequence[str]], dataset
                 break
         else:
             raise ValueError(f"data_path {str(d)!r} has no {split} file; expected one of {list(candidates)}")
+        check_text_file(Path(found[split]))
     return found
+
+
+def check_text_file(path: Path, chunk: int = 1 << 20) -> None:
+    """ValueError naming `path` unless it is a readable, non-empty UTF-8 text file (read in
+    chunks: a WikiText-103 train file is half a gigabyte)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text = False
+    try:
+        with open(path, "rb") as f:
+            offset = 0
+            while block := f.read(chunk):
+                try:
+                    text = bool(decoder.decode(block).strip()) or text
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path} is not UTF-8 text: byte {offset + e.start} cannot be decoded") from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: it ends in the middle of a character") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e}") from None
+    if not text:
+        raise ValueError(f"{path} is empty (no text to train or evaluate on)")
 
 
 def load_corpus(dataset: str, data_path: str | None = None) -> dict[str, list[str]]:
@@ -297,9 +321,9 @@ def load_tokens(dataset: str = "shakespeare", tokenizer: str = "bytes", data_pat
             np.savez(f, **arrays)
 
     atomic_write(path, write_npz)
-    atomic_write_text(path.with_suffix(".json"), json.dumps(
-        {"dataset": dataset, "tokenizer": tokenizer, "data_path": data_path,
-         "tokens": {s: int(len(out[s])) for s in SPLITS}, "docs": {s: len(corpus[s]) for s in SPLITS}}))
+    write_json(path.with_suffix(".json"),
+               {"dataset": dataset, "tokenizer": tokenizer, "data_path": data_path,
+                "tokens": {s: int(len(out[s])) for s in SPLITS}, "docs": {s: len(corpus[s]) for s in SPLITS}})
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .blueprint import Blueprint
 from .config import GPTConfig, RunConfig
-from .io import atomic_write
+from .io import atomic_write, write_json
 
 FORMAT = "twist-fl/model-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -221,9 +221,24 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, generator: torch.Generator | None = None,
                  use_cache: bool = True) -> torch.Tensor:
-        """Append `max_new_tokens` tokens; temperature 0 is greedy decoding. With `use_cache`, the
-        prompt is run once and each new token reuses the keys and values (restarted when the
-        context reaches block_size)."""
+        """`idx` with `max_new_tokens` tokens appended (see `stream`)."""
+        new = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, use_cache))
+        return torch.cat([idx, *new], dim=1) if new else idx
+
+    @torch.inference_mode()
+    def stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, generator: torch.Generator | None = None,
+               use_cache: bool = True) -> Iterator[torch.Tensor]:
+        """Yield each new token, (B, 1), as it is chosen. Temperature 0 is greedy decoding;
+        `top_k` (0 or None: no limit) samples among the k likeliest tokens. With `use_cache`,
+        the prompt is run once and each new token reuses the keys and values (restarted when
+        the context reaches block_size)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 = greedy)")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 = no limit)")
         cache = None
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and cache_length(cache) < self.cfg.block_size:
@@ -236,12 +251,12 @@ class GPT(nn.Module):
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
+                if top_k:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat((idx, nxt), dim=1)
-        return idx
+            yield nxt
 
     # --- persistence ---------------------------------------------------------------------
 
@@ -256,7 +271,7 @@ class GPT(nn.Module):
                 "num_params": self.num_params(), **(extra or {})}
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(d / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-        atomic_write(d / CONFIG_FILE, lambda p: p.write_text(json.dumps(meta, indent=2)))
+        write_json(d / CONFIG_FILE, meta)
         return d
 
     @classmethod
@@ -271,7 +286,11 @@ class GPT(nn.Module):
 
     @classmethod
     def load(cls, directory: str | os.PathLike, map_location: str = "cpu") -> GPT:
-        """Load a model written by `save` (full or pruned), with no knowledge of its parent."""
+        """Load a model written by `save` (full or pruned), with no knowledge of its parent.
+        Anything wrong with the folder is a ValueError naming the file: a missing or unreadable
+        file, a config without its entries, a truncated weights file, missing or extra tensors,
+        wrong shapes, and weights that are not finite (NaN or Inf)."""
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         d = Path(directory)
@@ -279,14 +298,30 @@ class GPT(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise ValueError(f"{d} is not a twist-fl model directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
         try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{cfg_path} has format {meta.get('format')!r}; expected {FORMAT!r}")
-        cfg = GPTConfig.from_dict(meta["gpt"])
-        bp = Blueprint.from_dict(meta["blueprint"]) if meta.get("blueprint") else None
-        return cls.from_state(cfg, load_file(str(w_path), device=map_location), blueprint=bp)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{cfg_path} has format {got!r}; expected {FORMAT!r}")
+        if not isinstance(meta.get("gpt"), dict):
+            raise ValueError(f"{cfg_path} lacks its 'gpt' entry (the model's architecture)")
+        try:
+            cfg = GPTConfig.from_dict(meta["gpt"])
+            bp = Blueprint.from_dict(meta["blueprint"]) if meta.get("blueprint") else None
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{cfg_path} does not describe a model: {e}") from None
+        try:
+            state = load_file(str(w_path), device=map_location)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{w_path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise ValueError(f"{w_path} holds non-finite weights (NaN or Inf) in {bad}")
+        try:
+            return cls.from_state(cfg, state, blueprint=bp)
+        except ValueError as e:
+            raise ValueError(f"{w_path} does not fit its {CONFIG_FILE}: {e}") from None
 
     # --- Hugging Face GPT-2 import ---------------------------------------------------------
 
@@ -361,14 +396,24 @@ def initial_model(run: RunConfig) -> GPT:
     if not run.init_from:
         return GPT(run.model_config())
     path = Path(run.init_from).expanduser()
+    key = f"run-config init-from={run.init_from!r}"
     cfg_file = path / CONFIG_FILE  # twist-fl and Hugging Face folders both have one: check the format
-    meta = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if meta.get("format") == FORMAT:
-        model = GPT.load(path)
+    try:
+        meta = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{key}: {cfg_file} is not valid JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("format") == FORMAT:
+        try:
+            model = GPT.load(path)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
         if model.blueprint is not None:
-            raise ValueError(f"init-from={run.init_from!r} is a pruned subnet; training needs a full model")
+            raise ValueError(f"{key} is a pruned subnet; training needs a full model")
         cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": run.alpha,
                                    "shared_layers": list(run.shared_layer_list)})
         return GPT.from_state(cfg, model.state_dict())
-    return GPT.from_hf(path, alpha=run.alpha, shared_layers=run.shared_layer_list)
-
+    try:
+        return GPT.from_hf(path, alpha=run.alpha, shared_layers=run.shared_layer_list)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key} is neither a twist-fl model folder nor a readable Hugging Face GPT-2 folder: "
+                         f"{e}") from None

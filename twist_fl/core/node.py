@@ -9,9 +9,12 @@ other blocks are unchanged by construction), so the server validates and average
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +24,21 @@ from .blocks import slice_state
 from .blueprint import Blueprint
 from .config import NODE_MODES, GPTConfig, RunConfig, parse_mode
 from .data import check_split, load_tokens, partition, random_batches
+from .io import atomic_write
 from .model import GPT, load_state_strict
 from .rng import Stream, generator
-from .train import OptimConfig, export_moments, import_moments, make_optimizer, merge_moments, pick_device, train_steps
+from .train import (
+    MOMENTS,
+    OptimConfig,
+    export_moments,
+    import_moments,
+    make_optimizer,
+    merge_moments,
+    pick_device,
+    train_steps,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -91,3 +106,65 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
     return LocalResult(arrays={k: v.numpy().astype(np.float32, copy=False) for k, v in reply.items()},
                        metrics={"train-loss": stats["train_loss"], "num-examples": stats["num_examples"]},
                        moments=new_moments, moment_step=step)
+
+
+class MomentStore:
+    """A node's AdamW moments (optimizer-state=keep) on the node's own disk, one file per round it
+    trained, so that they survive a ServerApp restart: a resumed run is a new Flower run, whose
+    node contexts start empty.
+
+    Files: `<state dir>/<run uid>/partition-<id>/round-NNNNNN.safetensors` (the full-size moments,
+    float32, and the optimizer step), written atomically; the newest `KEEP` are kept. A resumed
+    run that starts at round t loads the newest file of a round before t: the moments as the
+    uninterrupted run would have them, even when the node had already trained a round the
+    server never checkpointed."""
+
+    KEEP = 3
+    _UID = re.compile(r"^[0-9a-f]{32}$")
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    @classmethod
+    def at(cls, state_dir: str, run_uid: str, partition_id: int) -> MomentStore | None:
+        """The store of one node in one run; None without a state dir or a well-formed run uid."""
+        if not state_dir or not cls._UID.match(run_uid or ""):
+            return None
+        return cls(Path(state_dir).expanduser() / run_uid / f"partition-{int(partition_id)}")
+
+    def _files(self) -> list[tuple[int, Path]]:
+        if not self.root.is_dir():
+            return []
+        return sorted((int(f.stem.split("-")[1]), f) for f in self.root.glob("round-*.safetensors")
+                      if f.stem.split("-")[1].isdigit())
+
+    def save(self, round_: int, moments: Mapping[str, Mapping[str, torch.Tensor]], step: int) -> Path:
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        flat = {f"{m}/{k}": v.detach().to(torch.float32).contiguous() for m in MOMENTS for k, v in moments[m].items()}
+        path = atomic_write(self.root / f"round-{round_:06d}.safetensors",
+                            lambda p: save_file(flat, str(p), metadata={"step": str(step), "round": str(round_)}))
+        for _, old in self._files()[:-self.KEEP]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, before_round: int) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:
+        """The moments and step of the newest round before `before_round`; (None, 0) if none."""
+        from safetensors import SafetensorError, safe_open
+
+        for round_, path in reversed(self._files()):
+            if round_ >= before_round:
+                continue
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    step = int(f.metadata()["step"])
+                    moments: dict[str, dict[str, torch.Tensor]] = {m: {} for m in MOMENTS}
+                    for key in f.keys():
+                        m, _, name = key.partition("/")
+                        moments[m][name] = f.get_tensor(key)
+                log.info("optimizer moments of round %d loaded from %s", round_, path)
+                return moments, step
+            except (SafetensorError, OSError, KeyError, ValueError) as e:
+                log.warning("skipping unreadable optimizer moments %s: %s", path, e)
+        return None, 0

@@ -83,7 +83,7 @@ def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 0.6 * len(rows) + 2))
     im = ax.imshow(grid, cmap="viridis_r")
     ax.set_xticks(range(len(keys)), [f"{k}" for k in keys])
-    ax.set_yticks(range(len(rows)), [str(r["trained_keep"]) for r in rows])
+    ax.set_yticks(range(len(rows)), [f"{r.get('strategy') or ''} {r['trained_keep']}".strip() for r in rows])
     ax.set_xlabel("evaluated at keep")
     ax.set_ylabel("trained at keep")
     for i, row in enumerate(grid):
@@ -108,8 +108,9 @@ def comparison_plot(results: dict[str, Any], path: Path) -> Path:
         if series and "std" in series[0]:
             ax.fill_between(xs, [p["ppl"] - p["std"] for p in series], [p["ppl"] + p["std"] for p in series],
                             alpha=0.2)
-    for label, p in results["unstructured"].items():
-        ax.plot([p["removed_of_block_params"]], [p["ppl"]], "x", markersize=9, label=f"{label} (unstructured)")
+    for label, series in results["unstructured"].items():
+        ax.plot([p["removed_of_block_params"] for p in series], [p["ppl"] for p in series], ":x", markersize=7,
+                label=f"{label} (unstructured)")
     ax.axhline(results["twist_full_ppl"], color="k", lw=0.8, ls=":", label="TwIST full model")
     ax.axhline(results["dense_full_ppl"], color="gray", lw=0.8, ls=":", label="dense full model")
     ax.set_xlabel("share of block weights removed")

@@ -20,7 +20,7 @@ from .blocks import param_counts, slice_state
 from .blueprint import sample_blueprints
 from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
-from .io import atomic_write_text
+from .io import atomic_write_text, json_line, write_json
 from .model import GPT
 from .report import final_table, plot_keeps, plot_rounds
 from .rng import Stream
@@ -60,37 +60,61 @@ def describe(valid: dict[str, Any]) -> str:
 
 
 class RunFolder:
+    """A run folder. `new` makes the folder of a new run; `existing` opens one to resume."""
+
     def __init__(self, path: Path):
         self.path = path
-        path.mkdir(parents=True, exist_ok=True)
         self.metrics = path / "metrics.jsonl"
 
     @classmethod
     def new(cls, run: RunConfig) -> RunFolder:
-        """The folder of a new run, `out-dir/run-name`; refused when it already holds a run."""
+        """The folder of a new run, `out-dir/run-name`, created here; refused when it exists
+        and is not empty (a run's files are never overwritten: resume it, or choose a name)."""
         folder = cls(Path(run.out_dir).expanduser().resolve() / (run.run_name or run.default_run_name()))
-        if folder.rows():
-            raise ValueError(f"{folder.path} already holds a run; choose another run-name or resume-from it")
+        if folder.path.exists() and (not folder.path.is_dir() or any(folder.path.iterdir())):
+            raise ValueError(f"run folder {folder.path} already exists and is not empty; choose another run-name, "
+                             f"or continue it with resume-from={str(folder.path)!r}")
+        folder.path.mkdir(parents=True, exist_ok=True)
         return folder
 
-    def write_config(self, run: RunConfig, cfg: GPTConfig) -> None:
-        atomic_write_text(self.path / "config.json", json.dumps({"run": run.to_flat(), "model": cfg.to_dict()},
-                                                                indent=2))
+    @classmethod
+    def existing(cls, path: str, key: str = "resume-from") -> RunFolder:
+        """A run folder to resume; refused (nothing created) when it is not one."""
+        p = Path(path).expanduser().resolve()
+        if not (p / "config.json").is_file() or not (p / "checkpoints").is_dir():
+            raise ValueError(f"run-config {key}={path!r} is not a run folder (it needs config.json and "
+                             "checkpoints/); resume-from takes the folder of an earlier run")
+        return cls(p)
+
+    def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "") -> None:
+        write_json(self.path / "config.json", {"run": run.to_flat(), "model": cfg.to_dict(),
+                                               **({"run_uid": run_uid} if run_uid else {})})
         log.info("run folder: %s", self.path)
 
     def rows(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl. A last line cut off by a crash is dropped with a warning (the
+        round it belonged to is trained again on resume); a bad line before it is an error."""
         if not self.metrics.is_file():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.metrics.read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for i, line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i != lines[-1][0]:
+                    raise ValueError(f"{self.metrics} line {i} is not valid JSON ({e}); the file is damaged") from None
+                log.warning("%s: dropping its last line, cut off before it was complete (%s)", self.metrics, e)
+        return rows
 
     def truncate_after(self, round_: int) -> None:
         """Drop metric lines of rounds after the checkpoint a resumed run starts from."""
         keep = [r for r in self.rows() if r["round"] <= round_]
-        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.metrics, "".join(json_line(r) for r in keep))
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))
             f.flush()
 
 
@@ -121,7 +145,7 @@ def summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s:
     plot_rounds(rows, folder.path / "rounds.png", title)
     if final:
         plot_keeps(final, n_total, folder.path / "keeps.png", title)
-    atomic_write_text(folder.path / "summary.json", json.dumps(summary, indent=2))
+    write_json(folder.path / "summary.json", summary)
     if final:
         log.info("final validation perplexity (unigram baseline %.2f):\n%s", summary["unigram_ppl_valid"],
                  final_table(final, n_total, params))

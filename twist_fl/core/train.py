@@ -17,6 +17,7 @@ from .blocks import scatter_state, slice_state
 from .blueprint import Blueprint
 from .config import GPTConfig
 from .model import GPT
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,14 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
 
 
 @torch.no_grad()
-def evaluate(model: GPT, windows: np.ndarray, batch_size: int = 16, mask: Blueprint | None = None) -> dict:
+def evaluate(model: GPT, windows: np.ndarray, batch_size: int = 16, mask: Blueprint | None = None,
+             desc: str = "evaluating") -> dict:
     """Mean next-token cross-entropy over `windows` ((n, T+1) ids) and its exp (perplexity)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
+    for i in progress(range(0, len(windows), batch_size), desc):
         w = torch.from_numpy(windows[i:i + batch_size]).to(device)
         logits, _ = model(w[:, :-1], mask=mask)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),

@@ -12,31 +12,59 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import logging
+import re
 from pathlib import Path
 
-from ..core.io import atomic_write_bytes
+from ..core.io import atomic_write_bytes, check_output
 
 log = logging.getLogger(__name__)
 
+CERT_FILES = {"ca": "ca.crt", "ca_key": "ca.key", "cert": "server.pem", "key": "server.key"}
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
-def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365) -> dict[str, Path]:
+
+def check_host(host: str) -> str:
+    """`host` if it is an IP address or a DNS name (RFC 1123 labels), else ValueError."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in name.split(".")):
+        raise ValueError(f"host {host!r} is neither an IP address nor a DNS name (letters, digits and '-' in "
+                         "dot-separated labels, e.g. 10.0.0.5 or link.example.org; no scheme, port or path)")
+    return host
+
+
+def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365,
+                      force: bool = False) -> dict[str, Path]:
     """A CA (ca.crt, ca.key) and a server certificate it signs (server.pem, server.key) whose
-    subject alternative names are `hosts` (IP addresses or DNS names) plus 127.0.0.1 and localhost.
-    Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes and `flwr` ca.crt."""
+    subject alternative names are `hosts` (IP addresses or DNS names) plus 127.0.0.1 and localhost,
+    valid for `days` (>= 1). Give the SuperLink ca.crt, server.pem and server.key; give SuperNodes
+    and `flwr` ca.crt. Existing files are never replaced unless `force` (a CA that nodes already
+    trust would be lost)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise ValueError(f"--days={days!r} is not allowed; allowed: 1 or more days of validity")
+    hosts = [check_host(h) for h in (hosts or [])]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; certificates go into a folder")
     out.mkdir(parents=True, exist_ok=True)
+    paths = {k: out / name for k, name in CERT_FILES.items()}
+    for p in paths.values():
+        check_output(p, force=force)
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     names: list[x509.GeneralName] = []
-    for h in ["127.0.0.1", "localhost", *(hosts or [])]:
+    for h in ["127.0.0.1", "localhost", *hosts]:
         try:
             gn: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(h))
         except ValueError:
-            if not h or any(c.isspace() for c in h):
-                raise ValueError(f"host {h!r} is neither an IP address nor a DNS name") from None
             gn = x509.DNSName(h)
         if gn not in names:
             names.append(gn)
@@ -66,7 +94,6 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
               .sign(ca_key, hashes.SHA384()))
 
-    paths = {"ca": out / "ca.crt", "ca_key": out / "ca.key", "cert": out / "server.pem", "key": out / "server.key"}
     pem = serialization.Encoding.PEM
     atomic_write_bytes(paths["ca"], ca.public_bytes(pem))
     atomic_write_bytes(paths["cert"], server.public_bytes(pem))
@@ -77,20 +104,28 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
     return paths
 
 
-def make_node_key(path: Path) -> tuple[Path, Path]:
+def make_node_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     """An EC SECP384R1 key pair for SuperNode authentication: `path` (private, OpenSSH, mode 600)
-    and `path`.pub (OpenSSH public key, what the SuperLink's operator registers)."""
+    and `path`.pub (OpenSSH public key, what the SuperLink's operator registers). A `path` ending
+    in .pub is refused (the private key would go where the public one is expected), and existing
+    key files are never replaced unless `force` (a registered key would be lost)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    if path.suffix == ".pub":
+        raise ValueError(f"--out {str(path)!r} ends in .pub: give the PRIVATE key's path (e.g. node.key); its "
+                         "public half is written beside it as <out>.pub")
+    if path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a folder: give the private key's file path, e.g. {path / 'node.key'}")
     pub = path.with_name(path.name + ".pub")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for p in (path, pub):
+        check_output(p, force=force)
+    key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     atomic_write_bytes(path, private, 0o600)
     atomic_write_bytes(pub, public + b"\n")
     return path, pub
-
-

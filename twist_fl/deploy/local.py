@@ -152,6 +152,7 @@ class LocalDeployment:
 
     def node_key(self, name: str, register: bool = True) -> Path:
         """A key pair for node `name` under root/keys; registered with the SuperLink if asked."""
+        (self.root / "keys").mkdir(parents=True, exist_ok=True)
         key, pub = make_node_key(self.root / "keys" / name)
         if register:
             self.flwr(["supernode", "register", str(pub), CONNECTION], check=True)
@@ -181,11 +182,13 @@ class LocalDeployment:
     def start_nodes(self, n: int, modes: list[str] | None = None,
                     capacities: list[float] | None = None) -> list[Proc]:
         """N SuperNodes with partitions 0..n-1, an optional twist-mode and twist-capacity each,
-        and the machine's cores shared out between them (num-threads)."""
+        the machine's cores shared out between them (num-threads), and each a folder for its
+        optimizer moments (twist-state-dir, node-state/<i>), so a resumed run finds them."""
         threads = max(1, (os.cpu_count() or 1) // n)
         procs = []
         for i in range(n):
-            nc: dict[str, Any] = {"partition-id": i, "num-partitions": n, "num-threads": threads}
+            nc: dict[str, Any] = {"partition-id": i, "num-partitions": n, "num-threads": threads,
+                                  "twist-state-dir": str(self.root / "node-state" / str(i))}
             if modes:
                 nc["twist-mode"] = modes[i % len(modes)]
             if capacities:

@@ -9,7 +9,6 @@ weights of the same matrices, with no recovery training — as in the paper's co
 
 from __future__ import annotations
 
-import json
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ import numpy as np
 
 from ..core.blocks import sparsity
 from ..core.config import DENSE_STRATEGIES, RunConfig
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, write_json
+from ..core.progress import progress
 from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
@@ -28,6 +28,7 @@ from .prune import prune_structured, random_blueprint, random_subnet_ppl, unstru
 
 log = logging.getLogger(__name__)
 DENSE_NAMES = {"fedavg": "FedAvg", "ddp": "DDP"}
+UNSTRUCTURED = {"dense magnitude": "magnitude", "dense Wanda": "wanda", "dense SparseGPT": "sparsegpt"}
 
 
 @dataclass(frozen=True)
@@ -72,18 +73,14 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("twist_full_ppl", "dense_full_ppl"):
         vals = [r[key] for r in per_seed]
         out[key], out[key.replace("_ppl", "_std")] = float(np.mean(vals)), float(np.std(vals))
-    out["structured"] = {}
-    for label, series in first["structured"].items():
-        out["structured"][label] = []
-        for i, point in enumerate(series):
-            vals = [r["structured"][label][i]["ppl"] for r in per_seed]
-            out["structured"][label].append({**point, "ppl": float(np.mean(vals)), "std": float(np.std(vals)),
-                                             "per_seed": vals})
-    out["unstructured"] = {}
-    for label, point in first["unstructured"].items():
-        vals = [r["unstructured"][label]["ppl"] for r in per_seed]
-        out["unstructured"][label] = {**point, "ppl": float(np.mean(vals)), "std": float(np.std(vals)),
-                                      "per_seed": vals}
+    for kind in ("structured", "unstructured"):
+        out[kind] = {}
+        for label, series in first[kind].items():
+            out[kind][label] = []
+            for i, point in enumerate(series):
+                vals = [r[kind][label][i]["ppl"] for r in per_seed]
+                out[kind][label].append({**point, "ppl": float(np.mean(vals)), "std": float(np.std(vals)),
+                                         "per_seed": vals})
     out["draws"] = {k: [x for r in per_seed for x in r["draws"][k]] for k in first["draws"]}
     return out
 
@@ -96,11 +93,12 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
     if twist.blueprint is not None or dense.blueprint is not None:
         raise UsageError("report needs the full trained models, not pruned subnets")
     st, sd = meta_t.get("run", {}).get("strategy"), meta_d.get("run", {}).get("strategy")
-    if st is not None and st != "twist":
-        raise UsageError(f"--twist {twist_path} was trained with strategy {st!r}; it needs a strategy 'twist' run")
-    if sd is not None and sd not in DENSE_STRATEGIES:
+    if st != "twist":
+        raise UsageError(f"--twist {twist_path} was trained with strategy {st!r}; it needs a strategy 'twist' run "
+                         "(a run folder, or the model/ of one, which records its strategy)")
+    if sd not in DENSE_STRATEGIES:
         raise UsageError(f"--dense {dense_path} was trained with strategy {sd!r}; it needs a dense run "
-                         f"(allowed: {list(DENSE_STRATEGIES)})")
+                         f"(allowed: {list(DENSE_STRATEGIES)}; a run folder, or the model/ of one)")
     cfg = twist.cfg
     d = data_settings(meta_t, **args.data)
     windows = windows_for(twist, d, args.split, args.eval_tokens)
@@ -111,31 +109,33 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
                            "twist_full_ppl": _ppl(twist, windows), "dense_full_ppl": _ppl(dense, windows),
                            "structured": {}, "unstructured": {}, "draws": {},
                            "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {}),
-                           "dense_strategy": sd or "unknown"}
+                           "dense_strategy": sd}
     methods = {"TwIST random": (twist, "random"), "TwIST best-of-k": (twist, "best-of-k"),
                "TwIST magnitude": (twist, "magnitude"), "dense random": (dense, "random"),
                "dense best-of-k": (dense, "best-of-k"), "dense magnitude": (dense, "magnitude"),
                "dense Wanda": (dense, "wanda"), "dense Taylor": (dense, "taylor"), "dense FLAP": (dense, "flap")}
-    for label, (model, method) in methods.items():
-        series = []
-        for k in keeps:
-            s = sparsity(cfg, random_blueprint(cfg, k, args.seed))
-            point = {"keep": k, "removed_of_block_params": s["removed_of_block_params"],
-                     "removed_of_all_params": s["removed_of_all_params"], "params": s["params_kept"]}
+    shares = {}
+    for k in keeps:  # what keep k removes: the same share for every method at k
+        sp = sparsity(cfg, random_blueprint(cfg, k, args.seed))
+        shares[k] = {"keep": k, "removed_of_block_params": sp["removed_of_block_params"],
+                     "removed_of_all_params": sp["removed_of_all_params"], "params": sp["params_kept"]}
+    steps = [("structured", label, k) for label in methods for k in keeps] + \
+        [("unstructured", label, k) for label in UNSTRUCTURED for k in keeps]
+    for kind, label, k in progress(steps, f"report: {twist_path} vs {dense_path}"):
+        point = dict(shares[k])
+        if kind == "structured":
+            model, method = methods[label]
             if method == "random":
                 draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
                 point.update(ppl=float(np.mean(draws)), std=float(np.std(draws)))
                 res["draws"][f"{label} keep {k}"] = draws
             else:
                 point["ppl"] = _ppl(prune_structured(model, k, method, args.seed, calib, args.k), windows)
-            series.append(point)
-        res["structured"][label] = series
-    half = n // 2
-    share = sparsity(cfg, random_blueprint(cfg, half, args.seed))["removed_of_block_params"]
-    for method, label in (("magnitude", "dense magnitude"), ("wanda", "dense Wanda"), ("sparsegpt", "dense SparseGPT")):
-        pruned = unstructured_prune(dense, method, 0.5, calib)
-        res["unstructured"][label] = {"ppl": _ppl(pruned, windows), "removed_of_block_params": share,
-                                      "sparsity_in_pruned_matrices": 0.5}
+            res["structured"].setdefault(label, []).append(point)
+        else:  # unstructured: the same share (1 - k/N) of every block matrix of the pruned layers
+            point["sparsity_in_pruned_matrices"] = 1 - k / n
+            point["ppl"] = _ppl(unstructured_prune(dense, UNSTRUCTURED[label], 1 - k / n, calib), windows)
+            res["unstructured"].setdefault(label, []).append(point)
     return res
 
 
@@ -144,57 +144,69 @@ def write_report(args: ReportOptions) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     comparison_plot(res, out / "comparison.png")
-    atomic_write_text(out / "results.json", json.dumps(res, indent=2))
+    write_json(out / "results.json", res)
     text = markdown(res, args)
     atomic_write_text(out / "REPORT.md", text)
-    log.info("%s", text)
     return res
+
+
+def headline_keep(keeps: list[int], n: int) -> int:
+    """The keep the report's summary is about: N/2 when it was evaluated, else the nearest."""
+    return min(keeps, key=lambda k: (abs(2 * k - n), k))
+
+
+def _cell(p: dict[str, Any]) -> str:
+    return f"{p['ppl']:.3f} ± {p['std']:.3f}" if "std" in p else f"{p['ppl']:.3f}"
 
 
 def markdown(res: dict[str, Any], args: ReportOptions) -> str:
     keeps = res["keeps"]
-    structured = res["structured"]
-    n = res["n_blocks"]
-    half = next((k for k in keeps if 2 * k == n), None)
+    structured, unstructured = res["structured"], res["unstructured"]
+    n = res["n_blocks"]  # N of the models themselves, never derived from the keeps asked for
     seeds = res.get("seeds", 1)
     spread = f"mean ± std over {seeds} seeds (each random subnet's perplexity a mean over draws)" if seeds > 1 \
         else f"random subnets: mean ± std over {args.draws} draws"
+    dense_name = DENSE_NAMES.get(res["dense_strategy"], res["dense_strategy"])
     lines = ["# TwIST vs post-training pruning", "",
              f"Perplexity on the {res['split']} split ({res['tokens']:,} tokens); no recovery training for any "
-             f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, "
-             f"dense ({DENSE_NAMES.get(res['dense_strategy'], 'unknown')}) {res['dense_full_ppl']:.3f}.",
+             f"method. Full models: TwIST {res['twist_full_ppl']:.3f}, dense ({dense_name}) "
+             f"{res['dense_full_ppl']:.3f}. Blocks per layer: N = {n}.",
              "", f"Cells: {spread}.", "", "![perplexity vs share removed](comparison.png)", "",
-             "| method | " + " | ".join(f"keep {k} ({structured['TwIST random'][i]['removed_of_block_params']:.0%})"
-                                       for i, k in enumerate(keeps)) + " |",
+             "| method | " + " | ".join(f"keep {k} of {n} ({p['removed_of_block_params']:.0%})"
+                                       for k, p in zip(keeps, structured["TwIST random"], strict=True)) + " |",
              "|---|" + "---|" * len(keeps)]
     for label, series in structured.items():
-        cells = [f"{p['ppl']:.3f} ± {p['std']:.3f}" if "std" in p else f"{p['ppl']:.3f}" for p in series]
-        lines.append(f"| {label} (structured) | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} (structured) | " + " | ".join(_cell(p) for p in series) + " |")
+    for label, series in unstructured.items():
+        lines.append(f"| {label} (unstructured) | " + " | ".join(_cell(p) for p in series) + " |")
     lines += ["", "Share in parentheses: block weights removed, over the block weights of all layers (shared "
-              "layers are never pruned).", ""]
-    if half is not None:
-        i = keeps.index(half)
-        tw = structured["TwIST random"][i]["ppl"]
-        best_label, best = min(((lbl, s[i]["ppl"]) for lbl, s in structured.items() if not lbl.startswith("TwIST")),
-                               key=lambda x: x[1])
-        lines += [f"## At keep {half} of {n} (half the blocks of every pruned layer; "
-                  f"{structured['TwIST random'][i]['removed_of_block_params']:.0%} of the block weights of all layers)",
-                  "",
-                  f"- TwIST random subnets: {tw:.3f} ± {structured['TwIST random'][i]['std']:.3f} ({spread}).",
-                  f"- Best structured baseline: {best_label}, {best:.3f}. Ratio TwIST / best = **{tw / best:.3f}** "
-                  f"(target ≤ 0.75; the paper's ratio against SparseGPT is 0.73).",
-                  ]
-        for label, p in res["unstructured"].items():
-            lines.append(f"- {label} at 50% of each pruned matrix (unstructured, same share of block weights; needs "
-                         f"sparse kernels to be faster): {p['ppl']:.3f}; TwIST / it = {tw / p['ppl']:.3f}.")
-        best_u = min(res["unstructured"].values(), key=lambda p: p["ppl"])["ppl"]
-        lines += [f"- Each relative to its own full model: TwIST random subnets {tw / res['twist_full_ppl']:.3f}, "
-                  f"best structured baseline {best / res['dense_full_ppl']:.3f}, best unstructured "
-                  f"{best_u / res['dense_full_ppl']:.3f}. ({_full_models(res)})"]
-        per = [r["draws"][f"TwIST random keep {half}"] for r in res.get("per_seed", [res])]
-        lines += ["- The spread over random draws (the 'golden ticket'), per model: "
-                  + "; ".join(", ".join(f"{x:.3f}" for x in d) for d in per)
-                  + f"; worst / best within a model: up to {max(max(d) / min(d) for d in per):.3f}.", ""]
+              "layers are never pruned). Structured methods remove N - keep of the N heads and FFN blocks of every "
+              "pruned layer; unstructured ones zero the same share, 1 - keep/N, of the weights of each of those "
+              "layers' block matrices (and need sparse kernels to run faster).", ""]
+    k = headline_keep(keeps, n)
+    i = keeps.index(k)
+    removed = structured["TwIST random"][i]["removed_of_block_params"]
+    tw = structured["TwIST random"][i]["ppl"]
+    best_label, best = min(((lbl, s[i]["ppl"]) for lbl, s in structured.items() if not lbl.startswith("TwIST")),
+                           key=lambda x: x[1])
+    what = "half the blocks of every pruned layer" if 2 * k == n else \
+        f"{n - k} of the {n} blocks of every pruned layer removed"
+    lines += [f"## At keep {k} of {n} ({what}; {removed:.0%} of the block weights of all layers)", "",
+              f"- TwIST random subnets: {_cell(structured['TwIST random'][i])} ({spread}).",
+              f"- Best structured baseline: {best_label}, {best:.3f}. Ratio TwIST / best = **{tw / best:.3f}**"
+              + (" (the paper's ratio against SparseGPT at 50% is 0.73)." if 2 * k == n else "."),
+              ]
+    for label, series in unstructured.items():
+        lines.append(f"- {label}, unstructured, {1 - k / n:.0%} of each pruned matrix (the same share of block "
+                     f"weights): {series[i]['ppl']:.3f}; TwIST / it = {tw / series[i]['ppl']:.3f}.")
+    best_u = min(series[i]["ppl"] for series in unstructured.values())
+    lines += [f"- Each relative to its own full model: TwIST random subnets {tw / res['twist_full_ppl']:.3f}, "
+              f"best structured baseline {best / res['dense_full_ppl']:.3f}, best unstructured "
+              f"{best_u / res['dense_full_ppl']:.3f}. ({_full_models(res)})"]
+    per = [r["draws"][f"TwIST random keep {k}"] for r in res.get("per_seed", [res])]
+    lines += ["- The spread over random draws (the 'golden ticket'), per model: "
+              + "; ".join(", ".join(f"{x:.3f}" for x in d) for d in per)
+              + f"; worst / best within a model: up to {max(max(d) / min(d) for d in per):.3f}.", ""]
     lines += ["## Commands", "", "The two models were trained with (keys that differ from the defaults):", "", "```"]
     for r in res.get("per_seed", [res]):
         lines += [train_command(r["twist_run"]), train_command(r["dense_run"])]
@@ -206,10 +218,10 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
 
 def _full_models(res: dict[str, Any]) -> str:
     t, d = res["twist_full_ppl"], res["dense_full_ppl"]
-    if t == d:
-        return "The two full models have the same perplexity."
+    if f"{t:.3f}" == f"{d:.3f}":
+        return f"The two full models have the same perplexity here ({t:.3f}), so the ratios above are pruning alone."
     better = "TwIST" if t < d else "dense"
-    return (f"The {better} model's full perplexity is itself the lower one here ({t:.3f} TwIST, {d:.3f} dense), "
+    return (f"The {better} model's full perplexity is the lower one here ({t:.3f} TwIST, {d:.3f} dense), "
             "so part of the ratios above is training, not pruning.")
 
 

@@ -57,8 +57,9 @@ def check_tokenizer(model: GPT, tokenizer: str) -> None:
 
 def windows_for(model: GPT, d: dict[str, Any], split: str, tokens: int) -> np.ndarray:
     check_tokenizer(model, d["tokenizer"])
-    if d["seq_len"] > model.cfg.block_size:
-        raise UsageError(f"--seq-len {d['seq_len']} exceeds the model's block_size {model.cfg.block_size}")
+    if not 1 <= d["seq_len"] <= model.cfg.block_size:
+        raise UsageError(f"--seq-len {d['seq_len']} is not allowed for this model: allowed 1..{model.cfg.block_size} "
+                         "(its block_size, the positions it has)")
     splits = load_tokens(d["dataset"], d["tokenizer"], d["data_path"])
     src = splits["train"].tokens if split == "calib" else splits[split].tokens
     if split == "calib":  # calibration: windows from the middle of the training split

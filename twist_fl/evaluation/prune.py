@@ -35,6 +35,7 @@ from ..core.blocks import block_indices, slice_spec, slice_state
 from ..core.blueprint import Blueprint, sample_blueprints
 from ..core.config import KINDS, GPTConfig
 from ..core.model import GPT
+from ..core.progress import progress
 from ..core.rng import Stream
 from ..core.train import evaluate
 
@@ -59,7 +60,8 @@ def subnet(model: GPT, bp: Blueprint) -> GPT:
 
 def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray) -> list[float]:
     """Perplexity of `draws` random subnets of a full model at `keep` (draw r uses round r)."""
-    return [evaluate(subnet(model, random_blueprint(model.cfg, keep, seed, r)), windows)["ppl"] for r in range(draws)]
+    return [evaluate(subnet(model, random_blueprint(model.cfg, keep, seed, r)), windows)["ppl"]
+            for r in progress(range(draws), f"keep {keep}: random subnets")]
 
 
 # --- calibration activations -----------------------------------------------------------------
@@ -133,7 +135,7 @@ def taylor_scores(model: GPT, calib: np.ndarray, batch_size: int = 16) -> dict[t
     was_training = model.training
     model.eval()
     try:
-        for i in batches:
+        for i in progress(batches, "Taylor importance: calibration gradients"):
             w = torch.from_numpy(calib[i:i + batch_size])
             _, loss = model(w[:, :-1], w[:, 1:])
             g = torch.autograd.grad(loss, list(params.values()))
@@ -173,7 +175,7 @@ def projection_input_moments(model: GPT, calib: np.ndarray, batch_size: int = 16
         hooks.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            for i in range(0, len(calib), batch_size):
+            for i in progress(range(0, len(calib), batch_size), "FLAP: calibration statistics"):
                 model(torch.from_numpy(calib[i:i + batch_size, :-1]))
     finally:
         for h in hooks:
@@ -242,7 +244,7 @@ def best_of_k(model: GPT, keep: int, k: int, calib: np.ndarray, seed: int) -> tu
     if k < 1:
         raise ValueError(f"best-of-k needs k >= 1, got {k}")
     bps = [random_blueprint(model.cfg, keep, seed, d) for d in range(k)]
-    ppl = [evaluate(subnet(model, bp), calib)["ppl"] for bp in bps]
+    ppl = [evaluate(subnet(model, bp), calib)["ppl"] for bp in progress(bps, f"best-of-{k}: draws on calibration data")]
     return bps[int(np.argmin(ppl))], ppl
 
 
@@ -383,7 +385,7 @@ def _input_stats(model: GPT, mods: dict[str, nn.Linear], calib: np.ndarray, batc
             count[name] = count.get(name, 0) + x.shape[0]
         hooks.append(mod.register_forward_hook(hook))
     try:
-        for i in range(0, len(calib), batch_size):
+        for i in progress(range(0, len(calib), batch_size), "calibration statistics"):
             model(torch.from_numpy(calib[i:i + batch_size, :-1]))
     finally:
         for h in hooks:

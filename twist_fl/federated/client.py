@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from ..core.blueprint import Blueprint
 from ..core.config import RUN_MODES, TOKENIZER_VOCAB, GPTConfig, RunConfig, parse_mode
-from ..core.node import LocalTask, local_update, node_tokens
+from ..core.node import LocalTask, MomentStore, local_update, node_tokens
 from ..core.train import MOMENTS, pick_device, reuse_freed_memory
 from ..core.wire import decode, encode
 from .records import record_bytes, to_numpy, to_record
@@ -75,7 +75,13 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     bp.validate(cfg)
     tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, num, pid, run.seq_len,
                          run.seed)
-    moments, step = _load_moments(context) if run.optimizer_state == "keep" else (None, 0)
+    store, moments, step = None, None, 0
+    if run.optimizer_state == "keep":
+        store = MomentStore.at(str(context.node_config.get("twist-state-dir", "")), str(cfg_rec.get("run-uid", "")),
+                               pid)
+        moments, step = _load_moments(context, rnd)
+        if moments is None and store is not None:  # a new Flower run: a resumed one finds them on disk
+            moments, step = store.load(before_round=rnd)
     received = msg.content["arrays"]
     if run.reuse_freed_memory:
         reuse_freed_memory()
@@ -85,7 +91,9 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     result = local_update(task, run=run, arrays=decode(to_numpy(received), run.wire_dtype), tokens=tokens,
                           moments=moments, moment_step=step)
     if result.moments is not None:
-        _store_moments(context, result.moments, result.moment_step)
+        _store_moments(context, result.moments, result.moment_step, rnd)
+        if store is not None:
+            store.save(rnd, result.moments, result.moment_step)
     arrays, metrics = encode(result.arrays, run.wire_dtype), dict(result.metrics)
     metrics["train-s"] = time.perf_counter() - t_train  # model build, local steps and moments
     if os.environ.get(FAULTS_ENV) == "1" and context.node_config.get("twist-fault"):
@@ -99,19 +107,20 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     return Message(content=RecordDict({"arrays": out, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-def _load_moments(context: Context) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:
+def _load_moments(context: Context, before_round: int) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:
+    """The moments this node's context holds from an earlier round of this Flower run."""
     state = context.state
-    if "twist-opt-meta" not in state:
+    if "twist-opt-meta" not in state or int(state["twist-opt-meta"].get("round", 0)) >= before_round:
         return None, 0
     step = int(state["twist-opt-meta"]["step"])
     return {m: {k: torch.from_numpy(v) for k, v in to_numpy(state[f"twist-opt-{m}"]).items()} for m in MOMENTS}, step
 
 
-def _store_moments(context: Context, moments: dict[str, dict[str, torch.Tensor]], step: int) -> None:
+def _store_moments(context: Context, moments: dict[str, dict[str, torch.Tensor]], step: int, round_: int) -> None:
     for m in MOMENTS:
         arrays = {k: v.numpy().astype(np.float32, copy=False) for k, v in moments[m].items()}  # to_record copies
         context.state[f"twist-opt-{m}"] = to_record(arrays)
-    context.state["twist-opt-meta"] = ConfigRecord({"step": step})
+    context.state["twist-opt-meta"] = ConfigRecord({"step": step, "round": round_})
 
 
 def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:

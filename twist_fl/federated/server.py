@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+import uuid
 from typing import Any
 
 import torch
@@ -52,23 +52,33 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     windows = eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None)
 
     start_round = 0
-    if run.resume_from:
-        folder = RunFolder(Path(run.resume_from).expanduser().resolve())
+    if run.resume_from:  # every check before anything is written: a refused resume changes nothing
+        folder = RunFolder.existing(run.resume_from)
         start_round, weights, state = load_checkpoint(folder.path)
         if state.get("config") != _config_fingerprint(run):
             old, new = state.get("config", {}), _config_fingerprint(run)
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"resume-from={run.resume_from!r}: the run config differs from the checkpoint's in "
                              f"{diff} (key: (checkpoint, now)); only {sorted(RESUMABLE_CHANGES)} may change")
+        if start_round > run.num_server_rounds or (start_round == run.num_server_rounds
+                                                   and (folder.path / "summary.json").is_file()):
+            raise ValueError(f"resume-from={run.resume_from!r} has finished round {start_round}, and "
+                             f"num-server-rounds={run.num_server_rounds} asks for no round after it; raise "
+                             "num-server-rounds to train on")
+        folder.rows()  # a damaged metrics.jsonl is refused here, before anything is rewritten
+        run_uid = state.get("run_uid") or uuid.uuid4().hex
+        if "run_uid" not in state:
+            log.warning("the checkpoint records no run uid: nodes will not find optimizer moments they stored")
         load_state_strict(model, {k: torch.from_numpy(v) for k, v in weights.items()})
         restore_rng_states(state["rng"])
         folder.truncate_after(start_round)
         log.info("resuming %s from round %d", folder.path, start_round)
     else:
         folder = RunFolder.new(run)
-    folder.write_config(run, cfg)
+        run_uid = uuid.uuid4().hex  # nodes key the optimizer moments they store (twist-state-dir) by it
+    folder.write_config(run, cfg, run_uid)
 
-    strategy = TwistStrategy(cfg, run, round_offset=start_round)
+    strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid)
     evaluator = Evaluator(cfg, run, windows)
     last = run.num_server_rounds
 
@@ -95,7 +105,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         row["time"] = round(time.time(), 3)
         folder.append(row)
         save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
-                                                  "strategy": strategy.state()})
+                                                  "strategy": strategy.state(), "run_uid": run_uid})
         flat = {"train-loss": row["train_loss"] or 0.0}
         if "valid" in row:
             flat["valid-ppl"] = row["valid"]["full"]["ppl"]

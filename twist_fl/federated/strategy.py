@@ -78,9 +78,10 @@ class TwistStrategy(Strategy):
     A `Strategy` with its own node handling (min-nodes, sampling, capacities): it uses Flower's
     round loop `start` and none of FedAvg's state."""
 
-    def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0) -> None:
+    def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0, run_uid: str = "") -> None:
         self.cfg, self.run = cfg, run
         self.round_offset = round_offset  # rounds already done before this start() (resume)
+        self.run_uid = run_uid  # the run folder's id: nodes key their stored optimizer moments by it
         self.keep = run.trained_keep(cfg)
         self.nodes: dict[int, NodeInfo] = {}
         self.records: dict[int, RoundRecord] = {}
@@ -174,7 +175,7 @@ class TwistStrategy(Strategy):
             sent = decode(sliced, wire)  # what the node starts from, in float32
             cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "mode": node.mode, "lr": record.lr,
                                     "local-steps": self.run.local_steps, "model-config": self.cfg.to_json(),
-                                    **bp.to_config()})
+                                    "run-uid": self.run_uid, **bp.to_config()})
             # The TTL is the round timeout: the SuperLink refuses a reply that comes later.
             msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
                           message_type=MessageType.TRAIN, dst_node_id=node.node_id, ttl=self.run.round_timeout)

@@ -37,7 +37,7 @@ import torch
 from ..core.blocks import coverage_average, slice_state, state_shapes
 from ..core.blueprint import Blueprint, sample_blueprints
 from ..core.config import GPTConfig, RunConfig, preset
-from ..core.io import atomic_write_text
+from ..core.io import write_json
 from ..core.model import GPT
 
 
@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(results, indent=2))
+        write_json(Path(args.json), results)
     return 0
 
 

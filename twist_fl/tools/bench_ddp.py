@@ -35,7 +35,7 @@ import torch
 
 from ..core.blueprint import sample_blueprints
 from ..core.config import GPTConfig, RunConfig, preset
-from ..core.io import atomic_write_text
+from ..core.io import write_json
 from ..core.model import GPT
 from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     res = bench(shapes, args.nproc, args.steps, args.warmup, args.repeats, args.threads, run, run.local_steps)
     print(table(res))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
+        write_json(Path(args.json), res)
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 from ..core.blueprint import sample_blueprints
 from ..core.config import preset
-from ..core.io import atomic_write_text
+from ..core.io import write_json
 from ..core.model import GPT
 from ..evaluation.prune import subnet
 
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{phase:8} | {res['full'][f'{phase}_tok_s']:>10.1f} | {res['pruned'][f'{phase}_tok_s']:>12.1f} | "
               f"{spread:>20} | {r['flop_bound']:>9.2f}x | {r['of_bound']:.0%}")
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
+        write_json(Path(args.json), res)
     return 0
 
 

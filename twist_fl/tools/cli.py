@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -21,8 +22,10 @@ from ..baselines.ddp import DDPError
 from ..core.blocks import sparsity
 from ..core.config import DATASETS, DENSE_STRATEGIES, TOKENIZERS
 from ..core.data import get_tokenizer
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, check_output, write_json
 from ..core.model import WEIGHTS_FILE
+from ..core.progress import enable as enable_progress
+from ..core.progress import progress
 from ..core.train import evaluate
 from ..deploy.local import DeploymentError
 from ..evaluation.loading import (
@@ -41,6 +44,19 @@ def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     return data_settings(meta, args.dataset, args.tokenizer, args.data_path, args.seq_len)
 
 
+def _model_dir(path: str) -> Path:
+    """The folder holding model.safetensors: a model folder, or a run folder's model/."""
+    p = Path(path)
+    return p / "model" if (p / "model").is_dir() else p
+
+
+def _finite_ppl(ppl: float, what: str) -> float:
+    if not math.isfinite(ppl):
+        raise ValueError(f"{what} gives a non-finite perplexity ({ppl}): its outputs overflow, so it has no "
+                         "perplexity to report")
+    return ppl
+
+
 # --- verbs ---------------------------------------------------------------------------------------
 
 
@@ -56,6 +72,7 @@ def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
+    out = check_output(args.out, inputs=(args.model,), force=args.force)
     model, meta = load_model(args.model)
     if model.blueprint is not None:
         raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
@@ -65,42 +82,44 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         pruned = prune_structured(model, args.keep, args.method, args.seed, calib, args.k)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    out = Path(args.out)
     pruned.save(out, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
                             "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
-    src = Path(args.model) / ("model" if (Path(args.model) / "model").is_dir() else "")
     res = {"out": str(out), **model_facts(pruned, out),
-           "size_ratio": (out / WEIGHTS_FILE).stat().st_size / (src / WEIGHTS_FILE).stat().st_size}
+           "size_ratio": (out / WEIGHTS_FILE).stat().st_size / (_model_dir(args.model) / WEIGHTS_FILE).stat().st_size}
     print(f"pruned to keep {args.keep} ({args.method}): {res['params']:,} of {res['params_full']:,} parameters, "
           f"{res['removed_of_block_params']:.1%} of block weights removed, file {res['size_ratio']:.2f}x -> {out}")
     return res
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.json:
+        check_output(args.json, inputs=(args.model,), force=args.force, what="--json")
     model, meta = load_model(args.model)
+    if args.keeps and model.blueprint is not None:
+        raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
+    keeps = parse_keeps(args.keeps, model.cfg) if args.keeps else []
     d = _data(args, meta)
     windows = windows_for(model, d, args.split, args.eval_tokens)
-    path = Path(args.model) / ("model" if (Path(args.model) / "model").is_dir() else "")
+    ppl = _finite_ppl(evaluate(model, windows, desc=f"evaluating on {args.split}")["ppl"], str(args.model))
     res: dict[str, Any] = {"model": str(args.model), "split": args.split, "tokens": int(windows[:, 1:].size),
-                           **model_facts(model, path), "ppl": evaluate(model, windows)["ppl"], "keeps": {}}
+                           **model_facts(model, _model_dir(args.model)), "ppl": ppl, "keeps": {}}
     print(f"{args.model}: {res['params']:,} parameters, perplexity {res['ppl']:.3f} on {args.split}")
-    if args.keeps:
-        if model.blueprint is not None:
-            raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
-        for k in parse_keeps(args.keeps, model.cfg):
-            draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
-            s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
-            res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
-                                    "params": s["params_kept"], "removed_of_block_params": s["removed_of_block_params"],
-                                    "removed_of_all_params": s["removed_of_all_params"]}
-            print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
-                  f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
+    for k in keeps:
+        draws = [_finite_ppl(x, f"a random subnet at keep {k} of {args.model}")
+                 for x in random_subnet_ppl(model, k, args.seed, args.draws, windows)]
+        s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
+        res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
+                                "params": s["params_kept"], "removed_of_block_params": s["removed_of_block_params"],
+                                "removed_of_all_params": s["removed_of_all_params"]}
+        print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
+              f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(res, indent=2))
+        write_json(Path(args.json), res)
     return res
 
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    """Prints the prompt, then each piece of text as soon as its tokens decode to whole characters."""
     model, meta = load_model(args.model)
     d = _data(args, meta)
     check_tokenizer(model, d["tokenizer"])
@@ -109,45 +128,65 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     if not ids:
         raise UsageError("--prompt is empty")
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, generator=gen)
-    text = tok.decode(out[0].tolist())
-    print(text)
+    shown = tok.decode(ids)
+    sys.stdout.write(shown)
+    sys.stdout.flush()
+    for nxt in model.stream(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, generator=gen):
+        ids.append(int(nxt[0, 0]))
+        text = tok.decode(ids)
+        if text.startswith(shown) and not text.endswith("\ufffd"):  # not in the middle of a character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = tok.decode(ids)
+    sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
     return {"text": text}
 
 
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
     from ..core.report import heatmap_plot
 
-    rows = []
-    for path in args.models:
+    out = check_output(args.out, inputs=tuple(args.models), force=args.force)
+    jobs = []
+    for path in args.models:  # every model, its keeps and its data checked before any evaluation
         model, meta = load_model(path)
-        d = _data(args, meta)
+        if model.blueprint is not None:
+            raise UsageError(f"{path} is already a pruned subnet; the heatmap draws subnets of full models")
+        jobs.append((path, model, meta, parse_keeps(args.keeps, model.cfg), _data(args, meta)))
+    rows = []
+    for path, model, meta, keeps, d in progress(jobs, "heatmap: models"):
         windows = windows_for(model, d, args.split, args.eval_tokens)
         run = meta.get("run", {})
         n = model.cfg.n_blocks
         trained = n if run.get("strategy") in DENSE_STRATEGIES else int(run.get("keep") or n // 2)
-        row = {"model": path, "trained_keep": trained, "eval": {}}
-        for k in parse_keeps(args.keeps, model.cfg):
-            draws = random_subnet_ppl(model, k, args.seed, args.draws, windows)
-            row["eval"][str(k)] = float(np.mean(draws))
+        row = {"model": path, "strategy": run.get("strategy"), "trained_keep": trained, "eval": {}, "std": {}}
+        for k in keeps:
+            draws = [_finite_ppl(x, f"a random subnet at keep {k} of {path}")
+                     for x in random_subnet_ppl(model, k, args.seed, args.draws, windows)]
+            row["eval"][str(k)], row["std"][str(k)] = float(np.mean(draws)), float(np.std(draws))
         rows.append(row)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     heatmap_plot(rows, out / "heatmap.png")
     keys = sorted({k for r in rows for k in r["eval"]}, key=int)
-    table = ["| trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
-             "|---|" + "---|" * len(keys)]
-    table += [f"| {r['trained_keep']} | " + " | ".join(f"{r['eval'][k]:.3f}" for k in keys) + " |" for r in rows]
-    atomic_write_text(out / "heatmap.md", "\n".join(table) + "\n")
+    table = ["| model | trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    table += [f"| {r['strategy'] or '?'} | {r['trained_keep']} | "
+              + " | ".join(f"{r['eval'][k]:.3f} ± {r['std'][k]:.3f}" if k in r["eval"] else "" for k in keys) + " |"
+              for r in rows]
+    atomic_write_text(out / "heatmap.md", f"Random subnets, mean ± std over {args.draws} draws, {args.split} split.\n\n"
+                      + "\n".join(table) + "\n")
     print("\n".join(table))
-    atomic_write_text(out / "heatmap.json", json.dumps(rows, indent=2))
+    write_json(out / "heatmap.json", rows)
     return {"rows": rows}
 
 
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluation.compare import ReportOptions, write_report
 
+    check_output(args.out, inputs=(*args.twist, *args.dense), force=args.force)
     res = write_report(ReportOptions(
         twist=args.twist, dense=args.dense, keeps=args.keeps, draws=args.draws, k=args.k, seed=args.seed,
         split=args.split, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, out=args.out,
@@ -176,18 +215,67 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 def cmd_deploy_certs(args: argparse.Namespace) -> None:
     from ..deploy.certs import make_certificates
 
-    paths = make_certificates(Path(args.out), args.host, args.days)
+    paths = make_certificates(Path(args.out), args.host, args.days, force=args.force)
     print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
 
 
 def cmd_deploy_node_key(args: argparse.Namespace) -> None:
     from ..deploy.certs import make_node_key
 
-    key, pub = make_node_key(Path(args.out))
+    key, pub = make_node_key(Path(args.out), force=args.force)
     print(json.dumps({"private": str(key), "public": str(pub)}, indent=2))
 
 
 # --- parser ----------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit code 2 (argparse prints its usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(text: str) -> int:
+    """An integer >= 1 (draws, tokens, steps, days)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 1 or more")
+    return value
+
+
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 0 (no limit) or more")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def _host(text: str) -> str:
+    from ..deploy.certs import check_host
+
+    try:
+        return check_host(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _force(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--force", action="store_true", help=f"overwrite {what} if it exists (never the input)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -195,15 +283,15 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", choices=DATASETS)
     g.add_argument("--tokenizer", choices=TOKENIZERS)
     g.add_argument("--data-path")
-    g.add_argument("--seq-len", type=int)
+    g.add_argument("--seq-len", type=_count, help="tokens per window, up to the model's block size")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl", description=__doc__.splitlines()[0])
+    ap = _Parser(prog="twist-fl", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True)
 
     p = sub.add_parser("ddp", help="train the dense model data-parallel on torch.distributed (the DDP baseline)")
-    p.add_argument("--nproc", type=int, default=4, help="worker processes; worker i trains on partition i of nproc")
+    p.add_argument("--nproc", type=_count, default=4, help="worker processes; worker i trains on partition i of nproc")
     p.add_argument("--run-config", default="", help="'key=value ...' as for flwr run --run-config")
     p.add_argument("--app", default=".", help="read defaults from this app's [tool.flwr.app.config], if it has one")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker; 0 = cores / nproc")
@@ -216,9 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, required=True, help="heads and FFN blocks kept per non-shared layer")
     p.add_argument("--method", choices=STRUCTURED, default="random")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (calibrated methods)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--k", type=_count, default=8, help="draws for best-of-k")
+    p.add_argument("--calib-tokens", type=_count, default=16384, help="calibration tokens (calibrated methods)")
+    p.add_argument("--out", required=True, help="a new folder for the pruned model (outside the input)")
+    _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_prune)
 
@@ -226,19 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--keeps", default="", help="comma list of subnet sizes to draw (full models)")
-    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--draws", type=_count, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=0, help="0 = the whole split")
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--eval-tokens", type=_count, help="tokens to evaluate (default: the whole split)")
+    p.add_argument("--json", help="write the results here (a new file)")
+    _force(p, "--json")
     _data_args(p)
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("generate", help="text from a full or pruned model")
+    p = sub.add_parser("generate", help="text from a full or pruned model, printed as it comes")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--max-new-tokens", type=_count, default=200)
+    p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=_top_k, help="sample among the k likeliest tokens (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
     _data_args(p)
     p.set_defaults(fn=cmd_generate)
@@ -246,11 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heatmap", help="models trained at keep X evaluated at keep Y")
     p.add_argument("models", nargs="+")
     p.add_argument("--keeps", required=True)
-    p.add_argument("--draws", type=int, default=3)
+    p.add_argument("--draws", type=_count, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("valid", "test"), default="valid")
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--out", required=True)
+    p.add_argument("--eval-tokens", type=_count, default=16384)
+    p.add_argument("--out", required=True, help="a new folder for heatmap.png/.md/.json")
+    _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_heatmap)
 
@@ -260,13 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", required=True, nargs="+", help="run folders trained dense (strategy ddp or fedavg), "
                    "paired with --twist")
     p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
-    p.add_argument("--draws", type=int, default=5)
-    p.add_argument("--k", type=int, default=8, help="draws for best-of-k")
+    p.add_argument("--draws", type=_count, default=5)
+    p.add_argument("--k", type=_count, default=8, help="draws for best-of-k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--eval-tokens", type=int, default=32768)
-    p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--out", required=True)
+    p.add_argument("--eval-tokens", type=_count, default=32768)
+    p.add_argument("--calib-tokens", type=_count, default=16384)
+    p.add_argument("--out", required=True, help="a new folder for REPORT.md, results.json, comparison.png")
+    _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_report)
 
@@ -284,20 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is stopped")
     q.set_defaults(fn=cmd_deploy_local)
     q = dsub.add_parser("certs", help="a CA and a SuperLink server certificate for the given hosts")
-    q.add_argument("--out", required=True)
-    q.add_argument("--host", action="append", default=[], help="IP or DNS name nodes use (repeat)")
-    q.add_argument("--days", type=int, default=365)
+    q.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
+    q.add_argument("--host", action="append", default=[], type=_host, help="IP or DNS name nodes use (repeat)")
+    q.add_argument("--days", type=_count, default=365, help="days the certificates are valid")
+    _force(q, "the four files")
     q.set_defaults(fn=cmd_deploy_certs)
     q = dsub.add_parser("node-key", help="an EC key pair for SuperNode authentication")
-    q.add_argument("--out", required=True, help="private key path; the public key goes to <out>.pub")
+    q.add_argument("--out", required=True, help="private key path (not .pub); the public key goes to <out>.pub")
+    _force(q, "both key files")
     q.set_defaults(fn=cmd_deploy_node_key)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    enable_progress()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error (2, its line already printed) or --help (0)
+        return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     try:
         code = args.fn(args)  # the deploy verbs return an exit code; the others return their results

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, write_json
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -71,7 +71,7 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
         lines.append(f"\nDense FedAvg baseline (full model): {dense_ppl:.3f}")
     out = {"x": x, "rows": rows, "dense_full_ppl": dense_ppl, "table": "\n".join(lines)}
     atomic_write_text(root / "summary.md", out["table"] + "\n")
-    atomic_write_text(root / "summary.json", json.dumps(out, indent=2))
+    write_json(root / "summary.json", out)
     _plot(out, keys, root / "summary.png")
     return out
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.config import STRATEGIES, RunConfig
-from ..core.io import atomic_write_text
+from ..core.io import atomic_write_text, write_json
 from ..core.train import evaluate
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "TUNING.md", md)
     result = {"grid": {f"{g[0]}-lr{g[1]:g}": [r["final"] for r in groups[g]] for g in order}, "tuned": rows}
-    atomic_write_text(out / "tuning.json", json.dumps(result, indent=2))
+    write_json(out / "tuning.json", result)
     return {"markdown": md, **result}
 
 
