@@ -95,10 +95,12 @@ def test_resumed_run_ends_with_the_uninterrupted_weights(tmp_path, mode):
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_resumed_default_run_is_bit_identical_when_nodes_store_their_moments(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resumed_default_run_is_bit_identical_when_nodes_store_their_moments(tmp_path, precision):
     # optimizer-state = "keep" (the default): AdamW moments live on the nodes, in their Flower
     # context, which a resumed run (a new Flower run) does not have; twist-state-dir keeps them.
-    overrides = dict(num_nodes=3, num_server_rounds=4, keep=2, lr_schedule="cosine", eval_every=2)
+    overrides = dict(num_nodes=3, num_server_rounds=4, keep=2, lr_schedule="cosine", eval_every=2,
+                     precision=precision)
     stores = [{"twist-state-dir": str(tmp_path / f"node-{i}")} for i in range(3)]
     _, _, straight = run_local(tmp_path, "straight", node_configs=stores, **overrides)
 

@@ -44,6 +44,7 @@ from ..core.data import check_split, eval_windows, load_tokens, partition, rando
 from ..core.io import fsync_dir
 from ..core.model import initial_model
 from ..core.node import node_tokens
+from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
@@ -174,6 +175,7 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--timeout={timeout!r} is not allowed; allowed: a positive number of seconds")
     backend = pick_backend(backend, nproc, run.device)
+    resolve_precision(run.precision, torch.device("cuda" if backend == "nccl" else "cpu"))  # fp16 on CPUs: refused
     cfg = initial_model(run).cfg if run.init_from else run.model_config()  # no model built just for its shape
     run.check_model(cfg)
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
@@ -238,6 +240,7 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
     counter = {"bytes": 0, "buckets": 0}
     ddp.register_comm_hook(counter, _counting_allreduce)
     opt = make_optimizer(model, OptimConfig(lr=run.lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
+    precision = resolve_precision(run.precision, device)
     tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, n, rank, run.seq_len, run.seed)
     folder = evaluator = splits = None
     if rank == 0:
@@ -255,7 +258,8 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
         times: list[float] = []
         sent0 = counter["bytes"]
         t0 = time.monotonic()
-        stats = train_steps(ddp, batches, run.local_steps, opt, grad_clip=run.grad_clip, step_times=times)
+        with precision_scope(precision):
+            stats = train_steps(ddp, batches, run.local_steps, opt, grad_clip=run.grad_clip, step_times=times)
         wall = time.monotonic() - t0
         all_times += times
         loss = torch.tensor([stats["train_loss"]], dtype=torch.float64, device=device)

@@ -138,6 +138,7 @@ TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}  # tokens of each tokenizer (the
 TOKENIZERS = tuple(TOKENIZER_VOCAB)
 DATASETS = ("shakespeare", "wikitext-103", "wikitext-2", "text")
 PARTITIONINGS = ("iid", "document")  # document: whole documents per node (non-IID)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see core/precision.py
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class RunConfig:
     optimizer_state: str = "keep"  # keep (nodes keep AdamW moments of blocks they held) | reset (fresh each round)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda (nodes; auto uses a GPU when the node has one)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA) | auto: forward passes under autocast, fp32 masters
     reuse_freed_memory: bool = True  # nodes and server keep freed memory (glibc): no page faults on large buffers
     # aggregation and reply validation
     wire_dtype: str = "float32"  # float32 | float16 | bfloat16: tensors on the wire, both directions
@@ -271,6 +273,7 @@ class RunConfig:
         _choice("lr-schedule", self.lr_schedule, ("constant", "cosine"))
         _choice("optimizer-state", self.optimizer_state, ("reset", "keep"))
         _choice("device", self.device, ("auto", "cpu", "cuda"))
+        _choice("precision", self.precision, PRECISIONS)
         _choice("wire-dtype", self.wire_dtype, ("float32", "float16", "bfloat16"))
         for key in ("num_server_rounds", "local_steps", "min_nodes", "seq_len", "batch_size", "eval_every",
                     "eval_draws"):

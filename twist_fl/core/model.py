@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .blueprint import Blueprint
 from .config import GPTConfig, RunConfig
 from .io import atomic_write, write_json
+from .precision import DTYPES, current_precision
 
 FORMAT = "twist-fl/model-v1"
 WEIGHTS_FILE = "model.safetensors"
@@ -185,7 +186,18 @@ class GPT(nn.Module):
         `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
         exactly zero (so they get zero gradients) and the kept ones are scaled as in the subnet.
         `cache` (one dict per layer, see `new_cache`) keeps keys and values for decoding.
+        Under a bf16 or fp16 `precision_scope` the body runs under autocast; logits and loss
+        come back float32.
         """
+        precision = current_precision()
+        if precision == "fp32":
+            return self._forward(idx, targets, mask, cache)
+        with torch.autocast(idx.device.type, dtype=DTYPES[precision]):
+            logits, loss = self._forward(idx, targets, mask, cache)
+        return logits.float(), None if loss is None else loss.float()
+
+    def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None, mask: Blueprint | None,
+                 cache: list[dict[str, Any]] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T = idx.shape
         past = cache_length(cache)
         if past + T > self.cfg.block_size:

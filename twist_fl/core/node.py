@@ -26,6 +26,7 @@ from .config import NODE_MODES, GPTConfig, RunConfig, parse_mode
 from .data import check_split, load_tokens, partition, random_batches
 from .io import atomic_write
 from .model import GPT, load_state_strict
+from .precision import precision_scope, resolve_precision
 from .rng import Stream, generator
 from .train import (
     MOMENTS,
@@ -95,8 +96,9 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
                        moment_step)
     rng = generator(run.seed, Stream.NODE_BATCHES, partition_id, round_)
     batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
-    stats = train_steps(model, batches, task.local_steps, opt, grad_clip=run.grad_clip,
-                        mask=bp if masked and not bp.is_full(cfg) else None)
+    with precision_scope(resolve_precision(run.precision, dev)):
+        stats = train_steps(model, batches, task.local_steps, opt, grad_clip=run.grad_clip,
+                            mask=bp if masked and not bp.is_full(cfg) else None)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reply = slice_state(state, cfg, bp) if masked else state
     new_moments, step = None, 0

@@ -22,6 +22,7 @@ from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
 from .io import atomic_write_text, json_line, write_json
 from .model import GPT
+from .precision import precision_scope, resolve_precision
 from .report import final_table, plot_keeps, plot_rounds
 from .rng import Stream
 from .train import evaluate, pick_device
@@ -35,12 +36,17 @@ class Evaluator:
     def __init__(self, cfg: GPTConfig, run: RunConfig, windows: np.ndarray):
         self.cfg, self.run, self.windows = cfg, run, windows
         self.device = pick_device(run.device)
+        self.precision = resolve_precision(run.precision, self.device)  # fp16 on a CPU is refused here
         # The same draws at every evaluation, so curves over rounds compare like with like.
         self.draws = {k: [sample_blueprints(cfg, 1, k, seed=run.seed, round=d, allow_partial=True,
                                             stream=Stream.EVAL_DRAWS)[0]
                           for d in range(run.eval_draws)] for k in run.eval_keeps_for(cfg)}
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        with precision_scope(self.precision):
+            return self._evaluate(state)
+
+    def _evaluate(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         torch_state = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
         full = GPT.from_state(self.cfg, torch_state)
         out: dict[str, Any] = {"full": evaluate(full.to(self.device), self.windows)}

@@ -17,6 +17,7 @@ from .blocks import scatter_state, slice_state
 from .blueprint import Blueprint
 from .config import GPTConfig
 from .model import GPT
+from .precision import grad_scaler
 from .progress import progress
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,10 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
                 mask: Blueprint | None = None, step_times: list[float] | None = None) -> dict[str, float]:
     """Train for exactly `steps` batches; `mask` trains a full model as that subnet. `model` is a
     GPT or a wrapper that forwards to one (DistributedDataParallel). `step_times` collects each
-    step's seconds (forward, backward with its gradient exchange, clip, optimizer step)."""
+    step's seconds (forward, backward with its gradient exchange, clip, optimizer step). Forward
+    passes run at the `precision_scope` in force; weights, gradients and AdamW stay float32."""
     device = next(model.parameters()).device
+    scaler = grad_scaler(device)  # fp16 only (precision_scope)
     model.train()
     losses = []
     n_examples = 0
@@ -103,10 +106,18 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         _, loss = model(x, y, mask=mask)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip the true gradients
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+            scaler.update()
         losses.append(loss.item())
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)

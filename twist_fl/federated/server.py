@@ -50,6 +50,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     check_split(splits["train"], run.seq_len, "train", min_windows=run.min_nodes)
     check_split(splits["valid"], run.seq_len, "valid")
     windows = eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None)
+    evaluator = Evaluator(cfg, run, windows)  # checks the precision on this device
 
     start_round = 0
     if run.resume_from:  # every check before anything is written: a refused resume changes nothing
@@ -79,7 +80,6 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     folder.write_config(run, cfg, run_uid)
 
     strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid)
-    evaluator = Evaluator(cfg, run, windows)
     last = run.num_server_rounds
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -20,10 +20,11 @@ import torch
 
 from ..baselines.ddp import DDPError
 from ..core.blocks import sparsity
-from ..core.config import DATASETS, DENSE_STRATEGIES, TOKENIZERS
+from ..core.config import DATASETS, DENSE_STRATEGIES, PRECISIONS, TOKENIZERS
 from ..core.data import get_tokenizer
 from ..core.io import atomic_write_text, check_output, write_json
 from ..core.model import WEIGHTS_FILE
+from ..core.precision import precision_scope, resolve_precision
 from ..core.progress import enable as enable_progress
 from ..core.progress import progress
 from ..core.train import evaluate
@@ -279,6 +280,8 @@ def _force(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="forward passes: fp32, or bf16 under autocast; auto: bf16 where the CPU has fast bf16")
     g = p.add_argument_group("data (default: what the model was trained with)")
     g.add_argument("--dataset", choices=DATASETS)
     g.add_argument("--tokenizer", choices=TOKENIZERS)
@@ -398,7 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     args.argv = argv
     try:
-        code = args.fn(args)  # the deploy verbs return an exit code; the others return their results
+        precision = resolve_precision(args.precision, torch.device("cpu"), "--precision") \
+            if hasattr(args, "precision") else "fp32"
+        with precision_scope(precision):
+            code = args.fn(args)  # the deploy verbs return an exit code; the others return their results
         return code if isinstance(code, int) else 0
     except (UsageError, ValueError) as e:
         print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
