@@ -152,3 +152,30 @@ def test_reused_freed_memory_keeps_a_large_buffer_in_the_heap_for_the_next_one()
     reused, mmapped, kept, accepted = child("return")
     assert not reused and accepted == "set_malloc(False) accepted"
     assert mmapped >= 256 and kept < 256  # glibc's default: mapped anew, unmapped when freed
+
+
+def test_sweep_summary_averages_over_seeds(tmp_path):
+    from twist_fl.tools.sweep_summary import summarize
+
+    def job(i, steps, seed, full, keep2):
+        d = tmp_path / f"{i}-job"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- run.local_steps={steps}\n- run.seed={seed}\n")
+        (d / "run").mkdir()
+        (d / "run" / "summary.json").write_text(json.dumps({
+            "strategy": "twist", "rounds": 300 // steps,
+            "final": {"full": {"ppl": full}, "keep-2": {"mean": keep2, "std": 0.5, "draws": [keep2]}}}))
+
+    job(0, 5, 0, 10.0, 11.0)
+    job(1, 5, 1, 12.0, 13.0)
+    job(2, 15, 0, 9.0, 9.5)
+    job(3, 15, 1, 9.0, 10.5)
+
+    out = summarize(tmp_path)
+
+    assert out["x"] == "run.local_steps" and [r["x"] for r in out["rows"]] == ["5", "15"]
+    r5, r15 = out["rows"]
+    assert (r5["full"], r5["full_std"], r5["seeds"]) == (11.0, 1.0, 2)
+    assert r5["keep-2"] == (12.0, 1.0) and r15["keep-2"] == (10.0, 0.5) and r15["full_std"] == 0.0
+    assert "mean ± std over 2 seeds" in out["table"]
+    assert "| 5 | 11.000 ± 1.000 | 12.000 ± 1.000 | 60 | 2 |" in out["table"]

@@ -8,7 +8,8 @@ bytes     bytes per round, down and up, per node and in total, counted from the 
           against dense FedAvg; and the overhead over the raw tensor bytes.
 step      one local training step (forward, backward, AdamW) of a node at keep k vs the full model,
           GPT-2 124M shape, batch and sequence length of the defaults (16 x 64), median of repeats;
-          the FLOP bound of the time reduction and measured / bound.
+          the FLOP bound of the time reduction and measured / bound; with --masked also the full
+          model masked to keep k, and with --precision fp32,bf16 each precision, paired.
 memory    peak resident memory of a node process doing one training round: true subnet vs masked
           full model vs dense, each in a fresh process.
 overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; start-up included) vs a
@@ -36,7 +37,7 @@ import torch
 
 from ..core.blocks import coverage_average, slice_state, state_shapes
 from ..core.blueprint import Blueprint, sample_blueprints
-from ..core.config import GPTConfig, RunConfig, preset
+from ..core.config import PRECISIONS, GPTConfig, RunConfig, preset
 from ..core.io import write_json
 from ..core.model import GPT
 
@@ -125,13 +126,20 @@ def set_malloc(reuse: bool) -> None:
 
 
 def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1),
-               profile: bool = False, reuse: bool = True) -> dict:
+               profile: bool = False, reuse: bool = True, precisions: tuple[str, ...] = ("fp32",),
+               masked: bool = False) -> dict:
+    """Step times of the full model and of each keep's subnet (and, with `masked`, of the full
+    model masked to that keep), at each precision; every variant and precision takes its turn
+    in every repeat. The fp32 figures keep their historical keys (`full_s`, `keep k`); each other
+    precision has its own entry, with its speed-up over fp32 paired by repeat."""
+    from ..core.precision import precision_scope, resolve_precision
     from ..core.train import OptimConfig, make_optimizer
 
     set_malloc(reuse)
     run = RunConfig()
     cfg = gpt2_cfg(shared)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = tuple(resolve_precision(p, dev, "--precision") for p in precisions)
     torch.manual_seed(0)
     full = GPT(cfg)
     x = torch.randint(0, cfg.vocab_size, (run.batch_size, run.seq_len), device=dev)
@@ -140,51 +148,72 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    models = {"full": full}
+    models: dict[str, tuple[GPT, Blueprint | None]] = {"full": (full, None)}
     for k in keeps:
         bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]
-        models[f"keep {k}"] = GPT.from_state(cfg, slice_state(full.state_dict(), cfg, bp), blueprint=bp)
-    opts = {name: make_optimizer(m.to(dev), OptimConfig()) for name, m in models.items()}
+        models[f"keep {k}"] = (GPT.from_state(cfg, slice_state(full.state_dict(), cfg, bp), blueprint=bp), None)
+        if masked:  # the full model trained as that subnet (a masked-mode node)
+            models[f"masked {k}"] = (GPT.from_state(cfg, full.state_dict()), bp)
+    opts = {name: make_optimizer(m.to(dev), OptimConfig()) for name, (m, _) in models.items()}
 
-    def step(name: str) -> float:
-        model, opt = models[name], opts[name]
+    def step(name: str, prec: str) -> float:
+        (model, mask), opt = models[name], opts[name]
         sync()
         t = time.perf_counter()
-        _, loss = model(x, x)
+        with precision_scope(prec):
+            _, loss = model(x, x, mask=mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sync()
         return time.perf_counter() - t
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for name in models:  # warm-up: the first step allocates the optimizer state
-        step(name)
+    times: dict[tuple[str, str], list[float]] = {(n, p): [] for n in models for p in precisions}
+    for name, prec in times:  # warm-up: the first step allocates the optimizer state
+        step(name, prec)
     for _ in range(repeats):  # interleaved, so drift of the machine hits every variant alike
-        for name in models:
-            times[name].append(step(name))
+        for name, prec in times:
+            times[(name, prec)].append(step(name, prec))
     res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
                            "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
-                           "device": str(dev), "repeats": repeats, "reuse_freed_memory": reuse}
-    if profile:  # where a step's time goes: one more step of the full model and of each keep
+                           "device": str(dev), "repeats": repeats, "reuse_freed_memory": reuse,
+                           "precisions": list(precisions)}
+    if profile:  # where a step's time goes: one more step of each variant, at the first precision
         from torch.profiler import profile as torch_profile
 
         res["profile"] = {}
         for name in models:
             with torch_profile(record_shapes=True) as prof:
-                step(name)
+                step(name, precisions[0])
             res["profile"][name] = prof.key_averages(group_by_input_shape=True).table(
                 sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40, max_shapes_column_width=60)
-    res["full_s"], res["full_all_s"] = statistics.median(times["full"]), times["full"]
-    for k in keeps:
-        # One reduction per repeat, against the full step of the same repeat (paired): the
-        # machine's drift between repeats cancels; the median and the range over repeats are kept.
-        per_repeat = [1 - t / f for t, f in zip(times[f"keep {k}"], times["full"], strict=True)]
-        reduction = statistics.median(per_repeat)
-        bound = 1 - train_flops_ratio(cfg, k, run.seq_len)
-        res[f"keep {k}"] = {"step_s": statistics.median(times[f"keep {k}"]), "all_s": times[f"keep {k}"],
-                            "reduction": reduction, "reduction_min": min(per_repeat),
-                            "reduction_max": max(per_repeat), "flop_bound": bound, "of_bound": reduction / bound}
+
+    def variants(prec: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"full_s": statistics.median(times[("full", prec)]), "full_all_s": times[("full", prec)]}
+        for name in models:
+            if name == "full":
+                continue
+            k = int(name.split()[1])
+            # One reduction per repeat, against the full step of the same repeat (paired): the
+            # machine's drift between repeats cancels; the median and the range over repeats are kept.
+            per_repeat = [1 - t / f for t, f in zip(times[(name, prec)], times[("full", prec)], strict=True)]
+            reduction = statistics.median(per_repeat)
+            bound = 1 - train_flops_ratio(cfg, k, run.seq_len) if name.startswith("keep") else 0.0
+            out[name] = {"step_s": statistics.median(times[(name, prec)]), "all_s": times[(name, prec)],
+                         "reduction": reduction, "reduction_min": min(per_repeat),
+                         "reduction_max": max(per_repeat), "flop_bound": bound,
+                         "of_bound": reduction / bound if bound else None}
+        return out
+
+    for prec in precisions:
+        if prec == precisions[0]:
+            res.update(variants(prec))
+        else:
+            res[prec] = variants(prec)
+            res[prec]["speedup_over_" + precisions[0]] = {
+                name: statistics.median(a / b for a, b in zip(times[(name, precisions[0])], times[(name, prec)],
+                                                              strict=True))
+                for name in models}
     return res
 
 
@@ -197,7 +226,7 @@ from twist_fl.core.blueprint import Blueprint, sample_blueprints
 from twist_fl.core.config import RunConfig
 from twist_fl.core.model import GPT
 from twist_fl.core.node import LocalTask, local_update
-variant, keep, reuse = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse"
+variant, keep, reuse, precision = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "reuse", sys.argv[4]
 set_malloc(reuse)
 cfg = gpt2_cfg()
 torch.manual_seed(0)
@@ -208,7 +237,7 @@ if variant == "true":  # a true node only ever holds its slices: build them with
     arrays = {k: v.numpy() for k, v in GPT(cfg, blueprint=bp).state_dict().items()}
 else:
     arrays = full
-run = RunConfig.from_flat({"optimizer-state": "reset"})
+run = RunConfig.from_flat({"optimizer-state": "reset", "precision": precision})
 tokens = np.random.default_rng(0).integers(0, 50257, size=100_000)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 task = LocalTask(cfg=cfg, blueprint=bp, mode="true" if variant == "true" else "masked", round=1, partition_id=0,
@@ -218,12 +247,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def bench_memory(keep: int = 6, reuse: bool = True) -> dict[str, Any]:
+def bench_memory(keep: int = 6, reuse: bool = True, precision: str = "fp32") -> dict[str, Any]:
     res: dict[str, Any] = {"shape": "gpt2 124M", "keep": keep, "unit": "MiB (peak RSS of a fresh process)",
-                           "reuse_freed_memory": reuse}
+                           "reuse_freed_memory": reuse, "precision": precision}
     for variant in ("true", "masked", "dense"):
-        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, str(keep), "reuse" if reuse else "return"],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _MEM_CHILD, variant, str(keep), "reuse" if reuse else "return",
+                              precision], capture_output=True, text=True, check=True)
         res[variant] = int(out.stdout.strip().splitlines()[-1]) / 1024
     res["true_vs_dense"] = res["true"] / res["dense"]
     return res
@@ -347,19 +376,28 @@ def _print(name: str, res: dict[str, Any]) -> None:
                   f"{(r['down_total'] + r['up_total']) / 1e6:>9.1f} | {r['vs_dense_fp32']:>12.1%} | "
                   f"{r['overhead_over_raw']:.3%}")
     elif name == "step":
-        print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
-              f"{res['shared_layers']}, {res['threads']} threads, {_malloc_label(res)}, median of {res['repeats']}: "
-              f"full {res['full_s']:.2f} s")
+        precs = res.get("precisions", ["fp32"])
         for variant, table in res.get("profile", {}).items():
             print(f"profile of one step, {variant}:\n{table}")
-        for k, r in res.items():
-            if k.startswith("keep"):
-                print(f"  {k}: {r['step_s']:.2f} s, reduction {r['reduction']:.1%} (range {r['reduction_min']:.1%} "
-                      f"to {r['reduction_max']:.1%}), FLOP bound {r['flop_bound']:.1%}, "
-                      f"measured/bound {r['of_bound']:.0%}")
+        for prec in precs:
+            r0 = res if prec == precs[0] else res[prec]
+            print(f"training step, {res['shape']}, batch {res['batch']} x {res['seq_len']}, shared layers "
+                  f"{res['shared_layers']}, {res['threads']} threads, {_malloc_label(res)}, {prec}, median of "
+                  f"{res['repeats']}: full {r0['full_s']:.2f} s")
+            for k, r in r0.items():
+                if k.startswith(("keep", "masked")):
+                    bound = f", FLOP bound {r['flop_bound']:.1%}, measured/bound {r['of_bound']:.0%}" \
+                        if r["of_bound"] is not None else ""
+                    print(f"  {k}: {r['step_s']:.2f} s, reduction vs full {r['reduction']:.1%} (range "
+                          f"{r['reduction_min']:.1%} to {r['reduction_max']:.1%}){bound}")
+            if prec != precs[0]:
+                print(f"  {prec} speed-up over {precs[0]} (median of paired repeats): " + ", ".join(
+                    f"{n} {v:.2f}x" for n, v in r0[f"speedup_over_{precs[0]}"].items()))
     elif name == "memory":
-        print(f"peak RSS, {res['shape']}, {_malloc_label(res)}, keep {res['keep']}: true {res['true']:.0f} MiB, "
-              f"masked {res['masked']:.0f} MiB, dense {res['dense']:.0f} MiB (true/dense {res['true_vs_dense']:.2f})")
+        for r in (res.values() if "shape" not in res else [res]):
+            print(f"peak RSS, {r['shape']}, {_malloc_label(r)}, {r['precision']}, keep {r['keep']}: true "
+                  f"{r['true']:.0f} MiB, masked {r['masked']:.0f} MiB, dense {r['dense']:.0f} MiB (true/dense "
+                  f"{r['true_vs_dense']:.2f})")
     elif name == "overhead":
         print(f"runtime overhead, {res['rounds']} rounds x {res['nodes']} nodes: plain loop {res['plain_s']:.1f} s, "
               f"flwr run {res['flwr_run_s']:.1f} s (final evaluation of {res['eval_s']:.1f} s taken out), "
@@ -382,18 +420,27 @@ def main(argv: list[str] | None = None) -> int:
                     "of each variant (self CPU time by operator and input shapes)")
     ap.add_argument("--return-freed-memory", action="store_true", help="step, memory, overhead: leave glibc's "
                     "malloc at its default, as nodes do with run-config reuse-freed-memory=false")
+    ap.add_argument("--precision", default="fp32", help="step, memory: comma list of fp32, bf16, fp16, auto "
+                    "(step compares them in one process; memory measures each in its own)")
+    ap.add_argument("--masked", action="store_true", help="step: also the full model masked to each keep")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     reuse = not args.return_freed_memory
+    precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
+    for p in precisions:
+        if p not in PRECISIONS:
+            ap.error(f"--precision entry {p!r} is not allowed; allowed: {list(PRECISIONS)}")
     names = ("bytes", "step", "memory", "overhead") if args.which == "all" else (args.which,)
     results = {}
     for name in names:
         if name == "bytes":
             results[name] = bench_bytes()
         elif name == "step":
-            results[name] = bench_step(repeats=args.repeats, profile=args.profile, reuse=reuse)
+            results[name] = bench_step(repeats=args.repeats, profile=args.profile, reuse=reuse,
+                                       precisions=precisions, masked=args.masked)
         elif name == "memory":
-            results[name] = bench_memory(reuse=reuse)
+            results[name] = {p: bench_memory(reuse=reuse, precision=p) for p in precisions} \
+                if len(precisions) > 1 else bench_memory(reuse=reuse, precision=precisions[0])
         else:
             results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])

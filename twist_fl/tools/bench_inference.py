@@ -1,6 +1,7 @@
 """Inference speed of a pruned dense subnet vs the full model on this machine's CPU (or GPU).
 
     python -m twist_fl.tools.bench_inference [--preset gpt2] [--keep 6] [--prompt 256] [--decode 32]
+                                             [--precision fp32|bf16|auto]
 
 Random weights of the preset's shape (speed does not depend on the values). Every layer is
 sliced (shared_layers = ()), as the FLOP bound below assumes. Reports tokens/s for prefill (one
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 
 from ..core.blueprint import sample_blueprints
-from ..core.config import preset
+from ..core.config import PRECISIONS, preset
 from ..core.io import write_json
 from ..core.model import GPT
+from ..core.precision import precision_scope, resolve_precision
 from ..evaluation.prune import subnet
 
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="forward passes (autocast for bf16)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset(args.preset, vocab_size=50257), shared_layers=())
@@ -103,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     bp = sample_blueprints(cfg, 1, args.keep, seed=0, round=0, allow_partial=True)[0]
     pruned = subnet(full, bp)
     dev = torch.device(args.device)
-    res = {"preset": args.preset, "keep": args.keep, "n_blocks": cfg.n_head, "device": str(dev),
+    prec = resolve_precision(args.precision, dev, "--precision")
+    res = {"preset": args.preset, "keep": args.keep, "n_blocks": cfg.n_head, "device": str(dev), "precision": prec,
            "threads": torch.get_num_threads(), "prompt": args.prompt, "decode": args.decode, "repeats": args.repeats,
            "params_full": full.num_params(), "params_pruned": pruned.num_params()}
-    res.update(measure({"full": full, "pruned": pruned}, args.prompt, args.decode, args.repeats, dev))
+    with precision_scope(prec):
+        res.update(measure({"full": full, "pruned": pruned}, args.prompt, args.decode, args.repeats, dev))
     ctx_prefill, ctx_decode = args.prompt / 2, args.prompt + args.decode / 2
     for phase, ctx in (("prefill", ctx_prefill), ("decode", ctx_decode)):
         bound = forward_flops(cfg, cfg.n_head, cfg.n_ffn_blocks, ctx) / forward_flops(cfg, args.keep, args.keep, ctx)
@@ -116,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         speedup = statistics.median(per_repeat)
         res[phase] = {"speedup": speedup, "speedup_min": min(per_repeat), "speedup_max": max(per_repeat),
                       "flop_bound": bound, "of_bound": speedup / bound}
-    print(f"{args.preset} shape, keep {args.keep}/{cfg.n_head} in every layer, {dev}, {res['threads']} threads, "
+    print(f"{args.preset} shape, keep {args.keep}/{cfg.n_head} in every layer, {dev}, {prec}, "
+          f"{res['threads']} threads, "
           f"prompt {args.prompt}, {args.decode} decoded tokens, median of {args.repeats}")
     print(f"{'':8} | {'full tok/s':>10} | {'pruned tok/s':>12} | {'speed-up (range)':>20} | {'FLOP bound':>10} | "
           "measured/bound")

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..core.io import atomic_write_text, write_json
@@ -43,10 +44,12 @@ def _num(v: str) -> float | str:
 
 
 def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> dict[str, Any]:
+    """One row per value of the swept key `x`; when the sweep also varies `run.seed`, each cell is
+    the mean ± std over seeds (a random subnet's perplexity first averaged over its draws)."""
     jobs = collect(root)
     dense_jobs = [j for j in jobs if j["summary"]["strategy"] == "fedavg"]
     twist_jobs = [j for j in jobs if j["summary"]["strategy"] == "twist"]
-    keys = {k for j in twist_jobs for k in j["overrides"]} - {"run.strategy"}
+    keys = {k for j in twist_jobs for k in j["overrides"]} - {"run.strategy", "run.seed"}
     swept = sorted(k for k in keys if len({j["overrides"].get(k) for j in twist_jobs}) > 1)
     x = x or (swept[0] if len(swept) == 1 else None)
     if x is None:
@@ -55,20 +58,36 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
     if dense is not None:
         dense_ppl = json.loads((Path(dense) / "summary.json").read_text())["final"]["full"]["ppl"]
     elif dense_jobs:
-        dense_ppl = dense_jobs[0]["summary"]["final"]["full"]["ppl"]
+        dense_ppl = float(np.mean([j["summary"]["final"]["full"]["ppl"] for j in dense_jobs]))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for j in twist_jobs:
+        groups.setdefault(str(j["overrides"].get(x, "")), []).append(j)
+    seeds = max(len(g) for g in groups.values())
     rows = []
-    for j in sorted(twist_jobs, key=lambda j: _num(j["overrides"].get(x, ""))):
-        final = j["summary"]["final"]
-        rows.append({"x": j["overrides"].get(x), "full": final["full"]["ppl"],
-                     **{k: (v["mean"], v["std"]) for k, v in final.items() if k != "full"},
-                     "rounds": j["summary"]["rounds"], "job": j["job"]})
+    for value in sorted(groups, key=_num):
+        finals = [j["summary"]["final"] for j in groups[value]]
+        full = [f["full"]["ppl"] for f in finals]
+        row: dict[str, Any] = {"x": value, "seeds": len(finals), "full": float(np.mean(full)),
+                               "full_std": float(np.std(full)), "rounds": groups[value][0]["summary"]["rounds"],
+                               "jobs": [j["job"] for j in groups[value]]}
+        for k in {k for f in finals for k in f if k != "full"}:
+            means = [f[k]["mean"] for f in finals if k in f]
+            # over seeds when there are several; over the draws of the one run otherwise
+            spread = float(np.std(means)) if len(means) > 1 else float(finals[0][k]["std"])
+            row[k] = (float(np.mean(means)), spread)
+        rows.append(row)
     keys = sorted({k for r in rows for k in r if k.startswith("keep-")}, key=lambda k: int(k.split("-")[1]))
-    lines = [f"| {x} | full | " + " | ".join(keys) + " | rounds |", "|---|---|" + "---|" * len(keys) + "---|"]
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "random subnets: mean ± std over draws"
+    lines = [f"Final validation perplexity; {spread}.", "",
+             f"| {x} | full | " + " | ".join(keys) + " | rounds | seeds |",
+             "|---|---|" + "---|" * len(keys) + "---|---|"]
     for r in rows:
         cells = [f"{r[k][0]:.3f} ± {r[k][1]:.3f}" if k in r else "" for k in keys]
-        lines.append(f"| {r['x']} | {r['full']:.3f} | " + " | ".join(cells) + f" | {r['rounds']} |")
+        full = f"{r['full']:.3f} ± {r['full_std']:.3f}" if r["seeds"] > 1 else f"{r['full']:.3f}"
+        lines.append(f"| {r['x']} | {full} | " + " | ".join(cells) + f" | {r['rounds']} | {r['seeds']} |")
     if dense_ppl is not None:
-        lines.append(f"\nDense FedAvg baseline (full model): {dense_ppl:.3f}")
+        lines.append(f"\nDense FedAvg baseline (full model{', mean over its runs' if len(dense_jobs) > 1 else ''}): "
+                     f"{dense_ppl:.3f}")
     out = {"x": x, "rows": rows, "dense_full_ppl": dense_ppl, "table": "\n".join(lines)}
     atomic_write_text(root / "summary.md", out["table"] + "\n")
     write_json(root / "summary.json", out)
@@ -82,7 +101,8 @@ def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = [str(r["x"]) for r in out["rows"]]
-    ax.plot(xs, [r["full"] for r in out["rows"]], "k-o", label="full model")
+    ax.errorbar(xs, [r["full"] for r in out["rows"]], yerr=[r["full_std"] for r in out["rows"]], fmt="k-o",
+                capsize=3, label="full model")
     for k in keys:
         pts = [(str(r["x"]), r[k]) for r in out["rows"] if k in r]
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], fmt="-o",
