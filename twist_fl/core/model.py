@@ -388,6 +388,11 @@ def _is_transposed(name: str) -> bool:
     return name.startswith("h.") and name.endswith(_HF_TRANSPOSED)
 
 
+def hf_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full model's state under Hugging Face GPT-2's names and layouts (the inverse of `from_hf`)."""
+    return {_hf_name(k): v.t().contiguous() if _is_transposed(k) else v for k, v in state.items()}
+
+
 def load_state_strict(model: nn.Module, state: Mapping[str, Any]) -> None:
     """load_state_dict with an error that names missing/extra keys and wrong shapes."""
     own = model.state_dict()

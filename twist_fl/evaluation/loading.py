@@ -24,11 +24,19 @@ class UsageError(Exception):
     pass
 
 
-def load_model(path: str) -> tuple[GPT, dict[str, Any]]:
-    """A model and the metadata in its config.json."""
+def load_model(path: str, allow_onnx: bool = False) -> tuple[GPT, dict[str, Any]]:
+    """A model and the metadata in its config.json. With `allow_onnx`, a folder written by
+    `twist-fl export --format onnx` gives an `OnnxLM` (evaluate and generate run it)."""
+    from ..export.onnx import OnnxLM, is_onnx_folder
+
     p = Path(path).expanduser()
     if p.is_dir() and (p / "model" / CONFIG_FILE).is_file():  # a run folder: use its final model
         p = p / "model"
+    if is_onnx_folder(p):
+        if not allow_onnx:
+            raise UsageError(f"{path} is an exported ONNX model; this verb needs the twist-fl model it was exported "
+                             "from (prune or evaluate subnets first, then export)")
+        return OnnxLM(p), json.loads((p / CONFIG_FILE).read_text())  # type: ignore[return-value]
     try:
         model = GPT.load(p)
     except ValueError as e:
@@ -88,6 +96,7 @@ def model_facts(model: GPT, path: Path | None = None) -> dict[str, Any]:
              "removed_of_block_params": s["removed_of_block_params"],
              "removed_of_all_params": s["removed_of_all_params"],
              "blueprint": bp.to_dict() if model.blueprint else None}
-    if path is not None and (path / WEIGHTS_FILE).is_file():
-        facts["file_bytes"] = (path / WEIGHTS_FILE).stat().st_size
+    for name in (WEIGHTS_FILE, "model.onnx"):
+        if path is not None and (path / name).is_file():
+            facts["file_bytes"] = (path / name).stat().st_size
     return facts

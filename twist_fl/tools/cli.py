@@ -1,4 +1,5 @@
-"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): ddp, prune, evaluate, generate, heatmap, report, deploy.
+"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): ddp, prune, evaluate, generate, export, heatmap, report,
+deploy.
 
 Every verb reads models in the core save format (a run's `model/` folder, or a pruned model).
 Data settings (dataset, tokenizer, data path, sequence length) default to those the model was
@@ -23,7 +24,7 @@ from ..core.blocks import sparsity
 from ..core.config import DATASETS, DENSE_STRATEGIES, PRECISIONS, TOKENIZERS
 from ..core.data import get_tokenizer
 from ..core.io import atomic_write_text, check_output, write_json
-from ..core.model import WEIGHTS_FILE
+from ..core.model import GPT, WEIGHTS_FILE
 from ..core.precision import precision_scope, resolve_precision
 from ..core.progress import enable as enable_progress
 from ..core.progress import progress
@@ -95,9 +96,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
         check_output(args.json, inputs=(args.model,), force=args.force, what="--json")
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, allow_onnx=True)
     if args.keeps and model.blueprint is not None:
         raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
+    if args.keeps and not isinstance(model, GPT):
+        raise UsageError("--keeps draws subnets of a twist-fl model; an exported ONNX model runs as it is")
     keeps = parse_keeps(args.keeps, model.cfg) if args.keeps else []
     d = _data(args, meta)
     windows = windows_for(model, d, args.split, args.eval_tokens)
@@ -121,7 +124,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Prints the prompt, then each piece of text as soon as its tokens decode to whole characters."""
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, allow_onnx=True)
     d = _data(args, meta)
     check_tokenizer(model, d["tokenizer"])
     tok = get_tokenizer(d["tokenizer"])
@@ -145,6 +148,31 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     sys.stdout.write("\n")
     sys.stdout.flush()
     return {"text": text}
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    if args.int8 and args.format != "onnx":
+        raise UsageError("--int8 quantizes an ONNX export; use it with --format onnx")
+    out = check_output(args.out, inputs=(args.model,), force=args.force)
+    model, meta = load_model(args.model)
+    tokenizer = args.tokenizer or meta.get("run", {}).get("tokenizer", "bytes")
+    check_tokenizer(model, tokenizer)
+    out.mkdir(exist_ok=True)
+    if args.format == "hf":
+        from ..export.hf import export_hf
+
+        res = export_hf(model, out, tokenizer)
+        how = "AutoModelForCausalLM.from_pretrained(DIR" + \
+            (")" if res["kind"] == "gpt2" else ", trust_remote_code=True)")
+        print(f"exported {res['params']:,} parameters as {res['kind']} -> {out}; load with {how}")
+    else:
+        from ..export.onnx import export_onnx
+
+        res = export_onnx(model, out, {"run": meta.get("run", {}), "exported_from": str(Path(args.model).resolve())},
+                          int8=args.int8)
+        print(f"exported to ONNX{' with int8 weights' if args.int8 else ''}: {res['file_bytes']:,} bytes -> {out}; "
+              f"run it with twist-fl evaluate/generate {out}")
+    return res
 
 
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
@@ -335,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _data_args(p)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="a model as a Hugging Face transformers folder, or as ONNX (fp32 or int8)")
+    p.add_argument("model", help="a model folder or a run folder (full or pruned)")
+    p.add_argument("--format", choices=("hf", "onnx"), required=True)
+    p.add_argument("--int8", action="store_true", help="onnx: int8 weights (onnxruntime's dynamic quantization)")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: the one the model was trained with")
+    p.add_argument("--out", required=True, help="a new folder for the exported model")
+    _force(p, "--out")
+    p.set_defaults(fn=cmd_export)
 
     p = sub.add_parser("heatmap", help="models trained at keep X evaluated at keep Y")
     p.add_argument("models", nargs="+")
