@@ -98,32 +98,45 @@ def io_names(n_layer: int) -> tuple[list[str], list[str]]:
 def export_onnx(model: GPT, out: Path, meta: dict[str, Any], int8: bool = False) -> dict[str, Any]:
     """Write `model` as `out/model.onnx` (+ config.json); with `int8`, its weights quantized."""
     model = model.cpu().eval()
-    cfg = model.cfg
-    step = DecoderStep(model).eval()
-    heads = [b.attn.n_heads for b in model.h]
-    past = [torch.zeros(1, h, 3, cfg.head_dim) for h in heads for _ in range(2)]
-    example = (torch.zeros(1, 2, dtype=torch.long), *past)
-    inputs, outputs = io_names(cfg.n_layer)
-    batch, seq, cached = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past", min=0)
-    shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: cached} for _ in past))  # forward(input_ids, *past)
     target = out / ONNX_FILE
     fp32 = out / "model-fp32.onnx" if int8 else target
-    with torch.no_grad(), _quiet():
-        program = torch.onnx.export(step, example, input_names=inputs, output_names=outputs,
-                                    dynamic_shapes=shapes, dynamo=True, optimize=True, verbose=False)
-    program.save(str(fp32), external_data=False)
+    export_graph(model, fp32)
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _quiet():
-            quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                             op_types_to_quantize=["MatMul", "Gather"])
+        quantize_int8(fp32, target)
         fp32.unlink()
+    cfg = model.cfg
     write_json(out / CONFIG_FILE, {**{k: v for k, v in meta.items() if k not in ("format",)},
                                    "format": ONNX_FORMAT, "gpt": cfg.to_dict(),
                                    "blueprint": model.blueprint.to_dict() if model.blueprint else None,
                                    "num_params": model.num_params(), "onnx": {"int8": int8, "file": ONNX_FILE}})
     return {"out": str(out), "file_bytes": target.stat().st_size, "int8": int8}
+
+
+def export_graph(model: GPT, path: Path) -> Path:
+    """The float32 decoding graph of `model` (see the module's docstring) at `path`."""
+    cfg = model.cfg
+    step = DecoderStep(model).eval()
+    past = [torch.zeros(1, b.attn.n_heads, 3, cfg.head_dim) for b in model.h for _ in range(2)]
+    example = (torch.zeros(1, 2, dtype=torch.long), *past)
+    inputs, outputs = io_names(cfg.n_layer)
+    batch, seq, cached = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past", min=0)
+    shapes = ({0: batch, 1: seq}, tuple({0: batch, 2: cached} for _ in past))  # forward(input_ids, *past)
+    with torch.no_grad(), _quiet():
+        program = torch.onnx.export(step, example, input_names=inputs, output_names=outputs,
+                                    dynamic_shapes=shapes, dynamo=True, optimize=True, verbose=False)
+    program.save(str(path), external_data=False)
+    return path
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """onnxruntime's dynamic quantization of every MatMul and Gather weight of `src` (per-channel
+    int8 weights; activations quantized per batch at run time)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet():
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=["MatMul", "Gather"])
+    return dst
 
 
 def weight_bytes(path: Path) -> dict[str, int]:
