@@ -42,8 +42,7 @@ def one_process_at_n_times_batch(run, n):
     """What DDP over n workers computes: one model, each step on the n workers' batches side by side."""
     model = initial_model(run)
     opt = make_optimizer(model, OptimConfig(lr=run.lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
-    toks = [node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, n, i, run.seq_len, run.seed)
-            for i in range(n)]
+    toks = [node_tokens(run, n, i) for i in range(n)]
     for rnd in range(1, run.num_server_rounds + 1):
         for g in opt.param_groups:
             g["lr"] = run.lr_at(rnd)

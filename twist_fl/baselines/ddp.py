@@ -40,10 +40,10 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from ..core.config import RunConfig
-from ..core.data import check_split, eval_windows, load_tokens, partition, random_batches
+from ..core.data import check_split, eval_windows, load_tokens, random_batches
 from ..core.io import fsync_dir
 from ..core.model import initial_model
-from ..core.node import node_tokens
+from ..core.node import node_tokens, partition_stats
 from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
@@ -67,6 +67,7 @@ NOT_FOR_DDP = {
     "weighted-average": "every worker has the same batch size",
     "max-update-ratio": "there are no untrusted replies",
     "resume-from": "a DDP run is not resumed; start a new one",
+    "fraction-evaluate": "workers do not evaluate; the validation split does",
 }
 BACKENDS = ("auto", "gloo", "nccl")
 
@@ -182,7 +183,7 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     check_split(splits["valid"], run.seq_len, "valid")
     try:
         check_split(splits["train"], run.seq_len, "train", min_windows=nproc)
-        partition(splits["train"], nproc, 0, run.partitioning, run.seq_len, run.seed)
+        partition_stats(run, nproc)  # every worker's share, checked before any worker starts
     except ValueError as e:
         raise ValueError(f"--nproc {nproc} is more workers than the training split has partitions: {e}") from None
     folder = RunFolder.new(run)
@@ -241,7 +242,7 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
     ddp.register_comm_hook(counter, _counting_allreduce)
     opt = make_optimizer(model, OptimConfig(lr=run.lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
     precision = resolve_precision(run.precision, device)
-    tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, n, rank, run.seq_len, run.seed)
+    tokens = node_tokens(run, n, rank)
     folder = evaluator = splits = None
     if rank == 0:
         folder = RunFolder(Path(spec.folder))

@@ -137,7 +137,7 @@ def preset(name: str, **overrides: Any) -> GPTConfig:
 TOKENIZER_VOCAB = {"bytes": 257, "gpt2": 50257}  # tokens of each tokenizer (the model's vocab_size)
 TOKENIZERS = tuple(TOKENIZER_VOCAB)
 DATASETS = ("shakespeare", "wikitext-103", "wikitext-2", "text")
-PARTITIONINGS = ("iid", "document")  # document: whole documents per node (non-IID)
+PARTITIONINGS = ("iid", "document", "character", "dirichlet")  # see core/data.py
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see core/precision.py
 
 
@@ -166,7 +166,8 @@ class RunConfig:
     dataset: str = "shakespeare"  # shakespeare (embedded) | wikitext-103 | wikitext-2 | text
     data_path: str = ""  # local folder for wikitext-* (wiki.*.raw) or text (train/valid/test.txt)
     tokenizer: str = "bytes"  # bytes | gpt2
-    partitioning: str = "iid"  # iid | document (non-IID: whole documents per node)
+    partitioning: str = "iid"  # iid | document (whole plays) | character (speaking roles) | dirichlet (over plays)
+    partition_alpha: float = 0.5  # Dirichlet concentration of partitioning 'dirichlet' (small: each play on few nodes)
     seq_len: int = 64  # tokens per training sequence
     batch_size: int = 16  # sequences per batch
     # optimizer
@@ -189,6 +190,7 @@ class RunConfig:
     eval_keeps: str = ""  # subnet sizes evaluated (comma list; mean +- std over eval-draws); "" = N/4, N/2, 3N/4
     eval_draws: int = 3
     eval_tokens: int = 16384  # validation tokens per evaluation (0 = the whole split)
+    fraction_evaluate: float = 0.0  # share of connected nodes that also evaluate on their own held-out text (0: off)
     out_dir: str = "outputs"
     run_name: str = ""  # default: <time>-<strategy>-k<keep>
     resume_from: str = ""  # a run folder to continue from its last complete round
@@ -289,6 +291,13 @@ class RunConfig:
             v = getattr(self, key)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"run-config {key.replace('_', '-')}={v!r} must be a finite number >= 0")
+        if not 0 <= self.fraction_evaluate <= 1:
+            raise ValueError(f"run-config fraction-evaluate={self.fraction_evaluate!r} must be in [0, 1]")
+        if not (math.isfinite(self.partition_alpha) and self.partition_alpha > 0):
+            raise ValueError(f"run-config partition-alpha={self.partition_alpha!r} must be a positive finite number")
+        if self.partitioning in ("character", "dirichlet") and self.dataset != "shakespeare":
+            raise ValueError(f"run-config partitioning={self.partitioning!r} splits the speeches of the embedded "
+                             f"corpus; dataset={self.dataset!r} has none (allowed there: 'iid', 'document')")
         if not 0 <= self.lr_min_ratio <= 1:
             raise ValueError(f"run-config lr-min-ratio={self.lr_min_ratio!r} must be in [0, 1]")
         if self.dataset in ("wikitext-103", "wikitext-2", "text") and self.data_path:

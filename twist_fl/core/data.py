@@ -19,11 +19,13 @@ from __future__ import annotations
 import codecs
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,48 @@ def load_shakespeare() -> dict[str, list[str]]:
     for f in files:
         split = "valid" if f.stem in SHAKESPEARE_VALID else "test" if f.stem in SHAKESPEARE_TEST else "train"
         splits[split].append(_strip_markdown(f.read_text(encoding="utf-8")))
+    return splits
+
+
+_SPEAKER = re.compile(r"^\*\*(?P<name>[^*]+)\*\*\s*$")
+_STAGE = re.compile(r"^_.*_\s*$")
+
+
+@dataclass(frozen=True)
+class Speech:
+    """One speech of the embedded corpus: who speaks, in which play, and what (stage directions
+    dropped)."""
+
+    play: str  # the play's file stem, e.g. "romeo-and-juliet"
+    character: str  # as the play names the speaker, e.g. "ROMEO"
+    text: str
+
+    @property
+    def character_id(self) -> str:
+        """Unique per (play, character): the natural id of LEAF's Shakespeare clients."""
+        return f"{self.play}:{self.character}"
+
+
+def shakespeare_speeches() -> dict[str, list[Speech]]:
+    """The speeches of each split (the same plays as `load_shakespeare`'s splits), in order.
+
+    A speech runs from a speaker's bold name (`**ROMEO**`) to the next speaker or heading;
+    stage directions (`_Exit PHILOSTRATE_`) are dropped, also inside a speech; text before the
+    first speaker of a scene (titles, dramatis personae) belongs to no one and is dropped."""
+    splits: dict[str, list[Speech]] = {s: [] for s in SPLITS}
+    for f in sorted(shakespeare_dir().rglob("*.md")):
+        split = "valid" if f.stem in SHAKESPEARE_VALID else "test" if f.stem in SHAKESPEARE_TEST else "train"
+        speaker: str | None = None
+        lines: list[str] = []
+        for line in [*f.read_text(encoding="utf-8").splitlines(), "# end"]:
+            m = _SPEAKER.match(line.strip())
+            if m or line.startswith("#"):  # the speech so far ends here
+                text = _strip_markdown("\n".join(lines)).strip()
+                if speaker and text:
+                    splits[split].append(Speech(f.stem, speaker, text))
+                speaker, lines = (m.group("name").strip() if m else None), []
+            elif not _STAGE.match(line.strip()):
+                lines.append(line)
     return splits
 
 
@@ -374,6 +418,93 @@ def partition(split: TokenSplit, num_partitions: int, partition_id: int, scheme:
                 mine.append(d)
         return np.concatenate([split.tokens[bounds[d]:bounds[d + 1]] for d in sorted(mine)])
     raise ValueError(f"unknown partitioning {scheme!r}; allowed: {list(PARTITIONINGS)}")
+
+
+SPEECH_PARTITIONINGS = ("character", "dirichlet")  # over the speeches of the embedded corpus, by flwr-datasets
+
+
+@lru_cache(maxsize=4)
+def speech_partitioner(scheme: str, num_partitions: int, seed: int = 0, alpha: float = 0.5):
+    """The flwr-datasets partitioner of a speech-level scheme, over a `datasets.Dataset` of the
+    training speeches (columns play, character_id, text).
+
+    character: LEAF's Shakespeare, one client per speaking role (a character id is unique per
+      play and character), the roles grouped onto `num_partitions` nodes in sorted order
+      (`GroupedNaturalIdPartitioner`): every role on exactly one node, nodes holding a few
+      plays' casts each, and as many roles each as the count allows.
+    dirichlet: each play's speeches spread over the nodes by proportions drawn from
+      Dirichlet(alpha) (`DirichletPartitioner`, seeded): small alpha, each play on few nodes."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, GroupedNaturalIdPartitioner
+
+    speeches = shakespeare_speeches()["train"]
+    ds = datasets.Dataset.from_dict({"play": [s.play for s in speeches],
+                                     "character_id": [s.character_id for s in speeches],
+                                     "text": [s.text for s in speeches]})
+    if scheme == "character":
+        n = len(set(ds["character_id"]))
+        size, mode = _grouping(n, num_partitions)
+        part = GroupedNaturalIdPartitioner(partition_by="character_id", group_size=size, mode=mode,
+                                           sort_unique_ids=True)
+    elif scheme == "dirichlet":
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="play", alpha=alpha,
+                                    min_partition_size=1, self_balancing=False, shuffle=True, seed=seed)
+    else:
+        raise ValueError(f"unknown speech partitioning {scheme!r}; allowed: {list(SPEECH_PARTITIONINGS)}")
+    part.dataset = ds
+    if part.num_partitions != num_partitions:
+        raise ValueError(f"partitioning {scheme!r} cannot make {num_partitions} nodes out of {n} speaking roles")
+    return part
+
+
+def _grouping(n: int, parts: int) -> tuple[int, str]:
+    """A group size and GroupedNaturalIdPartitioner mode that cut n ids into exactly `parts` groups."""
+    if not 1 <= parts <= n:
+        raise ValueError(f"partitioning 'character' cannot make {parts} nodes out of {n} speaking roles")
+    for size in range(max(1, n // parts), 0, -1):
+        if n // size == parts:
+            return size, "allow-bigger"  # n // size groups, the remainder spread over them
+        if n // size + (n % size > 0) == parts:
+            return size, "allow-smaller"  # n // size full groups and one smaller
+    raise ValueError(f"partitioning 'character' cannot make {parts} nodes out of {n} speaking roles")
+
+
+def speech_partition(scheme: str, num_partitions: int, partition_id: int, seed: int = 0,
+                     alpha: float = 0.5) -> list[Speech]:
+    """The training speeches of one node under a speech-level scheme (see `speech_partitioner`)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id={partition_id} is outside 0..{num_partitions - 1}")
+    rows = speech_partitioner(scheme, num_partitions, seed, alpha).load_partition(partition_id)
+    return [Speech(p, c.split(":", 1)[1], t) for p, c, t in zip(rows["play"], rows["character_id"], rows["text"],
+                                                                  strict=True)]
+
+
+def speech_tokens(tokenizer: str, scheme: str, num_partitions: int, partition_id: int, seed: int = 0,
+                  alpha: float = 0.5) -> tuple[np.ndarray, dict[str, int]]:
+    """One node's training tokens under a speech-level scheme (its speeches, each followed by
+    end-of-text) and its statistics (tokens, speeches, characters, plays), cached on disk."""
+    tok = get_tokenizer(tokenizer)
+    plays = sorted((f.name, f.stat().st_size) for f in shakespeare_dir().rglob("*.md"))
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, "speeches-v1", tok.fingerprint, scheme, num_partitions,
+                                     partition_id, seed, alpha, plays]).encode()).hexdigest()[:24]
+    path = cache_dir() / f"speeches-{scheme}-{tokenizer}-{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return z["tokens"], {k: int(z[k]) for k in ("tokens_n", "speeches", "characters", "plays")}
+        except (OSError, KeyError, ValueError) as e:
+            log.warning("speech token cache %s is unreadable (%s); tokenizing again", path, e)
+    speeches = speech_partition(scheme, num_partitions, partition_id, seed, alpha)
+    split = _tokenize([s.text for s in speeches], tok)
+    stats = {"tokens_n": len(split), "speeches": len(speeches), "characters": len({s.character_id for s in speeches}),
+             "plays": len({s.play for s in speeches})}
+
+    def write_npz(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, tokens=split.tokens, **{k: np.asarray(v) for k, v in stats.items()})
+
+    atomic_write(path, write_npz)
+    return split.tokens, stats
 
 
 def random_batches(tokens: np.ndarray, batch_size: int, seq_len: int,

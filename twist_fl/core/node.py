@@ -23,7 +23,15 @@ import torch
 from .blocks import slice_state
 from .blueprint import Blueprint
 from .config import NODE_MODES, GPTConfig, RunConfig, parse_mode
-from .data import check_split, load_tokens, partition, random_batches
+from .data import (
+    SPEECH_PARTITIONINGS,
+    check_split,
+    eval_windows,
+    load_tokens,
+    partition,
+    random_batches,
+    speech_tokens,
+)
 from .io import atomic_write
 from .model import GPT, load_state_strict
 from .precision import precision_scope, resolve_precision
@@ -31,6 +39,7 @@ from .rng import Stream, generator
 from .train import (
     MOMENTS,
     OptimConfig,
+    evaluate,
     export_moments,
     import_moments,
     make_optimizer,
@@ -50,13 +59,72 @@ class LocalResult:
     moment_step: int
 
 
+def node_tokens(run: RunConfig, num_partitions: int, partition_id: int) -> np.ndarray:
+    """The training tokens of one node (cached per process; the token caches are on disk)."""
+    return _node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, num_partitions, partition_id,
+                        run.seq_len, run.seed, run.partition_alpha)
+
+
 @lru_cache(maxsize=8)
-def node_tokens(dataset: str, tokenizer: str, data_path: str, partitioning: str, num_partitions: int,
-                partition_id: int, seq_len: int, seed: int) -> np.ndarray:
-    """The training tokens of one node (cached per process; the token cache is on disk)."""
-    splits = load_tokens(dataset, tokenizer, data_path or None)
-    check_split(splits["train"], seq_len, "train", min_windows=num_partitions)
-    return partition(splits["train"], num_partitions, partition_id, partitioning, seq_len, seed)
+def _node_tokens(dataset: str, tokenizer: str, data_path: str, partitioning: str, num_partitions: int,
+                 partition_id: int, seq_len: int, seed: int, alpha: float) -> np.ndarray:
+    if partitioning in SPEECH_PARTITIONINGS:
+        tokens, _ = speech_tokens(tokenizer, partitioning, num_partitions, partition_id, seed, alpha)
+    else:
+        splits = load_tokens(dataset, tokenizer, data_path or None)
+        check_split(splits["train"], seq_len, "train", min_windows=num_partitions)
+        tokens = partition(splits["train"], num_partitions, partition_id, partitioning, seq_len, seed)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"node of partition {partition_id} (of {num_partitions}, partitioning {partitioning!r}) holds "
+                         f"{len(tokens)} training tokens, too few for seq-len={seq_len}; use fewer nodes, another "
+                         "partitioning or a shorter seq-len")
+    return tokens
+
+
+NODE_EVAL_SHARE = 0.1  # with federated evaluation on, the last 10% of a node's text is held out for it
+
+
+def node_split(run: RunConfig, num_partitions: int, partition_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training tokens, held-out tokens) of a node: the held-out part (the last NODE_EVAL_SHARE
+    of its text) only when the run evaluates on nodes (fraction-evaluate > 0); else all of it trains."""
+    tokens = node_tokens(run, num_partitions, partition_id)
+    if run.fraction_evaluate <= 0:
+        return tokens, None
+    cut = int(len(tokens) * (1 - NODE_EVAL_SHARE))
+    if cut < run.seq_len + 1 or len(tokens) - cut < run.seq_len + 1:
+        raise ValueError(f"node of partition {partition_id} (of {num_partitions}) holds {len(tokens)} tokens: too few "
+                         f"to hold out {NODE_EVAL_SHARE:.0%} for fraction-evaluate at seq-len={run.seq_len}")
+    return tokens[:cut], tokens[cut:]
+
+
+def local_evaluate(run: RunConfig, cfg: GPTConfig, arrays: Mapping[str, Any], blueprint: Blueprint,
+                   tokens: np.ndarray) -> dict[str, float]:
+    """Mean loss of the full model `arrays` and of its subnet `blueprint` on `tokens` (a node's
+    held-out text, at most eval-tokens of it), at the run's precision on the node's device."""
+    dev = pick_device(run.device)
+    windows = eval_windows(tokens, run.seq_len, run.eval_tokens or None)
+    state = {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}
+    with precision_scope(resolve_precision(run.precision, dev)):
+        full = evaluate(GPT.from_state(cfg, state).to(dev), windows)
+        sub = evaluate(GPT.from_state(cfg, slice_state(state, cfg, blueprint), blueprint=blueprint).to(dev), windows)
+    return {"loss-full": full["loss"], "loss-sub": sub["loss"], "num-tokens": float(full["tokens"])}
+
+
+def partition_stats(run: RunConfig, num_partitions: int) -> list[dict[str, Any]]:
+    """Per node of `num_partitions`: its training tokens and, where the partitioning knows them,
+    its speeches, speaking roles and plays. ValueError naming the first node too small for seq-len."""
+    out = []
+    for pid in range(num_partitions):
+        if run.partitioning in SPEECH_PARTITIONINGS:
+            _, st = speech_tokens(run.tokenizer, run.partitioning, num_partitions, pid, run.seed, run.partition_alpha)
+            row = {"partition": pid, "tokens": st["tokens_n"], "speeches": st["speeches"],
+                   "characters": st["characters"], "plays": st["plays"]}
+        else:
+            row = {"partition": pid, "tokens": len(node_tokens(run, num_partitions, pid))}
+        out.append(row)
+    for row in out:
+        node_tokens(run, num_partitions, row["partition"])  # the size check, with its message
+    return out
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
         lo = [m - s for m, s in zip(mean, std, strict=True)]
         hi = [m + s for m, s in zip(mean, std, strict=True)]
         ax.fill_between(xs, lo, hi, alpha=0.2)
+    fed = [r for r in rows if r.get("fed_eval", {}).get("nodes")]
+    if fed:  # the nodes' own held-out text: token-weighted mean, and the range over the nodes
+        xs = [r["round"] for r in fed]
+        ax.plot(xs, [r["fed_eval"]["full"]["ppl"] for r in fed], "k--", label="full model, on the nodes' own text")
+        ax.fill_between(xs, [r["fed_eval"]["full"]["min"] for r in fed], [r["fed_eval"]["full"]["max"] for r in fed],
+                        color="gray", alpha=0.15, label="range over the evaluating nodes")
     ax.set_xlabel("round")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")

@@ -12,6 +12,7 @@ zeros, which is why `[seed, 7]` and `[seed, 7, 0]` would be the same stream).
     SHARDS        ()                  the order in which IID windows are dealt to nodes
     EVAL_DRAWS    (draw,)             random subnets of the server-side validation
     DEPLOY_DRAWS  (draw,)             random subnets drawn at deployment (prune, evaluate, heatmap, report)
+    FED_EVAL      (round,)            which nodes evaluate in a round (`fraction-evaluate`), and their subnets
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ class Stream(enum.IntEnum):
     SHARDS = 4
     EVAL_DRAWS = 5
     DEPLOY_DRAWS = 6
+    FED_EVAL = 7
 
 
 KEY_LENGTH = {Stream.BLUEPRINTS: 1, Stream.NODE_SAMPLE: 1, Stream.NODE_BATCHES: 2, Stream.SHARDS: 0,
-              Stream.EVAL_DRAWS: 1, Stream.DEPLOY_DRAWS: 1}
+              Stream.EVAL_DRAWS: 1, Stream.DEPLOY_DRAWS: 1, Stream.FED_EVAL: 1}
 
 
 def generator(seed: int, stream: Stream, *key: int) -> np.random.Generator:

@@ -92,9 +92,13 @@ class RunFolder:
                              "checkpoints/); resume-from takes the folder of an earlier run")
         return cls(p)
 
-    def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "") -> None:
+    def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "",
+                     partitions: dict[str, list[dict[str, Any]]] | None = None) -> None:
+        """config.json: the run and model config, the run's uid, and each node's share of the data
+        (by number of partitions) once the nodes have reported it."""
         write_json(self.path / "config.json", {"run": run.to_flat(), "model": cfg.to_dict(),
-                                               **({"run_uid": run_uid} if run_uid else {})})
+                                               **({"run_uid": run_uid} if run_uid else {}),
+                                               **({"partitions": partitions} if partitions else {})})
         log.info("run folder: %s", self.path)
 
     def rows(self) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from ..core.blueprint import Blueprint
 from ..core.config import RUN_MODES, TOKENIZER_VOCAB, GPTConfig, RunConfig, parse_mode
-from ..core.node import LocalTask, MomentStore, local_update, node_tokens
+from ..core.node import LocalTask, MomentStore, local_evaluate, local_update, node_split
 from ..core.train import MOMENTS, pick_device, reuse_freed_memory
 from ..core.wire import decode, encode
 from .records import record_bytes, to_numpy, to_record
@@ -73,8 +73,7 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
         raise ValueError(f"the model has vocab_size {cfg.vocab_size} but this node's tokenizer {run.tokenizer!r} "
                          f"has {TOKENIZER_VOCAB[run.tokenizer]}")
     bp.validate(cfg)
-    tokens = node_tokens(run.dataset, run.tokenizer, run.data_path, run.partitioning, num, pid, run.seq_len,
-                         run.seed)
+    tokens, _ = node_split(run, num, pid)
     store, moments, step = None, None, 0
     if run.optimizer_state == "keep":
         store = MomentStore.at(str(context.node_config.get("twist-state-dir", "")), str(cfg_rec.get("run-uid", "")),
@@ -107,6 +106,25 @@ def handle_train(msg: Message, context: Context, run: RunConfig) -> Message:
     return Message(content=RecordDict({"arrays": out, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+def handle_evaluate(msg: Message, context: Context, run: RunConfig) -> Message:
+    """Evaluate the round's model, full and the subnet the message names, on this node's
+    held-out text (fraction-evaluate)."""
+    cfg_rec = msg.content["config"]
+    pid, num = _partition(context)
+    cfg = GPTConfig.from_dict(json.loads(str(cfg_rec["model-config"])))
+    bp = Blueprint.from_config(cfg_rec)
+    bp.validate(cfg)
+    _, held_out = node_split(run, num, pid)
+    if held_out is None:
+        raise ValueError("this run holds no text out on the nodes (fraction-evaluate=0)")
+    res = local_evaluate(run, cfg, decode(to_numpy(msg.content["arrays"]), run.wire_dtype), bp, held_out)
+    keep = int(cfg_rec["eval-keep"])
+    metrics = MetricRecord({"loss-full": res["loss-full"], f"loss-keep-{keep}": res["loss-sub"],
+                            "num-tokens": res["num-tokens"], "server-round": int(cfg_rec["server-round"]),
+                            "nonce": int(cfg_rec["nonce"])})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 def _load_moments(context: Context, before_round: int) -> tuple[dict[str, dict[str, torch.Tensor]] | None, int]:
     """The moments this node's context holds from an earlier round of this Flower run."""
     state = context.state
@@ -135,6 +153,12 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, run_of(context))
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        if "num-threads" in context.node_config:
+            torch.set_num_threads(int(context.node_config["num-threads"]))
+        return handle_evaluate(msg, context, run_of(context))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

@@ -16,6 +16,7 @@ from ..core.checkpoint import load_checkpoint, restore_rng_states, rng_states, s
 from ..core.config import FLOWER_STRATEGIES, TOKENIZER_VOCAB, RunConfig
 from ..core.data import check_split, eval_windows, load_tokens
 from ..core.model import initial_model, load_state_strict
+from ..core.node import partition_stats
 from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.train import reuse_freed_memory
 from .records import to_numpy, to_record
@@ -79,7 +80,19 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         run_uid = uuid.uuid4().hex  # nodes key the optimizer moments they store (twist-state-dir) by it
     folder.write_config(run, cfg, run_uid)
 
-    strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid)
+    partitions: dict[str, list[dict[str, Any]]] = {}
+
+    def on_partitions(num: int) -> None:
+        """Every node's share of the training data, logged and recorded in config.json before
+        round 1 trains; a share too small for seq-len stops the run here, naming the node."""
+        stats = partition_stats(run, num)
+        partitions[str(num)] = stats
+        log.info("data of %d nodes (partitioning %s): %s", num, run.partitioning, "; ".join(
+            f"node {r['partition']}: {r['tokens']:,} tokens" + (f", {r['characters']} roles, {r['plays']} plays"
+                                                                  if "characters" in r else "") for r in stats))
+        folder.write_config(run, cfg, run_uid, partitions=partitions)
+
+    strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid, on_partitions=on_partitions)
     last = run.num_server_rounds
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -94,6 +107,8 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
                                "bytes_down_total": rec.bytes_down if rec else 0,
                                "bytes_up_total": rec.bytes_up if rec else 0,
                                "nodes": rec.nodes if rec else [], "rejected": rec.rejected if rec else []}
+        if rec and rec.fed_eval is not None:
+            row["fed_eval"] = rec.fed_eval
         n = max(1, len(row["nodes"]))
         row["bytes_down_per_node"] = row["bytes_down_total"] / n
         row["bytes_up_per_node"] = row["bytes_up_total"] / n

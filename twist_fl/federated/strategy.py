@@ -20,7 +20,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +46,7 @@ class NodeInfo:
     mode: str
     device: str = "cpu"
     capacity: float = 1.0  # the largest share of a layer's blocks the node can hold (node config twist-capacity)
+    num_partitions: int = 0  # as the node reports it (node config num-partitions)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RoundRecord:
     wall_s: float = 0.0
     updated: bool = False
     lr: float = 0.0
+    fed_eval: dict[str, Any] | None = None  # the nodes' own evaluation of this round's model (fraction-evaluate)
 
 
 class TwistStrategy(Strategy):
@@ -78,8 +80,14 @@ class TwistStrategy(Strategy):
     A `Strategy` with its own node handling (min-nodes, sampling, capacities): it uses Flower's
     round loop `start` and none of FedAvg's state."""
 
-    def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0, run_uid: str = "") -> None:
+    def __init__(self, cfg: GPTConfig, run: RunConfig, round_offset: int = 0, run_uid: str = "",
+                 on_partitions: Callable[[int], None] | None = None) -> None:
+        """`on_partitions(n)` is called once for each number of partitions the nodes report, before
+        any of them trains (the ServerApp checks and records each node's share there)."""
         self.cfg, self.run = cfg, run
+        self.on_partitions = on_partitions
+        self._partitions_seen: set[int] = set()
+        self._eval_sent: list[tuple[Message, NodeInfo, int]] = []
         self.round_offset = round_offset  # rounds already done before this start() (resume)
         self.run_uid = run_uid  # the run folder's id: nodes key their stored optimizer moments by it
         self.keep = run.trained_keep(cfg)
@@ -124,7 +132,8 @@ class TwistStrategy(Strategy):
                 info = reply.content["node-info"]
                 node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
                                 mode=parse_mode(info["twist-mode"], "node twist-mode", NODE_MODES),
-                                device=str(info.get("device", "cpu")), capacity=float(info.get("capacity", 1.0)))
+                                device=str(info.get("device", "cpu")), capacity=float(info.get("capacity", 1.0)),
+                                num_partitions=int(info.get("num-partitions", 0)))
                 if node.node_id not in new or not 0 < node.capacity <= 1:
                     raise ValueError(f"bad node info {dict(info)}")
                 self.nodes[node.node_id] = node
@@ -132,6 +141,10 @@ class TwistStrategy(Strategy):
                          node.partition_id, node.mode, node.device, node.capacity, self.keep_of(node))
             except Exception as e:  # noqa: BLE001 - a bad query reply excludes the node, never the run
                 log.warning("node-info query failed for a node (%s); it is left out this round", e)
+        for num in sorted({n.num_partitions for n in self.nodes.values()} - self._partitions_seen - {0}):
+            self._partitions_seen.add(num)
+            if self.on_partitions is not None:
+                self.on_partitions(num)  # may refuse the run (a node too small for seq-len): before round 1 trains
 
     def keep_of(self, node: NodeInfo) -> int:
         """The run's keep, capped by the node's capacity (at least 1 block of each kind). The
@@ -263,12 +276,83 @@ class TwistStrategy(Strategy):
         record.rejected.append(entry)
         log.warning("round %d: rejected reply of node %s: %s", record.round, entry["node_id"], reason)
 
-    # Server-side evaluation only: nodes are not asked to evaluate.
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []
+    # --- federated evaluation (fraction-evaluate > 0) -----------------------------------------
 
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """A share of the connected nodes evaluates this round's model, full and one random subnet
+        at N/2 each, on the held-out part of its own data."""
+        self._eval_sent = []
+        if self.run.fraction_evaluate <= 0:
+            return []
+        rnd = server_round + self.round_offset
+        nodes = sorted((self.nodes[n] for n in grid.get_node_ids() if n in self.nodes),
+                       key=lambda n: (n.partition_id, n.node_id))
+        if not nodes:
+            return []
+        rng = generator(self.run.seed, Stream.FED_EVAL, rnd)
+        count = max(1, math.ceil(self.run.fraction_evaluate * len(nodes)))
+        nodes = [nodes[i] for i in sorted(rng.choice(len(nodes), min(count, len(nodes)), replace=False))]
+        keep = max(1, self.cfg.n_blocks // 2)
+        payload = to_record(encode({k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()},
+                                   self.run.wire_dtype))
+        nonce = secrets.randbits(62)
+        messages = []
+        for node in nodes:
+            bp = sample_blueprints(self.cfg, 1, keep, seed=int(rng.integers(2**31)), round=rnd, allow_partial=True)[0]
+            cfg_rec = ConfigRecord({"server-round": rnd, "nonce": nonce, "model-config": self.cfg.to_json(),
+                                    "eval-keep": keep, **bp.to_config()})
+            msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
+                          message_type=MessageType.EVALUATE, dst_node_id=node.node_id, ttl=self.run.round_timeout)
+            self._eval_sent.append((msg, node, nonce))
+            messages.append(msg)
+        self.records.setdefault(rnd, RoundRecord(round=rnd)).bytes_down += record_bytes(payload) * len(messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Token-weighted mean loss over the nodes that answered (its exp the perplexity), and the
+        spread of the nodes' own perplexities; a bad reply is recorded, never averaged."""
+        if not self._eval_sent:
+            return None
+        rnd = server_round + self.round_offset
+        record = self.records.setdefault(rnd, RoundRecord(round=rnd))
+        sent = {m.metadata.message_id: (node, nonce) for m, node, nonce in self._eval_sent}
+        keep = max(1, self.cfg.n_blocks // 2)
+        per_node, rejected = [], []
+        for reply in replies:
+            node, nonce = sent.pop(reply.metadata.reply_to_message_id, (None, None))
+            try:
+                if node is None or reply.metadata.src_node_id != node.node_id:
+                    raise ValueError("reply to an unknown evaluate message, or from another node")
+                if reply.has_error():
+                    raise ValueError(f"error reply (code {reply.error.code}): {reply.error.reason}")
+                m = reply.content["metrics"]
+                if int(m["server-round"]) != rnd or int(m["nonce"]) != nonce:
+                    raise ValueError("stale or foreign evaluate reply")
+                vals = {k: float(m[k]) for k in ("loss-full", f"loss-keep-{keep}", "num-tokens")}
+                if not all(math.isfinite(v) for v in vals.values()) or vals["num-tokens"] <= 0:
+                    raise ValueError(f"non-finite or empty evaluation {vals}")
+                per_node.append({"partition_id": node.partition_id, **vals})
+            except Exception as e:  # noqa: BLE001 - a bad evaluate reply is recorded, never raised
+                rejected.append({"partition_id": None if node is None else node.partition_id, "reason": str(e)})
+        for node, _ in sent.values():
+            rejected.append({"partition_id": node.partition_id, "reason": "no reply before the round timeout"})
+        if not per_node:
+            record.fed_eval = {"nodes": 0, "rejected": rejected}
+            return None
+        w = np.array([p["num-tokens"] for p in per_node])
+        out: dict[str, Any] = {"nodes": len(per_node), "tokens": int(w.sum()), "rejected": rejected}
+        for name, key in (("full", "loss-full"), (f"keep-{keep}", f"loss-keep-{keep}")):
+            losses = np.array([p[key] for p in per_node])
+            ppl = np.exp(losses)
+            out[name] = {"ppl": float(np.exp(np.average(losses, weights=w))), "min": float(ppl.min()),
+                         "max": float(ppl.max())}
+        record.fed_eval = out
+        log.info("round %d: federated evaluation on %d nodes' own text: perplexity %.3f (full; nodes %.3f..%.3f), "
+                 "%.3f (keep %d)", rnd, len(per_node), out["full"]["ppl"], out["full"]["min"], out["full"]["max"],
+                 out[f"keep-{keep}"]["ppl"], keep)
+        return MetricRecord({"fed-ppl-full": out["full"]["ppl"], f"fed-ppl-keep-{keep}": out[f"keep-{keep}"]["ppl"],
+                             "num-nodes": len(per_node)})
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint needs to continue: node modes are re-learnt; counters are kept."""

@@ -264,14 +264,12 @@ def bench_memory(keep: int = 6, reuse: bool = True, precision: str = "fp32") -> 
 def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     """The same local updates on the same subnets with the same averaging, without Flower;
     the seconds of each round, and of each round's local updates (as nodes report `train-s`)."""
-    from ..core.data import load_tokens, partition
     from ..core.model import initial_model
-    from ..core.node import LocalTask, local_update
+    from ..core.node import LocalTask, local_update, node_tokens
 
     set_malloc(run.reuse_freed_memory)
     cfg = run.model_config()
-    splits = load_tokens(run.dataset, run.tokenizer)
-    parts = [partition(splits["train"], nodes, p, run.partitioning, run.seq_len, run.seed) for p in range(nodes)]
+    parts = [node_tokens(run, nodes, p) for p in range(nodes)]
     t = time.perf_counter()
     state = {k: v.numpy() for k, v in initial_model(run).state_dict().items()}
     moments: list[Any] = [None] * nodes
