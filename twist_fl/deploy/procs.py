@@ -87,6 +87,14 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (0 if it is gone), from /proc/<pid>/statm."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def tree_pids(pid: int) -> list[int]:
     """A process, its descendants and the members of its process group, alive now. Flower's
     SuperLink starts its SuperExec in a new session, so the group alone is not enough."""

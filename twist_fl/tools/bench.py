@@ -17,6 +17,8 @@ overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; s
           coverage averaging, on the default model and data (the app's 60 rounds unless --rounds);
           also split into a per-round ratio and a fixed start-up/shut-down cost, and each round
           into the nodes' local updates and the rest.
+nodes     `flwr run` simulations with 4, 20 and 50 SuperNodes, 4 sampled per round, character
+          partitioning: the median round time and the peak memory of the run's processes.
 Inference speed: `python -m twist_fl.tools.bench_inference`.
 """
 
@@ -361,6 +363,66 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
             "flwr_train_s": app_train}
 
 
+def bench_nodes(counts: tuple[int, ...] = (4, 20, 50), rounds: int = 5, per_round: int = 4,
+                config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`flwr run` simulations of the default model with `count` SuperNodes, `per_round` of them
+    sampled each round (run-config num-nodes) and character partitioning: the median wall time of
+    rounds 2..N (from metrics.jsonl) and the peak resident memory of every process of the run
+    (the local SuperLink and what it starts: the simulation, Ray's processes and actors, and
+    `flwr run`), sampled every 0.2 s."""
+    import tempfile
+    import threading
+
+    from ..deploy.local import SimulationSuperLink
+    from ..deploy.procs import flwr_env
+
+    root = Path(__file__).resolve().parents[2]
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    out: dict[str, Any] = {"rounds": rounds, "per_round": per_round, "runs": {}}
+    for count in counts:
+        with tempfile.TemporaryDirectory() as d:
+            flat = {"num-server-rounds": rounds, "num-nodes": per_round, "partitioning": "character",
+                    "eval-every": 10**6, "out-dir": d, "run-name": "nodes", **(config or {})}
+            RunConfig.from_flat(flat)
+            env = flwr_env(Path(d) / "flwr-home")
+            overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())
+            link = SimulationSuperLink(env)
+            link.start()
+            peak, stop = [0], threading.Event()
+            try:
+                proc = subprocess.Popen([flwr, "run", str(root), "--stream", "--run-config", overrides,
+                                         "--federation-config", f"num-supernodes={count}"], env=env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                sampler = threading.Thread(target=_sample_peak_rss, args=([link.proc.pid, proc.pid], stop, peak),
+                                           daemon=True)
+                sampler.start()
+                log_text, _ = proc.communicate(timeout=4 * 3600)
+                stop.set()
+                sampler.join()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"flwr run exited with {proc.returncode}; its output ends with:\n"
+                                       f"{log_text[-3000:]}")
+            finally:
+                stop.set()
+                link.stop()
+            rows = [json.loads(x) for x in open(f"{d}/nodes/metrics.jsonl")]
+        times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
+        out["runs"][str(count)] = {"round_s_median": statistics.median(times), "round_s": times,
+                                   "peak_rss_mib": peak[0] / 2**20,
+                                   "nodes_per_round": [len(r["nodes"]) for r in rows]}
+    return out
+
+
+def _sample_peak_rss(roots: list[int], stop, peak: list[int], every: float = 0.2) -> None:
+    """Until `stop` is set: peak[0] = the largest total resident memory of the process trees of `roots`."""
+    from ..deploy.procs import rss_bytes, tree_pids
+
+    while not stop.is_set():
+        pids = {p for r in roots for p in tree_pids(r)}
+        peak[0] = max(peak[0], sum(rss_bytes(p) for p in pids))
+        stop.wait(every)
+
+
 def _malloc_label(res: dict[str, Any]) -> str:
     return "freed memory reused" if res["reuse_freed_memory"] else "glibc's default malloc"
 
@@ -396,6 +458,12 @@ def _print(name: str, res: dict[str, Any]) -> None:
             print(f"peak RSS, {r['shape']}, {_malloc_label(r)}, {r['precision']}, keep {r['keep']}: true "
                   f"{r['true']:.0f} MiB, masked {r['masked']:.0f} MiB, dense {r['dense']:.0f} MiB (true/dense "
                   f"{r['true_vs_dense']:.2f})")
+    elif name == "nodes":
+        print(f"flwr run simulation, default model, character partitioning, {res['per_round']} nodes sampled per "
+              f"round, {res['rounds']} rounds:")
+        for count, r in res["runs"].items():
+            print(f"  {count:>3} SuperNodes: median round {r['round_s_median']:.1f} s (rounds 2..{res['rounds']}), "
+                  f"peak memory of the run's processes {r['peak_rss_mib']:,.0f} MiB")
     elif name == "overhead":
         print(f"runtime overhead, {res['rounds']} rounds x {res['nodes']} nodes: plain loop {res['plain_s']:.1f} s, "
               f"flwr run {res['flwr_run_s']:.1f} s (final evaluation of {res['eval_s']:.1f} s taken out), "
@@ -410,7 +478,8 @@ def _print(name: str, res: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "all"))
+    ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "nodes", "all"))
+    ap.add_argument("--nodes", default="4,20,50", help="nodes: SuperNode counts to simulate")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of the overhead benchmark (default: the app's num-server-rounds)")
@@ -439,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "memory":
             results[name] = {p: bench_memory(reuse=reuse, precision=p) for p in precisions} \
                 if len(precisions) > 1 else bench_memory(reuse=reuse, precision=precisions[0])
+        elif name == "nodes":
+            results[name] = bench_nodes(tuple(int(x) for x in args.nodes.split(",")), rounds=args.rounds or 5)
         else:
             results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])
