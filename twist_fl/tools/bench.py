@@ -490,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32", help="step, memory: comma list of fp32, bf16, fp16, auto "
                     "(step compares them in one process; memory measures each in its own)")
     ap.add_argument("--masked", action="store_true", help="step: also the full model masked to each keep")
+    ap.add_argument("--keeps", default="3,6,9", help="step: the subnet sizes (of 12)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     reuse = not args.return_freed_memory
@@ -503,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "bytes":
             results[name] = bench_bytes()
         elif name == "step":
-            results[name] = bench_step(repeats=args.repeats, profile=args.profile, reuse=reuse,
-                                       precisions=precisions, masked=args.masked)
+            results[name] = bench_step(keeps=tuple(int(k) for k in args.keeps.split(",")), repeats=args.repeats,
+                                       profile=args.profile, reuse=reuse, precisions=precisions, masked=args.masked)
         elif name == "memory":
             results[name] = {p: bench_memory(reuse=reuse, precision=p) for p in precisions} \
                 if len(precisions) > 1 else bench_memory(reuse=reuse, precision=precisions[0])
