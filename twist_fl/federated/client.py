@@ -154,16 +154,18 @@ def make_client_app(overrides: dict[str, Any] | None = None) -> ClientApp:
     def query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context, run_of(context))
 
+    def threads(context: Context) -> None:
+        if "num-threads" in context.node_config:  # e.g. several SuperNodes sharing one machine
+            torch.set_num_threads(int(context.node_config["num-threads"]))
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        if "num-threads" in context.node_config:
-            torch.set_num_threads(int(context.node_config["num-threads"]))
+        threads(context)
         return handle_evaluate(msg, context, run_of(context))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        if "num-threads" in context.node_config:  # e.g. several SuperNodes sharing one machine
-            torch.set_num_threads(int(context.node_config["num-threads"]))
+        threads(context)
         return handle_train(msg, context, run_of(context))
 
     return app
