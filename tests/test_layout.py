@@ -11,9 +11,11 @@ import twist_fl
 PKG = Path(twist_fl.__file__).parent
 CORE_FORBIDDEN = {"flwr", "ray", "subprocess", "socket", "urllib", "http", "requests", "httpx"}
 # Which subpackages each one may import (besides itself): core <- federated <- apps;
-# baselines, deploy, evaluation and tools on top (DDP borrows deploy's free_port).
-ALLOWED = {"core": set(), "federated": {"core"}, "deploy": {"core"}, "evaluation": {"core"},
-           "baselines": {"core", "deploy"}, "tools": {"core", "federated", "baselines", "deploy", "evaluation"}}
+# baselines, deploy, export, evaluation and tools on top (DDP borrows deploy's free_port; the
+# verbs run exported ONNX models).
+ALLOWED = {"core": set(), "federated": {"core"}, "deploy": {"core"}, "export": {"core"},
+           "evaluation": {"core", "export"}, "baselines": {"core", "deploy"},
+           "tools": {"core", "federated", "baselines", "deploy", "evaluation", "export"}}
 
 
 def modules(sub: str) -> list[Path]:

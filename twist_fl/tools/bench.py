@@ -405,7 +405,11 @@ def bench_nodes(counts: tuple[int, ...] = (4, 20, 50), rounds: int = 5, per_roun
             finally:
                 stop.set()
                 link.stop()
-            rows = [json.loads(x) for x in open(f"{d}/nodes/metrics.jsonl")]
+            metrics = Path(d) / "nodes" / "metrics.jsonl"
+            if not metrics.is_file():  # `flwr run` exits 0 even when the ServerApp fails
+                raise RuntimeError(f"the run with {count} SuperNodes wrote no metrics; its output ends with:\n"
+                                   f"{log_text[-3000:]}")
+            rows = [json.loads(x) for x in metrics.read_text().splitlines()]
         times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
         out["runs"][str(count)] = {"round_s_median": statistics.median(times), "round_s": times,
                                    "peak_rss_mib": peak[0] / 2**20,
