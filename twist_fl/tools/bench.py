@@ -129,7 +129,7 @@ def set_malloc(reuse: bool) -> None:
 
 def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tuple[int, ...] = (0, -1),
                profile: bool = False, reuse: bool = True, precisions: tuple[str, ...] = ("fp32",),
-               masked: bool = False) -> dict:
+               masked: bool = False, shape: str = "gpt2") -> dict:
     """Step times of the full model and of each keep's subnet (and, with `masked`, of the full
     model masked to that keep), at each precision; every variant and precision takes its turn
     in every repeat. The fp32 figures keep their historical keys (`full_s`, `keep k`); each other
@@ -139,7 +139,7 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
 
     set_malloc(reuse)
     run = RunConfig()
-    cfg = gpt2_cfg(shared)
+    cfg = gpt2_cfg(shared) if shape == "gpt2" else run.model_config()  # the app's default model
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = tuple(resolve_precision(p, dev, "--precision") for p in precisions)
     torch.manual_seed(0)
@@ -176,7 +176,8 @@ def bench_step(keeps: tuple[int, ...] = (3, 6, 9), repeats: int = 5, shared: tup
     for _ in range(repeats):  # interleaved, so drift of the machine hits every variant alike
         for name, prec in times:
             times[(name, prec)].append(step(name, prec))
-    res: dict[str, Any] = {"shape": "gpt2 124M", "batch": run.batch_size, "seq_len": run.seq_len,
+    res: dict[str, Any] = {"shape": "gpt2 124M" if shape == "gpt2" else run.model, "batch": run.batch_size,
+                           "seq_len": run.seq_len,
                            "shared_layers": list(cfg.shared_layer_ids), "threads": torch.get_num_threads(),
                            "device": str(dev), "repeats": repeats, "reuse_freed_memory": reuse,
                            "precisions": list(precisions)}
@@ -494,7 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32", help="step, memory: comma list of fp32, bf16, fp16, auto "
                     "(step compares them in one process; memory measures each in its own)")
     ap.add_argument("--masked", action="store_true", help="step: also the full model masked to each keep")
-    ap.add_argument("--keeps", default="3,6,9", help="step: the subnet sizes (of 12)")
+    ap.add_argument("--keeps", default="3,6,9", help="step: the subnet sizes (of 12; of 8 for --shape default)")
+    ap.add_argument("--shape", choices=("gpt2", "default"), default="gpt2", help="step: GPT-2 124M or the app's "
+                    "default model")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     reuse = not args.return_freed_memory
@@ -509,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = bench_bytes()
         elif name == "step":
             results[name] = bench_step(keeps=tuple(int(k) for k in args.keeps.split(",")), repeats=args.repeats,
-                                       profile=args.profile, reuse=reuse, precisions=precisions, masked=args.masked)
+                                       profile=args.profile, reuse=reuse, precisions=precisions, masked=args.masked,
+                                       shape=args.shape)
         elif name == "memory":
             results[name] = {p: bench_memory(reuse=reuse, precision=p) for p in precisions} \
                 if len(precisions) > 1 else bench_memory(reuse=reuse, precision=precisions[0])
