@@ -202,6 +202,7 @@ class Speech:
         return f"{self.play}:{self.character}"
 
 
+@lru_cache(maxsize=1)
 def shakespeare_speeches() -> dict[str, list[Speech]]:
     """The speeches of each split (the same plays as `load_shakespeare`'s splits), in order.
 
