@@ -14,8 +14,6 @@ import pytest
 from twist_fl.core.config import RunConfig
 from twist_fl.core.data import shakespeare_speeches, speech_partition
 from twist_fl.core.node import node_split, node_tokens, partition_stats
-from twist_fl.deploy.local import SimulationSuperLink
-from twist_fl.deploy.procs import alive, flwr_env
 
 from .helpers import run_local
 
@@ -131,28 +129,4 @@ def test_many_nodes_sampled_per_round_with_federated_evaluation(tmp_path):
     state = grid.contexts[grid.node_id(idle)].state
     assert int(state["twist-opt-meta"]["round"]) == 1 and "twist-opt-exp_avg" in state
 
-
-@pytest.mark.slow
-def test_flwr_run_simulation_with_20_nodes_4_per_round_and_federated_evaluation(tmp_path):
-    env = flwr_env(tmp_path / "flwr-home")
-    out = tmp_path / "out"
-    flwr = str(Path(sys.executable).with_name("flwr"))
-    run_config = (f'model="tiny" num-server-rounds=2 local-steps=2 seq-len=32 batch-size=4 eval-every=1 '
-                  f'eval-tokens=512 eval-draws=1 num-nodes=4 partitioning="character" fraction-evaluate=0.1 '
-                  f'out-dir="{out}" run-name="many"')
-    link = SimulationSuperLink(env, cwd=tmp_path)
-    link.start()
-    try:
-        proc = subprocess.run([flwr, "run", str(ROOT), "--stream", "--run-config", run_config,
-                               "--federation-config", "num-supernodes=20"],
-                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-4000:]
-        rows = [json.loads(line) for line in (out / "many" / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [1, 2]
-        assert all(len(r["nodes"]) == 4 and not r["rejected"] and r["fed_eval"]["nodes"] == 2 for r in rows)
-        assert len(json.loads((out / "many" / "config.json").read_text())["partitions"]["20"]) == 20
-    finally:
-        started = link.pids()
-        link.stop()
-    assert started and [p for p in started if alive(p)] == []
+# The same federation through `flwr run` (Ray, 20 SuperNodes): tests/test_e2e_simulation.py.
