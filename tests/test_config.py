@@ -30,7 +30,7 @@ def test_resolved_defaults():
     cfg = run.model_config()
 
     assert run.keep_for(cfg) == 4 and run.eval_keeps_for(cfg) == (2, 4, 6)
-    assert run.lr_at(1) == pytest.approx(3e-3) and run.lr_at(60) == pytest.approx(3e-4)
+    assert run.lr_at(1) == pytest.approx(2e-3) and run.lr_at(60) == pytest.approx(2e-4)
 
 
 @pytest.mark.parametrize("values,match", [
