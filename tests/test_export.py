@@ -89,9 +89,11 @@ def test_onnx_export_runs_in_onnxruntime_like_torch(models, tmp_path, capsys, wh
     texts = []
     for model in (models / which, out):
         capsys.readouterr()
-        assert main(["generate", str(model), "--prompt", "ROMEO:", "--max-new-tokens", "40"]) == 0
+        assert main(["generate", str(model), "--prompt", "ROMEO:", "--max-new-tokens", "80"]) == 0
         texts.append(capsys.readouterr().out)
-    assert texts[0] == texts[1]  # 40 greedy tokens through the KV cache, prefill then one at a time
+    # 80 greedy tokens through the KV cache: the prefill, one token at a time, and past the
+    # tiny model's 64 positions the context window restarted as GPT.generate does
+    assert texts[0] == texts[1]
     assert main(["evaluate", str(out), "--keeps", "2"]) == 2
     assert main(["prune", str(out), "--keep", "1", "--out", str(tmp_path / "x")]) == 2
     no_pickles(out)

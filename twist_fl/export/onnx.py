@@ -210,17 +210,13 @@ class OnnxLM:
         """As `GPT.stream`: prefill once, then one token at a time with the cached keys and values."""
         ids = idx.cpu().numpy().astype(np.int64)
         past = self._empty(ids.shape[0])
-        total = ids.shape[1]
         for _ in range(max_new_tokens):
-            if total + 1 > self.cfg.block_size or past[0].shape[2] == 0:
-                window = ids[:, -self.cfg.block_size + 1:] if total + 1 > self.cfg.block_size else ids
-                logits, past = self._run(window, self._empty(ids.shape[0]))
-                total = window.shape[1]
-            else:
+            if 0 < past[0].shape[2] < self.cfg.block_size:  # the cache has room: feed the newest token
                 logits, past = self._run(ids[:, -1:], past)
+            else:  # the first step, or a full context: run the last block_size tokens afresh, as GPT.stream
+                logits, past = self._run(ids[:, -self.cfg.block_size:], self._empty(ids.shape[0]))
             nxt = _choose(torch.from_numpy(logits[:, -1, :]), temperature, top_k, generator)
             ids = np.concatenate([ids, nxt.numpy()], axis=1)
-            total += 1
             yield nxt
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
