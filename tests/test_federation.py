@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from twist_fl.core.config import RunConfig
-from twist_fl.core.data import shakespeare_speeches, speech_partition
+from twist_fl.core.data import _grouping, shakespeare_speeches, speech_partition
 from twist_fl.core.node import node_split, node_tokens, partition_stats
 
 from .helpers import run_local
@@ -49,6 +49,23 @@ def test_speech_partitions_are_disjoint_and_complete(scheme):
                 assert owners.setdefault(s.character_id, i) == i
         assert max(len({s.character_id for s in p}) for p in parts) - \
             min(len({s.character_id for s in p}) for p in parts) <= 1  # roles spread evenly
+
+
+def test_character_partitioning_makes_exactly_the_node_count_asked_for():
+    for parts in range(1, 400):  # GroupedNaturalIdPartitioner's group count, for every count it can make
+        try:
+            size, mode = _grouping(1293, parts)
+        except ValueError:
+            continue
+        assert (1293 // size if mode == "allow-bigger" else -(-1293 // size)) == parts, parts
+    assert _grouping(1293, 50) == (26, "allow-smaller")  # 1293 // 50 = 25 would make 51 groups
+    train = shakespeare_speeches()["train"]
+    parts = [speech_partition("character", 50, p) for p in range(50)]
+    assert sum(len(p) for p in parts) == len(train) and all(parts)
+    roles = [{s.character_id for s in p} for p in parts]
+    assert sum(len(r) for r in roles) == len({s.character_id for s in train})  # each role on one node
+    with pytest.raises(ValueError, match="cannot make 1294 nodes out of 1293 speaking roles"):
+        _grouping(1293, 1294)
 
 
 def test_dirichlet_follows_its_seed_and_alpha():

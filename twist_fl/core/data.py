@@ -462,7 +462,7 @@ def _grouping(n: int, parts: int) -> tuple[int, str]:
     """A group size and GroupedNaturalIdPartitioner mode that cut n ids into exactly `parts` groups."""
     if not 1 <= parts <= n:
         raise ValueError(f"partitioning 'character' cannot make {parts} nodes out of {n} speaking roles")
-    for size in range(max(1, n // parts), 0, -1):
+    for size in range(n // parts, n + 1):  # from the largest size that leaves no fewer groups, upwards
         if n // size == parts:
             return size, "allow-bigger"  # n // size groups, the remainder spread over them
         if n // size + (n % size > 0) == parts:
