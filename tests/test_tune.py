@@ -2,7 +2,7 @@
 
 import json
 
-from twist_fl.tools.tune import main
+from twist_fl.tools.tune import main, pick_lr
 
 RC = ("model='tiny' seq-len=32 batch-size=4 num-server-rounds=2 local-steps=2 eval-every=2 eval-tokens=512 "
       "eval-draws=1")
@@ -45,3 +45,12 @@ def test_bad_grid_is_refused(tmp_path, capsys):
     assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
     assert "no finished run folder" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_the_learning_rate_is_chosen_on_its_mean_over_seeds():
+    # TwIST's case: the best seed-0 learning rate diverged at other seeds
+    assert pick_lr({2e-3: [7.3, 7.1, 7.4, 7.3, 7.2], 3e-3: [6.9, 9.0, 9.5, 9.1]}) == 2e-3
+    # a learning rate with 3 seeds beats one with 5 on the mean; one seed alone does not count
+    assert pick_lr({1.5e-3: [6.0, 6.0, 6.1], 2e-3: [6.0, 5.8, 5.9, 7.2, 7.3], 1e-3: [5.0]}) == 1.5e-3
+    # no learning rate with 3 seeds: the most seeds, then the lowest mean
+    assert pick_lr({1e-3: [7.0, 7.2], 2e-3: [6.5], 3e-3: [6.9, 7.0]}) == 3e-3

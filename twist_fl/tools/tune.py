@@ -9,8 +9,9 @@ the lowest validation perplexity of the full model, and trains that config with 
 seeds. Jobs go to `<out>/<strategy>-lr<lr>-s<seed>/run/`; a job whose summary.json exists is
 skipped, so an interrupted `run` continues where it stopped. `table` reads every run folder
 under the given roots and writes `TUNING.md` and `tuning.json`: the grid, and each strategy at
-its best learning rate as mean ± std over seeds, on validation (from the runs) and test (the
-final models evaluated here: the full model and random subnets at each eval keep).
+its learning rate (the lowest mean over at least 3 seeds, see `pick_lr`) as mean ± std over
+seeds, on validation (from the runs) and test (the final models evaluated here: the full model
+and random subnets at each eval keep).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..core.train import evaluate
 log = logging.getLogger(__name__)
 
 LRS = (1e-3, 1.5e-3, 2e-3, 3e-3, 6e-3)
+MIN_SEEDS = 3  # a learning rate is compared on its mean over at least this many seeds
 
 
 def job_dir(out: Path, strategy: str, lr: float, seed: int) -> Path:
@@ -94,6 +96,17 @@ def test_ppl(run_folder: str, keeps: list[int], draws: int, tokens: int) -> dict
     return out
 
 
+def pick_lr(ppl_by_lr: dict[float, list[float]], min_seeds: int = MIN_SEEDS) -> float:
+    """A strategy's learning rate from its runs' validation perplexities (one list of seeds per lr):
+    the lowest mean among the learning rates run with at least `min_seeds` seeds; when none has
+    that many, the most-seeded, then the lowest mean."""
+    def score(lr: float) -> tuple[bool, int, float]:
+        n = len(ppl_by_lr[lr])
+        return n < min_seeds, 0 if n >= min_seeds else -n, float(np.mean(ppl_by_lr[lr]))
+
+    return min(ppl_by_lr, key=score)
+
+
 def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
@@ -114,14 +127,13 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
         cells = [_ms([r["final"][k]["mean"] for r in rs]) if all(k in r["final"] for r in rs) else "" for k in keys]
         grid.append(f"| {g[0]} | {g[1]:g} | {len(rs)} | {_ms([r['final']['full']['ppl'] for r in rs])} | "
                     + " | ".join(cells) + " |")
-    best: dict[str, tuple[str, float]] = {}
-    for g in order:  # the most-seeded lr of each strategy, then the lowest mean validation perplexity
-        score = (-len(groups[g]), float(np.mean([r["final"]["full"]["ppl"] for r in groups[g]])))
-        if g[0] not in best or score < best[g[0]][1]:
-            best[g[0]] = (g, score)
+    best: dict[str, float] = {}
+    for s in dict.fromkeys(g[0] for g in order):
+        best[s] = pick_lr({g[1]: [r["final"]["full"]["ppl"] for r in groups[g]] for g in order if g[0] == s})
     keeps = [int(k.split("-")[1]) for k in keys]
     tuned, rows = [head.replace("| seeds |", "| seeds | split |"), sep + "---|"], []
-    for s, (g, _) in best.items():
+    for s, lr in best.items():
+        g = (s, lr)
         rs = groups[g]
         tests = [test_ppl(r["run_folder"], keeps, draws, tokens) for r in rs]
         valid = {"full": [r["final"]["full"]["ppl"] for r in rs],
@@ -134,7 +146,9 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
                          + " | ".join(_ms(vals[k]) if vals[k] else "" for k in keys) + " |")
     md = ("# Tuned learning rates, over seeds\n\nPerplexity of the final model (full) and of random subnets "
           f"keeping X of {n} blocks per layer (mean over draws), mean ± std over seeds.\n\n## Learning-rate grid\n\n"
-          + "\n".join(grid) + "\n\n## Each strategy at its learning rate\n\nValidation: the runs' last evaluation "
+          + "\n".join(grid) + "\n\n## Each strategy at its learning rate\n\nEach strategy's learning rate: the "
+          f"lowest mean validation perplexity (full model) among those run with at least {MIN_SEEDS} seeds (when "
+          "none has that many: the most seeds, then the lowest mean). Validation: the runs' last evaluation "
           f"({runs[0]['run']['eval-tokens']} tokens); test: {tokens} tokens of the test split, {draws} random "
           "subnets per size.\n\n" + "\n".join(tuned) + "\n")
     out.mkdir(parents=True, exist_ok=True)
