@@ -179,3 +179,16 @@ def test_sweep_summary_averages_over_seeds(tmp_path):
     assert r5["keep-2"] == (12.0, 1.0) and r15["keep-2"] == (10.0, 0.5) and r15["full_std"] == 0.0
     assert "mean ± std over 2 seeds" in out["table"]
     assert "| 5 | 11.000 ± 1.000 | 12.000 ± 1.000 | 60 | 2 |" in out["table"]
+
+
+@pytest.mark.slow
+def test_node_count_benchmark_samples_nodes_of_a_real_flwr_run():
+    from twist_fl.tools.bench import bench_nodes
+
+    res = bench_nodes((3,), rounds=2, per_round=2, config={"model": "tiny", "local-steps": 2, "eval-tokens": 1024,
+                                                           "eval-draws": 1})
+
+    r = res["runs"]["3"]
+    assert r["nodes_per_round"] == [2, 2]  # 2 of the 3 SuperNodes sampled each round
+    assert len(r["round_s"]) == 1 and r["round_s_median"] > 0
+    assert r["peak_rss_mib"] > 100  # a SuperLink, the simulation and its Ray processes were watched

@@ -300,6 +300,48 @@ def plain_loop(run: RunConfig, nodes: int) -> tuple[list[float], list[float]]:
     return times, train
 
 
+def flwr_simulation(flat: dict[str, Any], supernodes: int, out_dir: Path, run_name: str,
+                    watch_memory: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """`flwr run` of this checkout's app with run config `flat` (whose out-dir is `out_dir` and
+    run-name `run_name`) on a fresh local SuperLink with `supernodes` simulated SuperNodes, its
+    FLWR_HOME inside `out_dir`; the SuperLink is ours and stopped by PID. Returns the rows of the
+    run's metrics.jsonl and, with `watch_memory`, the peak total resident memory in bytes of every
+    process of the run (sampled every 0.2 s; else 0)."""
+    import threading
+
+    from ..deploy.local import SimulationSuperLink
+    from ..deploy.procs import flwr_env
+
+    root = Path(__file__).resolve().parents[2]
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    env = flwr_env(out_dir / "flwr-home")
+    overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())  # TOML: "text", true, 3, 0.5
+    link = SimulationSuperLink(env)  # what `flwr run` would start detached: ours, stopped by PID
+    link.start()
+    peak, stop, roots = [0], threading.Event(), [link.proc.pid]
+    sampler = threading.Thread(target=_sample_peak_rss, args=(roots, stop, peak), daemon=True)
+    try:
+        proc = subprocess.Popen([flwr, "run", str(root), "--stream", "--run-config", overrides,
+                                 "--federation-config", f"num-supernodes={supernodes}"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if watch_memory:
+            roots.append(proc.pid)
+            sampler.start()
+        log_text, _ = proc.communicate(timeout=4 * 3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"flwr run exited with {proc.returncode}; its output ends with:\n{log_text[-3000:]}")
+    finally:
+        stop.set()
+        if sampler.is_alive():
+            sampler.join()
+        link.stop()
+    metrics = out_dir / run_name / "metrics.jsonl"
+    if not metrics.is_file():  # `flwr run` exits 0 even when the ServerApp fails
+        raise RuntimeError(f"the run with {supernodes} SuperNodes wrote no metrics; its output ends with:\n"
+                           f"{log_text[-3000:]}")
+    return [json.loads(x) for x in metrics.read_text().splitlines()], peak[0]
+
+
 def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, Any] | None = None) -> dict[str, Any]:
     """`flwr run` (a fresh local SuperLink, Ray, the app) vs `plain_loop`, same config and work,
     `rounds` rounds (default: the app's num-server-rounds), with `config` (run-config keys) on top
@@ -315,10 +357,6 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
     """
     import tempfile
 
-    from ..deploy.local import SimulationSuperLink
-    from ..deploy.procs import flwr_env
-
-    root = Path(__file__).resolve().parents[2]
     rounds = rounds or RunConfig().num_server_rounds
     if rounds < 2:
         raise ValueError(f"--rounds {rounds}: the overhead benchmark needs at least 2 rounds")
@@ -327,23 +365,9 @@ def bench_overhead(rounds: int | None = None, nodes: int = 4, config: dict[str, 
                 "run-name": "overhead"}
         run = RunConfig.from_flat(flat)
         plain, plain_train = plain_loop(run, nodes)
-        env = flwr_env(Path(d) / "flwr-home")
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())  # TOML: "text", true, 3, 0.5
-        flwr = str(Path(sys.executable).with_name("flwr"))
         t_launch = time.time()
-        link = SimulationSuperLink(env)  # what `flwr run` would start detached: ours, stopped by PID
-        link.start()
-        try:
-            done = subprocess.run([flwr, "run", str(root), "--stream", "--run-config", overrides,
-                                   "--federation-config", f"num-supernodes={nodes}"],
-                                  env=env, capture_output=True, text=True, timeout=4 * 3600)
-            if done.returncode != 0:
-                raise RuntimeError(f"flwr run exited with {done.returncode}; its output ends with:\n"
-                                   f"{(done.stdout + done.stderr)[-3000:]}")
-        finally:
-            link.stop()
+        rows, _ = flwr_simulation(flat, nodes, Path(d), "overhead")
         t_exit = time.time()
-        rows = [json.loads(x) for x in open(f"{d}/overhead/metrics.jsonl")]
     t_eval = sum(r.get("eval_s", 0) for r in rows)
     ends = [r["time"] - r.get("eval_s", 0) for r in rows]  # each round's end, its evaluation taken out
     app_rounds = [b - a for a, b in zip(ends, ends[1:], strict=False)]  # rounds 2..N
@@ -372,48 +396,17 @@ def bench_nodes(counts: tuple[int, ...] = (4, 20, 50), rounds: int = 5, per_roun
     (the local SuperLink and what it starts: the simulation, Ray's processes and actors, and
     `flwr run`), sampled every 0.2 s."""
     import tempfile
-    import threading
 
-    from ..deploy.local import SimulationSuperLink
-    from ..deploy.procs import flwr_env
-
-    root = Path(__file__).resolve().parents[2]
-    flwr = str(Path(sys.executable).with_name("flwr"))
     out: dict[str, Any] = {"rounds": rounds, "per_round": per_round, "runs": {}}
     for count in counts:
         with tempfile.TemporaryDirectory() as d:
             flat = {"num-server-rounds": rounds, "num-nodes": per_round, "partitioning": "character",
                     "eval-every": 10**6, "out-dir": d, "run-name": "nodes", **(config or {})}
             RunConfig.from_flat(flat)
-            env = flwr_env(Path(d) / "flwr-home")
-            overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in flat.items())
-            link = SimulationSuperLink(env)
-            link.start()
-            peak, stop = [0], threading.Event()
-            try:
-                proc = subprocess.Popen([flwr, "run", str(root), "--stream", "--run-config", overrides,
-                                         "--federation-config", f"num-supernodes={count}"], env=env,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                sampler = threading.Thread(target=_sample_peak_rss, args=([link.proc.pid, proc.pid], stop, peak),
-                                           daemon=True)
-                sampler.start()
-                log_text, _ = proc.communicate(timeout=4 * 3600)
-                stop.set()
-                sampler.join()
-                if proc.returncode != 0:
-                    raise RuntimeError(f"flwr run exited with {proc.returncode}; its output ends with:\n"
-                                       f"{log_text[-3000:]}")
-            finally:
-                stop.set()
-                link.stop()
-            metrics = Path(d) / "nodes" / "metrics.jsonl"
-            if not metrics.is_file():  # `flwr run` exits 0 even when the ServerApp fails
-                raise RuntimeError(f"the run with {count} SuperNodes wrote no metrics; its output ends with:\n"
-                                   f"{log_text[-3000:]}")
-            rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+            rows, peak = flwr_simulation(flat, count, Path(d), "nodes", watch_memory=True)
         times = [b["time"] - a["time"] for a, b in zip(rows, rows[1:], strict=False)]
         out["runs"][str(count)] = {"round_s_median": statistics.median(times), "round_s": times,
-                                   "peak_rss_mib": peak[0] / 2**20,
+                                   "peak_rss_mib": peak / 2**20,
                                    "nodes_per_round": [len(r["nodes"]) for r in rows]}
     return out
 
