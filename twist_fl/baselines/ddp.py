@@ -68,6 +68,14 @@ NOT_FOR_DDP = {
     "max-update-ratio": "there are no untrusted replies",
     "resume-from": "a DDP run is not resumed; start a new one",
     "fraction-evaluate": "workers do not evaluate; the validation split does",
+    "keep-choices": "every worker trains the full model",
+    "full-nodes": "every worker trains the full model",
+    "distill-from": "the levers of subnet training do not apply to the dense model",
+    "distill-weight": "the levers of subnet training do not apply to the dense model",
+    "distill-temperature": "the levers of subnet training do not apply to the dense model",
+    "server-optimizer": "one optimizer steps on the all-reduced gradients",
+    "server-lr": "one optimizer steps on the all-reduced gradients",
+    "server-momentum": "one optimizer steps on the all-reduced gradients",
 }
 BACKENDS = ("auto", "gloo", "nccl")
 

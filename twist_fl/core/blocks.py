@@ -214,6 +214,26 @@ def coverage_average(global_state: Mapping[str, Any], cfg: GPTConfig,
     return out
 
 
+def held_masks(cfg: GPTConfig, blueprints: Iterable[Blueprint]) -> dict[str, np.ndarray]:
+    """Per tensor of the full model, a boolean mask (broadcastable to the tensor) of the entries
+    that some blueprint of `blueprints` held: a sliced tensor's held blocks along its block axis,
+    a shared tensor whole (when any blueprint is given)."""
+    bps = list(blueprints)
+    out = {}
+    for name, shape in state_shapes(cfg, None).items():
+        spec = slice_spec(name)
+        if spec is None:
+            out[name] = np.full((1,) * len(shape), bool(bps))
+            continue
+        held = np.zeros(shape[spec.axis], dtype=bool)
+        for bp in bps:
+            held[block_indices(cfg, spec, bp.ids(spec.kind, spec.layer))] = True
+        view = [1] * len(shape)
+        view[spec.axis] = -1
+        out[name] = held.reshape(view)
+    return out
+
+
 def param_counts(cfg: GPTConfig, bp: Blueprint | None = None) -> dict[str, int]:
     """Parameter counts of GPT(cfg, blueprint=bp): all, and the block (prunable) part."""
     shapes = state_shapes(cfg, bp)

@@ -1,7 +1,8 @@
 """Round checkpoints that are either complete or never seen.
 
 Each checkpoint is a folder `checkpoints/round-NNNNN/` (`weights.safetensors`, `state.json` with
-the round, the weights' sha256, RNG states and strategy state). It is written under a temporary
+the round, the weights' sha256, RNG states and strategy state, and, when the server's outer step
+keeps state, `extra.safetensors` with its sha256 in `state.json`). It is written under a temporary
 name, every file fsynced, then renamed into place, and `checkpoints/LATEST` is replaced
 atomically to point at it. Loading verifies the hash; a half-written or corrupt checkpoint is
 skipped in favour of the newest complete one.
@@ -41,7 +42,10 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
 
 
-def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], state: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], state: dict[str, Any],
+                    extra_arrays: dict[str, np.ndarray] | None = None) -> Path:
+    """Write the checkpoint of `round_`: the weights, `state` (JSON) and `extra_arrays` (the
+    outer optimizer's state; read back as `state["extra_arrays"]` by `load_checkpoint`)."""
     from safetensors.numpy import save_file
 
     root = Path(run_dir) / "checkpoints"
@@ -53,6 +57,10 @@ def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], 
     wpath = tmp / "weights.safetensors"
     save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(wpath))
     digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    if extra_arrays:
+        epath = tmp / "extra.safetensors"
+        save_file({k: np.ascontiguousarray(v) for k, v in extra_arrays.items()}, str(epath))
+        state = {**state, "extra_sha256": hashlib.sha256(epath.read_bytes()).hexdigest()}
     (tmp / "state.json").write_text(json_line({"round": round_, "weights_sha256": digest, **state}))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -80,6 +88,12 @@ def _read(ckpt: Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
     wpath = ckpt / "weights.safetensors"
     if hashlib.sha256(wpath.read_bytes()).hexdigest() != state["weights_sha256"]:
         raise ValueError("weights do not match the recorded sha256")
+    state["extra_arrays"] = {}
+    if "extra_sha256" in state:
+        epath = ckpt / "extra.safetensors"
+        if hashlib.sha256(epath.read_bytes()).hexdigest() != state["extra_sha256"]:
+            raise ValueError("extra.safetensors does not match the recorded sha256")
+        state["extra_arrays"] = load_file(str(epath))
     return int(state["round"]), load_file(str(wpath)), state
 
 

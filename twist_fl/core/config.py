@@ -20,6 +20,8 @@ DENSE_STRATEGIES = ("fedavg", "ddp")  # every worker trains the full model
 STRATEGIES = (*FLOWER_STRATEGIES, "ddp")  # ddp: data-parallel training on torch.distributed (`twist-fl ddp`)
 NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense subnet; masked = full model + mask
 RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
+DISTILL_SOURCES = ("", "init", "global")  # teacher of the local distillation loss ("" = none), see core/objective.py
+SERVER_OPTIMIZERS = ("avg", "momentum", "nesterov", "adam")  # the outer step, see core/outer.py
 
 
 def parse_mode(value: Any, key: str, allowed: tuple[str, ...] = NODE_MODES) -> str:
@@ -152,6 +154,18 @@ class RunConfig:
     alpha: float = 0.5  # activation scaling exponent, (N/n)**alpha
     shared_layers: str = "0,-1"  # comma list of layers kept whole ("" for none)
     mode: str = "true"  # true (sliced dense subnets) | masked (full model + mask) | hybrid (alternate by partition)
+    keep_choices: str = ""  # mixed keeps: a comma list (e.g. "2,4,6,8") each node draws its keep from per round,
+    # within its capacity; "" = every node at `keep`. `keep="2,4,6,8"` is read as this key
+    full_nodes: int = 0  # nodes per round that train the full model (rotating, seeded): the sandwich rule
+    # levers of the local objective (core/objective.py)
+    distill_from: str = ""  # "" (off) | init (the init-from model, loaded once on each node) | global (the round's
+    # full model; masked nodes only, which receive it anyway)
+    distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student)
+    distill_temperature: float = 1.0  # T of the distillation softmax
+    # the server's outer step (core/outer.py)
+    server_optimizer: str = "avg"  # avg (the coverage average) | momentum | nesterov (FedAvgM, DiLoCo) | adam
+    server_lr: float = 1.0  # outer learning rate on the averaged update (new - old)
+    server_momentum: float = 0.9  # momentum of momentum/nesterov; beta1 of adam
     # rounds and local work
     num_server_rounds: int = 60  # federated rounds
     local_steps: int = 15  # batches each node trains per round (the repartition interval)
@@ -209,6 +223,9 @@ class RunConfig:
                 raise ValueError(f"unknown run-config key {key!r}; allowed keys: {allowed}")
             if name == "mode":  # `mode=true` unquoted is a TOML boolean
                 value = parse_mode(value, "run-config mode", RUN_MODES)
+            if name == "keep" and isinstance(value, str) and "," in value:  # keep="2,4,6,8": mixed keeps
+                kwargs["keep_choices"] = _coerce("keep", value, str)
+                value = 0
             kwargs[name] = _coerce(key, value, types[name])
         run = cls(**kwargs)
         run.validate()
@@ -230,8 +247,15 @@ class RunConfig:
         return _int_list("shared-layers", self.shared_layers)
 
     def keep_for(self, cfg: GPTConfig) -> int:
-        """`keep`, with 0 resolved to half the blocks of the model."""
+        """`keep`, with 0 resolved to half the blocks of the model; with mixed keeps the largest choice."""
+        if self.keep_choices.strip():
+            return max(self.keep_choice_list)
         return self.keep or max(1, cfg.n_blocks // 2)
+
+    @property
+    def keep_choice_list(self) -> tuple[int, ...]:
+        """`keep-choices` as sorted unique ints (empty: every node at `keep`)."""
+        return tuple(sorted(set(_int_list("keep-choices", self.keep_choices))))
 
     def trained_keep(self, cfg: GPTConfig) -> int:
         """Blocks per layer each worker trains: `keep` for twist, every block for fedavg and ddp."""
@@ -277,13 +301,16 @@ class RunConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("wire-dtype", self.wire_dtype, ("float32", "float16", "bfloat16"))
+        _choice("distill-from", self.distill_from, DISTILL_SOURCES)
+        _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         for key in ("num_server_rounds", "local_steps", "min_nodes", "seq_len", "batch_size", "eval_every",
                     "eval_draws"):
             _positive(key, getattr(self, key))
-        for key in ("keep", "num_nodes", "max_failed_rounds", "eval_tokens", "seed"):
+        for key in ("keep", "num_nodes", "max_failed_rounds", "eval_tokens", "seed", "full_nodes"):
             if getattr(self, key) < 0:
                 raise ValueError(f"run-config {key.replace('_', '-')}={getattr(self, key)!r} must be >= 0")
-        for key in ("lr", "node_wait_timeout", "round_timeout", "max_update_ratio"):
+        for key in ("lr", "node_wait_timeout", "round_timeout", "max_update_ratio", "distill_temperature",
+                    "server_lr"):
             v = getattr(self, key)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"run-config {key.replace('_', '-')}={v!r} must be a positive finite number")
@@ -291,6 +318,7 @@ class RunConfig:
             v = getattr(self, key)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"run-config {key.replace('_', '-')}={v!r} must be a finite number >= 0")
+        self._validate_levers()
         if not 0 <= self.fraction_evaluate <= 1:
             raise ValueError(f"run-config fraction-evaluate={self.fraction_evaluate!r} must be in [0, 1]")
         if not (math.isfinite(self.partition_alpha) and self.partition_alpha > 0):
@@ -322,10 +350,46 @@ class RunConfig:
         if not self.init_from:  # with init-from the architecture is checked once the model is loaded
             self.check_model(self.model_config())
 
+    def _validate_levers(self) -> None:
+        """The training levers: distillation, full nodes, mixed keeps, the outer step."""
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"run-config distill-weight={self.distill_weight!r} must be in [0, 1]")
+        if self.distill_weight > 0 and not self.distill_from:
+            raise ValueError(f"run-config distill-weight={self.distill_weight!r} needs a teacher: set distill-from "
+                             f"(allowed: {[s for s in DISTILL_SOURCES if s]})")
+        if self.distill_from and self.distill_weight == 0:
+            raise ValueError(f"run-config distill-from={self.distill_from!r} is set but distill-weight=0 turns "
+                             "distillation off; set distill-weight in (0, 1], or leave distill-from empty")
+        if self.distill_from == "init" and not self.init_from:
+            raise ValueError("run-config distill-from='init' distils from the init-from model, but init-from is "
+                             "empty; set init-from to the dense model the run starts from")
+        if self.distill_from == "global" and self.mode != "masked":
+            raise ValueError(f"run-config distill-from='global' needs mode='masked' (only masked nodes receive the "
+                             f"round's full model); mode={self.mode!r}. Use distill-from='init' for true nodes")
+        if self.distill_from and self.strategy != "twist":
+            raise ValueError(f"run-config distill-from={self.distill_from!r} distils subnets; strategy="
+                             f"{self.strategy!r} trains the full model (allowed with strategy 'twist')")
+        if not 0 <= self.server_momentum < 1:
+            raise ValueError(f"run-config server-momentum={self.server_momentum!r} must be in [0, 1)")
+        if self.strategy == "ddp" and self.server_optimizer != "avg":
+            raise ValueError(f"run-config server-optimizer={self.server_optimizer!r} has no meaning for ddp (one "
+                             "optimizer steps on the all-reduced gradients)")
+        if self.strategy != "twist" and (self.full_nodes or self.keep_choices.strip()):
+            raise ValueError(f"run-config full-nodes and keep-choices choose subnet sizes; strategy={self.strategy!r} "
+                             "trains the full model on every node (allowed with strategy 'twist')")
+        if self.keep_choices.strip():
+            if self.keep:
+                raise ValueError(f"run-config keep={self.keep!r} and keep-choices={self.keep_choices!r} are both set; "
+                                 "mixed keeps take the choices only (keep=0)")
+            if not self.keep_choice_list or min(self.keep_choice_list) < 1:
+                raise ValueError(f"run-config keep-choices={self.keep_choices!r} must list keeps >= 1, e.g. '2,4,6,8'")
+
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
         name = f"the model of init-from={self.init_from!r}" if self.init_from else f"model {self.model!r}"
         cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
+        for k in self.keep_choice_list:
+            cfg.check_keep(k, "run-config keep-choices entry", name)
         for k in self.eval_keeps_for(cfg):
             cfg.check_keep(k, "run-config eval-keeps entry", name)
         for i in self.shared_layer_list:

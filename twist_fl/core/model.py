@@ -407,13 +407,27 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Any]) -> None:
 
 
 def initial_model(run: RunConfig) -> GPT:
-    """The model of round 0: `init-from` (a Hugging Face GPT-2 or twist-fl model folder) or a
-    random init seeded by the run's seed."""
+    """The model of round 0: `init-from` (a Hugging Face GPT-2 or twist-fl model folder, or a
+    twist-fl run folder, whose `model/` it takes) or a random init seeded by the run's seed."""
     torch.manual_seed(run.seed)
     if not run.init_from:
         return GPT(run.model_config())
-    path = Path(run.init_from).expanduser()
-    key = f"run-config init-from={run.init_from!r}"
+    return load_dense(run.init_from, run.alpha, run.shared_layer_list, f"run-config init-from={run.init_from!r}")
+
+
+def dense_model_dir(path: str | os.PathLike) -> Path:
+    """The folder holding a dense model's files: `path`, or the `model/` of a run folder."""
+    p = Path(path).expanduser()
+    if not (p / WEIGHTS_FILE).is_file() and (p / "model" / WEIGHTS_FILE).is_file():
+        return p / "model"
+    return p
+
+
+def load_dense(path: str | os.PathLike, alpha: float, shared_layers: tuple[int, ...], key: str) -> GPT:
+    """A full (unpruned) model from a twist-fl model or run folder or a Hugging Face GPT-2
+    folder, with the run's alpha and shared layers; ValueError naming `key` otherwise. Draws
+    no random numbers."""
+    path = dense_model_dir(path)
     cfg_file = path / CONFIG_FILE  # twist-fl and Hugging Face folders both have one: check the format
     try:
         meta = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
@@ -426,11 +440,10 @@ def initial_model(run: RunConfig) -> GPT:
             raise ValueError(f"{key}: {e}") from None
         if model.blueprint is not None:
             raise ValueError(f"{key} is a pruned subnet; training needs a full model")
-        cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": run.alpha,
-                                   "shared_layers": list(run.shared_layer_list)})
+        cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": alpha, "shared_layers": list(shared_layers)})
         return GPT.from_state(cfg, model.state_dict())
     try:
-        return GPT.from_hf(path, alpha=run.alpha, shared_layers=run.shared_layer_list)
+        return GPT.from_hf(path, alpha=alpha, shared_layers=shared_layers)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{key} is neither a twist-fl model folder nor a readable Hugging Face GPT-2 folder: "
+        raise ValueError(f"{key} is neither a twist-fl model or run folder nor a readable Hugging Face GPT-2 folder: "
                          f"{e}") from None

@@ -34,6 +34,7 @@ from .data import (
 )
 from .io import atomic_write
 from .model import GPT, load_state_strict
+from .objective import Distillation, init_teacher
 from .precision import precision_scope, resolve_precision
 from .rng import Stream, generator
 from .train import (
@@ -164,9 +165,10 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
                        moment_step)
     rng = generator(run.seed, Stream.NODE_BATCHES, partition_id, round_)
     batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
+    distill = node_distillation(run, cfg, arrays, masked, dev)
     with precision_scope(resolve_precision(run.precision, dev)):
         stats = train_steps(model, batches, task.local_steps, opt, grad_clip=run.grad_clip,
-                            mask=bp if masked and not bp.is_full(cfg) else None)
+                            mask=bp if masked and not bp.is_full(cfg) else None, distill=distill)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reply = slice_state(state, cfg, bp) if masked else state
     new_moments, step = None, 0
@@ -176,6 +178,29 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
     return LocalResult(arrays={k: v.numpy().astype(np.float32, copy=False) for k, v in reply.items()},
                        metrics={"train-loss": stats["train_loss"], "num-examples": stats["num_examples"]},
                        moments=new_moments, moment_step=step)
+
+
+def node_distillation(run: RunConfig, cfg: GPTConfig, arrays: Mapping[str, Any], masked: bool,
+                      device: torch.device) -> Distillation | None:
+    """The node's distillation lever (`distill-from`), or None when it is off. `init`: the
+    init-from model, loaded once per process (`objective.init_teacher`); `global`: the round's
+    full model, which a masked node has just received in `arrays`."""
+    if not run.distill_from or run.distill_weight <= 0:
+        return None
+    if run.distill_from == "init":
+        teacher = init_teacher(str(Path(run.init_from).expanduser().resolve()), run.alpha, run.shared_layer_list)
+        if teacher.cfg.vocab_size != cfg.vocab_size or teacher.cfg.n_embd != cfg.n_embd:
+            raise ValueError(f"the distillation teacher (init-from={run.init_from!r}) does not fit the model: "
+                             f"vocab {teacher.cfg.vocab_size} / width {teacher.cfg.n_embd} against "
+                             f"{cfg.vocab_size} / {cfg.n_embd}")
+        teacher = teacher.to(device)
+    else:
+        if not masked:
+            raise ValueError("distill-from='global' needs a masked node (it distils from the full model it "
+                             "received); this node trains in true mode")
+        teacher = GPT.from_state(cfg, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}).to(device)
+        teacher.eval().requires_grad_(False)
+    return Distillation(teacher, run.distill_weight, run.distill_temperature)
 
 
 class MomentStore:

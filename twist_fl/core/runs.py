@@ -98,6 +98,7 @@ class RunFolder:
         (by number of partitions) once the nodes have reported it."""
         write_json(self.path / "config.json", {"run": run.to_flat(), "model": cfg.to_dict(),
                                                **({"run_uid": run_uid} if run_uid else {}),
+                                               **started_from(run),
                                                **({"partitions": partitions} if partitions else {})})
         log.info("run folder: %s", self.path)
 
@@ -126,6 +127,41 @@ class RunFolder:
         with open(self.metrics, "a") as f:
             f.write(json_line(row))
             f.flush()
+
+
+def started_from(run: RunConfig) -> dict[str, Any]:
+    """Where a run started (`init-from`): the model folder, the sha256 of its weights, and the
+    strategy and run config it was trained with when it is a twist-fl model; and the teacher of
+    its distillation. Empty for a run from a random init."""
+    if not run.init_from:
+        return {}
+    import hashlib
+
+    from .model import CONFIG_FILE, dense_model_dir
+
+    d = dense_model_dir(run.init_from).resolve()
+    weights = sorted(d.glob("*.safetensors")) or sorted(d.glob("*.bin"))
+    origin: dict[str, Any] = {"path": str(d)}
+    if weights:
+        h = hashlib.sha256()
+        with open(weights[0], "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        origin.update(weights=weights[0].name, weights_sha256=h.hexdigest())
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    src = meta.get("run") if isinstance(meta, dict) else None
+    origin["strategy"] = src.get("strategy") if isinstance(src, dict) else "huggingface"
+    if isinstance(src, dict):
+        origin["run"] = src
+    out: dict[str, Any] = {"init_from": origin}
+    if run.distill_from:
+        out["teacher"] = {"from": run.distill_from, "weight": run.distill_weight,
+                          "temperature": run.distill_temperature,
+                          "model": origin["path"] if run.distill_from == "init" else "the round's full model"}
+    return out
 
 
 def summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s: float,

@@ -17,6 +17,7 @@ from .blocks import scatter_state, slice_state
 from .blueprint import Blueprint
 from .config import GPTConfig
 from .model import GPT
+from .objective import Distillation, batch_loss
 from .precision import grad_scaler
 from .progress import progress
 
@@ -90,11 +91,14 @@ def make_optimizer(model: GPT, opt: OptimConfig) -> torch.optim.AdamW:
 
 def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int,
                 optimizer: torch.optim.Optimizer, grad_clip: float = 1.0,
-                mask: Blueprint | None = None, step_times: list[float] | None = None) -> dict[str, float]:
+                mask: Blueprint | None = None, step_times: list[float] | None = None,
+                distill: Distillation | None = None) -> dict[str, float]:
     """Train for exactly `steps` batches; `mask` trains a full model as that subnet. `model` is a
     GPT or a wrapper that forwards to one (DistributedDataParallel). `step_times` collects each
     step's seconds (forward, backward with its gradient exchange, clip, optimizer step). Forward
-    passes run at the `precision_scope` in force; weights, gradients and AdamW stay float32."""
+    passes run at the `precision_scope` in force; weights, gradients and AdamW stay float32.
+    The loss is `objective.batch_loss` (cross-entropy, plus distillation when `distill` is
+    given); the reported train loss is the cross-entropy either way."""
     device = next(model.parameters()).device
     scaler = grad_scaler(device)  # fp16 only (precision_scope)
     model.train()
@@ -104,7 +108,7 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
         t0 = time.perf_counter()
         x, y = next(batches)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        _, loss = model(x, y, mask=mask)
+        loss, ce = batch_loss(model, x, y, mask, distill)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
@@ -118,7 +122,7 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
         else:
             scaler.step(optimizer)  # skipped when the scaled gradients overflowed
             scaler.update()
-        losses.append(loss.item())
+        losses.append(ce.item())
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)
         n_examples += x.shape[0]

@@ -54,6 +54,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     evaluator = Evaluator(cfg, run, windows)  # checks the precision on this device
 
     start_round = 0
+    resumed_state: dict[str, Any] | None = None
     if run.resume_from:  # every check before anything is written: a refused resume changes nothing
         folder = RunFolder.existing(run.resume_from)
         start_round, weights, state = load_checkpoint(folder.path)
@@ -73,6 +74,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
             log.warning("the checkpoint records no run uid: nodes will not find optimizer moments they stored")
         load_state_strict(model, {k: torch.from_numpy(v) for k, v in weights.items()})
         restore_rng_states(state["rng"])
+        resumed_state = state
         folder.truncate_after(start_round)
         log.info("resuming %s from round %d", folder.path, start_round)
     else:
@@ -93,6 +95,8 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         folder.write_config(run, cfg, run_uid, partitions=partitions)
 
     strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid, on_partitions=on_partitions)
+    if resumed_state is not None:  # counters and the outer step's state continue where the checkpoint left them
+        strategy.restore(resumed_state.get("strategy", {}), resumed_state.get("extra_arrays"))
     last = run.num_server_rounds
 
     def on_round_end(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -120,7 +124,8 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         row["time"] = round(time.time(), 3)
         folder.append(row)
         save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
-                                                  "strategy": strategy.state(), "run_uid": run_uid})
+                                                  "strategy": strategy.state(), "run_uid": run_uid},
+                        extra_arrays=strategy.outer.state_arrays())
         flat = {"train-loss": row["train_loss"] or 0.0}
         if "valid" in row:
             flat["valid-ppl"] = row["valid"]["full"]["ppl"]

@@ -29,9 +29,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from ..core.blocks import coverage_average, slice_state
+from ..core.blocks import coverage_average, held_masks, slice_state
 from ..core.blueprint import Blueprint, sample_blueprints
 from ..core.config import NODE_MODES, GPTConfig, RunConfig, parse_mode
+from ..core.outer import OuterOptimizer
+from ..core.policy import capacity_keep, round_plan
 from ..core.rng import Stream, generator
 from ..core.wire import decode, encode
 from .records import record_bytes, to_numpy, to_record
@@ -53,6 +55,7 @@ class NodeInfo:
 class Assignment:
     node: NodeInfo
     blueprint: Blueprint
+    keep: int  # the blocks of each kind per layer it holds this round (n_blocks when it trains the full model)
     round: int
     nonce: int
     sent: dict[str, np.ndarray]  # the sliced tensors the node received, as float32 (shapes to match)
@@ -94,14 +97,19 @@ class TwistStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}
         self.records: dict[int, RoundRecord] = {}
         self.failed_rounds = 0
+        self.outer = OuterOptimizer(run.server_optimizer, run.server_lr, run.server_momentum)
         self._global: dict[str, np.ndarray] = {}
         self._assignments: list[Assignment] = []
         self._t0 = 0.0
 
     def summary(self) -> None:
-        log.info("TwistStrategy: strategy=%s keep=%d/%d heads, %d/%d FFN blocks, shared layers %s, "
-                 "alpha=%.2f, local-steps=%d", self.run.strategy, self.keep, self.cfg.n_head, self.keep,
-                 self.cfg.n_ffn_blocks, list(self.cfg.shared_layer_ids), self.cfg.alpha, self.run.local_steps)
+        r = self.run
+        log.info("TwistStrategy: strategy=%s keep=%s/%d heads and FFN blocks, full nodes %d, shared layers %s, "
+                 "alpha=%.2f, local-steps=%d, distill %s, outer step %s", r.strategy, r.keep_choices or self.keep,
+                 self.cfg.n_blocks, r.full_nodes, list(self.cfg.shared_layer_ids), self.cfg.alpha, r.local_steps,
+                 f"{r.distill_from} (w={r.distill_weight}, T={r.distill_temperature})" if r.distill_from else "off",
+                 r.server_optimizer if r.server_optimizer == "avg" else
+                 f"{r.server_optimizer} (lr {r.server_lr}, momentum {r.server_momentum})")
 
     # --- nodes --------------------------------------------------------------------------------
 
@@ -147,11 +155,12 @@ class TwistStrategy(Strategy):
                 self.on_partitions(num)  # may refuse the run (a node too small for seq-len): before round 1 trains
 
     def keep_of(self, node: NodeInfo) -> int:
-        """The run's keep, capped by the node's capacity (at least 1 block of each kind). The
-        dense `fedavg` baseline ignores capacities: every node trains the full model."""
+        """The largest keep the node trains: the run's keep (the largest of keep-choices), capped
+        by its capacity (at least 1 block of each kind). The dense `fedavg` baseline ignores
+        capacities: every node trains the full model."""
         if self.run.strategy != "twist":
             return self.keep
-        return max(1, min(self.keep, int(math.floor(node.capacity * self.cfg.n_blocks + 1e-9))))
+        return min(self.keep, capacity_keep(self.cfg, node.capacity))
 
     # --- configure ----------------------------------------------------------------------------
 
@@ -174,15 +183,14 @@ class TwistStrategy(Strategy):
             return []
         self._global = {k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()}
         wire = self.run.wire_dtype
-        keeps = [self.keep_of(n) for n in nodes]
-        partial = sum(keeps) < max(self.cfg.n_head, self.cfg.n_ffn_blocks)
-        if partial:
+        plan = round_plan(self.cfg, self.run, rnd, [n.capacity for n in nodes])  # the blueprint policy
+        keeps = plan.keeps
+        if plan.partial:
             log.warning("round %d: %d node(s) at keep %s cannot cover every block; blocks nobody holds keep "
                         "their values this round", rnd, len(nodes), keeps)
-        bps = sample_blueprints(self.cfg, len(nodes), keeps, self.run.seed, rnd, allow_partial=partial)
         nonce = secrets.randbits(62)
         messages = []
-        for node, bp in zip(nodes, bps, strict=True):
+        for node, bp, keep in zip(nodes, plan.blueprints, keeps, strict=True):
             sliced = encode(slice_state(self._global, self.cfg, bp), wire)
             payload = to_record(encode(self._global, wire) if node.mode == "masked" else sliced)
             sent = decode(sliced, wire)  # what the node starts from, in float32
@@ -192,11 +200,11 @@ class TwistStrategy(Strategy):
             # The TTL is the round timeout: the SuperLink refuses a reply that comes later.
             msg = Message(content=RecordDict({"arrays": payload, "config": cfg_rec}),
                           message_type=MessageType.TRAIN, dst_node_id=node.node_id, ttl=self.run.round_timeout)
-            a = Assignment(node, bp, rnd, nonce, sent, record_bytes(payload), msg)
+            a = Assignment(node, bp, keep, rnd, nonce, sent, record_bytes(payload), msg)
             self._assignments.append(a)
             messages.append(msg)
         log.info("round %d: %d nodes, keep %s, lr %.2e, %.2f MB down in total", rnd, len(nodes),
-                 self.keep if len(set(keeps)) == 1 else keeps,
+                 keeps[0] if len(set(keeps)) == 1 else keeps,
                  record.lr, sum(a.bytes_down for a in self._assignments) / 2**20)
         return messages
 
@@ -252,6 +260,8 @@ class TwistStrategy(Strategy):
             return None, MetricRecord({"num-valid": 0, "num-rejected": len(record.rejected)})
         self.failed_rounds = 0
         new = coverage_average(self._global, self.cfg, contributions)
+        if self.outer.kind != "avg":  # the outer step, on the blocks some valid reply held
+            new = self.outer.step(self._global, new, held_masks(self.cfg, [c[0] for c in contributions]))
         record.updated = True
         record.train_loss = float(np.average(losses, weights=weights))
         log.info("round %d: %d valid, %d rejected replies, train loss %.4f", rnd, len(contributions),
@@ -262,7 +272,7 @@ class TwistStrategy(Strategy):
     def _entry(self, a: Assignment, status: str) -> dict[str, Any]:
         """A node's line in metrics.jsonl: who, what it held, what moved, and how it ended."""
         return {"node_id": a.node.node_id, "partition_id": a.node.partition_id, "mode": a.node.mode,
-                "keep": self.keep_of(a.node), "blueprint": a.blueprint.to_dict(), "bytes_down": a.bytes_down,
+                "keep": a.keep, "blueprint": a.blueprint.to_dict(), "bytes_down": a.bytes_down,
                 "bytes_up": 0, "status": status}
 
     def _expected(self, a: Assignment) -> Expected:
@@ -355,5 +365,11 @@ class TwistStrategy(Strategy):
                              "num-nodes": len(per_node)})
 
     def state(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue: node modes are re-learnt; counters are kept."""
+        """What a checkpoint needs to continue (with `outer.state_arrays()`): node modes are
+        re-learnt; counters are kept."""
         return {"failed_rounds": self.failed_rounds}
+
+    def restore(self, state: dict[str, Any], outer_arrays: dict[str, np.ndarray] | None) -> None:
+        """Continue from a checkpoint's `state()` and outer-step state."""
+        self.failed_rounds = int(state.get("failed_rounds", 0))
+        self.outer.load_state_arrays(outer_arrays or {})

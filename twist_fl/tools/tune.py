@@ -2,6 +2,8 @@
 
     python -m twist_fl.tools.tune run --out runs/tune            # LR grid at seed 0, then seeds at each best
     python -m twist_fl.tools.tune table runs/tune --out docs/results/tuned
+    python -m twist_fl.tools.tune finetune --out runs/ft           # the fine-tune regime (tools/finetune.py)
+    python -m twist_fl.tools.tune finetune-table runs/ft --out docs/results/finetune
 
 `run` trains every (strategy, lr) of the grid at seed 0 with the sweep's job runner (the Flower
 apps on an in-process Grid; DDP on torch.distributed), picks each strategy's learning rate with
@@ -174,8 +176,32 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--out", required=True)
     q.add_argument("--draws", type=int, default=3)
     q.add_argument("--test-tokens", type=int, default=32768)
+    f = sub.add_parser("finetune", help="dense model, then TwIST vs DDP fine-tuning, budget-matched, with levers")
+    f.add_argument("--out", required=True)
+    f.add_argument("--seeds", type=int, default=3)
+    f.add_argument("--nodes", type=int, default=4, help="nodes per round (Flower) and workers (DDP)")
+    f.add_argument("--dense-steps", type=int, default=900, help="optimizer steps of the dense stage (DDP)")
+    f.add_argument("--dense-lr", type=float, default=1.5e-3, help="the dense stage's lr (DDP's tuned rate)")
+    f.add_argument("--ft-steps", type=int, default=300, help="F: fine-tune steps of the main comparison")
+    f.add_argument("--ft-ablation", default="150,600", help="other F values, both sides, every seed")
+    f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3")
+    f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3")
+    f.add_argument("--variants", default=None, help="levers: 'name:key=value ...;name2:...' (default: distill, "
+                   "full1, mixed, nesterov)")
+    f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
+                   help="which stages to run (the dense stage and the grid always run first)")
+    f.add_argument("--no-equal-compute", action="store_true", help="skip TwIST's equal-compute runs")
+    f.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
+    g = sub.add_parser("finetune-table", help="FINETUNE.md and finetune.json from a finetune folder")
+    g.add_argument("root")
+    g.add_argument("--out", required=True)
+    g.add_argument("--draws", type=int, default=3)
+    g.add_argument("--test-tokens", type=int, default=32768)
+    g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
     args = ap.parse_args(argv)
     try:
+        if args.verb in ("finetune", "finetune-table"):
+            return _finetune(args, argv if argv is not None else sys.argv[1:])
         if args.verb == "run":
             from ..baselines.ddp import parse_overrides
 
@@ -200,6 +226,39 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"tune: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what}={text!r} must be a comma list of numbers") from None
+    if not vals or min(vals) <= 0:
+        raise ValueError(f"{what}={text!r} must list positive numbers")
+    return vals
+
+
+def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
+    from .finetune import DEFAULT_VARIANTS, Finetune, FinetuneOptions, finetune_table
+
+    if args.verb == "finetune-table":
+        if args.draws < 1 or args.test_tokens < 1:
+            raise ValueError(f"--draws={args.draws} and --test-tokens={args.test_tokens} must be >= 1")
+        print(finetune_table(Path(args.root), Path(args.out), args.draws, args.test_tokens, args.keeps,
+                             argv)["markdown"])
+        return 0
+    from ..baselines.ddp import parse_overrides
+
+    opts = FinetuneOptions(out=args.out, seeds=args.seeds, nodes=args.nodes, dense_steps=args.dense_steps,
+                           dense_lr=args.dense_lr, ft_steps=args.ft_steps,
+                           ft_ablation=[int(x) for x in _floats(args.ft_ablation, "--ft-ablation")]
+                           if args.ft_ablation.strip() else [],
+                           twist_lrs=_floats(args.twist_lrs, "--twist-lrs"), ddp_lrs=_floats(args.ddp_lrs, "--ddp-lrs"),
+                           variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
+                           equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
+                           stages=args.stages, argv=argv)
+    print(json.dumps({"best_lr": Finetune(opts).run()}))
     return 0
 
 

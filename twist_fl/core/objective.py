@@ -1,0 +1,69 @@
+"""The local objective: the loss a node minimises on one batch.
+
+One seam of the round loop (DESIGN.md, "Policies and levers"). Plain TwIST is cross-entropy on
+the labels. With distillation (`distill-from`, `distill-weight` w, `distill-temperature` T) a
+teacher's soft targets are added, as in Hinton et al. and in the in-place distillation of
+US-Nets / MatFormer:
+
+    loss = (1 - w) * CE(student, labels) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+KL is summed over the vocabulary and averaged over tokens, as CE is. The teacher is a full
+model run without gradients: the dense model the run started from (`init`, loaded once per
+node process by `init_teacher`, never sent), or the round's full model (`global`, which masked
+nodes receive anyway). With no distillation the step is exactly the plain one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .blueprint import Blueprint
+from .model import GPT, load_dense
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    teacher: torch.nn.Module  # a full model, in eval mode, no gradients
+    weight: float  # w in (0, 1]
+    temperature: float  # T > 0
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, summed over the vocabulary
+    and averaged over tokens."""
+    v = student_logits.size(-1)
+    s = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum") / s.size(0)
+
+
+def batch_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: Blueprint | None = None,
+               distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to minimise, the cross-entropy on the labels) of one batch."""
+    logits, ce = model(x, y, mask=mask)
+    if distill is None:
+        return ce, ce
+    with torch.no_grad():
+        teacher_logits, _ = distill.teacher(x)
+    t = distill.temperature
+    kl = kl_to_teacher(logits, teacher_logits, t)
+    return (1 - distill.weight) * ce + distill.weight * t * t * kl, ce
+
+
+@lru_cache(maxsize=2)
+def init_teacher(path: str, alpha: float, shared_layers: tuple[int, ...]) -> GPT:
+    """The `init-from` model as a teacher: loaded once per process and path, in eval mode."""
+    log.info("distillation teacher: loading %s", path)
+    model = load_dense(Path(path), alpha, shared_layers, f"run-config init-from={path!r} (the teacher)")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

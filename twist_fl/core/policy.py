@@ -1,0 +1,77 @@
+"""The blueprint policy: which blocks each node holds in a round, from (seed, round, capacities).
+
+One seam of the round loop (DESIGN.md, "Policies and levers"): the strategy asks `round_plan`
+for one blueprint per selected node and never draws blocks itself. The policy here is TwIST's
+(`random`: coverage-guaranteed random subsets, `sample_blueprints`), with two levers:
+
+- `full-nodes = k`: each round k nodes train the full model (the "sandwich" of US-Nets,
+  MatFormer, FjORD). Nodes take turns in a seeded order, `k` per round, so over any
+  `ceil(n / k)` consecutive rounds every eligible node has had its turn (a node whose capacity
+  is below the full model is never eligible). The others train random subnets.
+- `keep-choices`: each node draws its keep per round (seeded) from the choices its capacity
+  allows (the smallest choice when none fits).
+
+With neither lever the blueprints are exactly today's `sample_blueprints` draw.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .blueprint import Blueprint, sample_blueprints
+from .config import GPTConfig, RunConfig
+from .rng import Stream, generator
+
+
+def capacity_keep(cfg: GPTConfig, capacity: float) -> int:
+    """The most blocks of each kind per layer a node of `capacity` (a share in (0, 1]) can hold."""
+    return max(1, int(math.floor(capacity * cfg.n_blocks + 1e-9)))
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    blueprints: list[Blueprint]  # one per node, in the order given
+    keeps: list[int]  # each node's keep (n_blocks for a full node)
+    full: list[bool]  # whether each node trains the full model
+    partial: bool  # the random subnets together do not cover every block (and no full node does)
+
+
+def full_node_turns(seed: int, n_nodes: int, eligible: Sequence[int], k: int, round_: int) -> list[int]:
+    """The positions (into the round's node list) of the `k` eligible nodes that train the full
+    model in round `round_` (1-based): a seeded order of the eligible positions, dealt `k` per round."""
+    if k <= 0 or not eligible:
+        return []
+    order = [eligible[i] for i in generator(seed, Stream.FULL_NODES).permutation(len(eligible))]
+    k = min(k, len(order))
+    start = ((round_ - 1) * k) % len(order)
+    return sorted(order[(start + j) % len(order)] for j in range(k))
+
+
+def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence[float]) -> RoundPlan:
+    """Blueprints of one round for nodes of the given capacities (sorted by partition id)."""
+    n = len(capacities)
+    caps = [capacity_keep(cfg, c) for c in capacities]
+    if run.strategy != "twist":  # dense baselines: every node trains the full model
+        return RoundPlan([Blueprint.full(cfg)] * n, [cfg.n_blocks] * n, [True] * n, False)
+    if run.keep_choice_list:
+        rng = generator(run.seed, Stream.NODE_KEEPS, round_)
+        keeps = []
+        for cap in caps:
+            fits = [c for c in run.keep_choice_list if c <= cap] or [min(run.keep_choice_list)]
+            keeps.append(min(cap, int(rng.choice(fits))))
+    else:
+        keeps = [min(run.keep_for(cfg), cap) for cap in caps]
+    eligible = [i for i, cap in enumerate(caps) if cap >= cfg.n_blocks]
+    full = set(full_node_turns(run.seed, n, eligible, run.full_nodes, round_))
+    rest = [i for i in range(n) if i not in full]
+    partial = bool(rest) and sum(keeps[i] for i in rest) < max(cfg.n_head, cfg.n_ffn_blocks)
+    bps: list[Blueprint] = [Blueprint.full(cfg)] * n
+    if rest:
+        drawn = sample_blueprints(cfg, len(rest), [keeps[i] for i in rest], run.seed, round_,
+                                  allow_partial=partial or bool(full))
+        for i, bp in zip(rest, drawn, strict=True):
+            bps[i] = bp
+    return RoundPlan(bps, [cfg.n_blocks if i in full else keeps[i] for i in range(n)],
+                     [i in full for i in range(n)], partial and not full)
