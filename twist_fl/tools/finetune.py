@@ -195,6 +195,10 @@ class Finetune:
         if unknown:
             raise ValueError(f"--stages has {sorted(unknown)}; allowed: {list(STAGES)}")
         seeds = range(o.seeds)
+        if set(stages) <= {"scratch"}:  # needs neither the dense models nor the fine-tune rates
+            for seed in seeds:
+                self._scratch(seed)
+            return {}
         for seed in seeds:
             self.job(f"dense-s{seed}", self.dense(seed))
         if set(stages) <= {"dense"}:
@@ -220,11 +224,14 @@ class Finetune:
                         for side in ("twist", "ddp"):
                             self.job(self.pair_name(side, best[side], f, seed), self.ft(side, best[side], f, seed))
                 elif stage == "scratch":
-                    self.job(f"scratch-base-s{seed}", self.scratch(seed))
-                    for name, extra in self.variants.items():
-                        if "distill-from" not in extra:  # there is no dense teacher from scratch
-                            self.job(f"scratch-{name}-s{seed}", self.scratch(seed, extra))
+                    self._scratch(seed)
         return best
+
+    def _scratch(self, seed: int) -> None:
+        self.job(f"scratch-base-s{seed}", self.scratch(seed))
+        for name, extra in self.variants.items():
+            if "distill-from" not in extra:  # there is no dense teacher from scratch
+                self.job(f"scratch-{name}-s{seed}", self.scratch(seed, extra))
 
     @staticmethod
     def pair_name(side: str, lr: float, steps: int, seed: int) -> str:
