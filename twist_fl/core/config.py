@@ -160,7 +160,7 @@ class RunConfig:
     # levers of the local objective (core/objective.py)
     distill_from: str = ""  # "" (off) | init (the init-from model, loaded once on each node) | global (the round's
     # full model; masked nodes only, which receive it anyway)
-    distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student)
+    distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = off
     distill_temperature: float = 1.0  # T of the distillation softmax
     # the server's outer step (core/outer.py)
     server_optimizer: str = "avg"  # avg (the coverage average) | momentum | nesterov (FedAvgM, DiLoCo) | adam
@@ -357,9 +357,6 @@ class RunConfig:
         if self.distill_weight > 0 and not self.distill_from:
             raise ValueError(f"run-config distill-weight={self.distill_weight!r} needs a teacher: set distill-from "
                              f"(allowed: {[s for s in DISTILL_SOURCES if s]})")
-        if self.distill_from and self.distill_weight == 0:
-            raise ValueError(f"run-config distill-from={self.distill_from!r} is set but distill-weight=0 turns "
-                             "distillation off; set distill-weight in (0, 1], or leave distill-from empty")
         if self.distill_from == "init" and not self.init_from:
             raise ValueError("run-config distill-from='init' distils from the init-from model, but init-from is "
                              "empty; set init-from to the dense model the run starts from")
@@ -387,9 +384,9 @@ class RunConfig:
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
         name = f"the model of init-from={self.init_from!r}" if self.init_from else f"model {self.model!r}"
-        cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
         for k in self.keep_choice_list:
             cfg.check_keep(k, "run-config keep-choices entry", name)
+        cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
         for k in self.eval_keeps_for(cfg):
             cfg.check_keep(k, "run-config eval-keeps entry", name)
         for i in self.shared_layer_list:
