@@ -18,10 +18,11 @@ TINY = {"model": "tiny", "num-server-rounds": 2, "local-steps": 2, "seq-len": 32
 
 
 def run_local(tmp_path: Path, name: str, num_nodes: int = 2, node_configs=None, reply_hook=None,
-              **overrides: Any) -> tuple[dict, LocalGrid, Path]:
+              reply_delay=None, **overrides: Any) -> tuple[dict, LocalGrid, Path]:
     flat = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}, "out-dir": str(tmp_path),
             "run-name": name}
-    grid = LocalGrid(make_client_app(flat), num_nodes, node_configs=node_configs, reply_hook=reply_hook)
+    grid = LocalGrid(make_client_app(flat), num_nodes, node_configs=node_configs, reply_hook=reply_hook,
+                     reply_delay=reply_delay)
     summary = run_server(grid, RunConfig.from_flat(flat))
     return summary, grid, tmp_path / name
 

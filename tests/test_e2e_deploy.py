@@ -280,7 +280,8 @@ def test_too_few_nodes_fail_after_a_bounded_wait(deployment, tmp_path):
     res = d.run(ROOT, run_config(tmp_path, "few", min_nodes=2, node_wait_timeout=5), timeout=300)
 
     assert res.status == "finished:failed"
-    assert "only 1 node(s) connected after waiting 5 s; the run needs min-nodes=2" in res.details
+    assert ("round 1: only 1 node(s) ready after waiting 5 s (node-wait-timeout); the run needs min-nodes=2"
+            in res.details)
     assert time.monotonic() - t < 120
 
 

@@ -211,13 +211,43 @@ def test_bad_num_examples_values(tmp_path):
 def test_round_with_every_reply_rejected_keeps_the_model(tmp_path, monkeypatch):
     monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
 
-    summary, grid, run_dir = run_local(tmp_path, "allbad", num_nodes=2, max_failed_rounds=0,
-                                       node_configs=[{"twist-fault": "nan"}, {"twist-fault": "inf"}])
+    # round 1: every reply is bad; round 2: honest
+    summary, grid, run_dir = run_local(tmp_path, "onebad", num_nodes=2, max_failed_rounds=0,
+                                       node_configs=[{"twist-fault": "1:nan"}, {"twist-fault": "1:inf"}])
 
     first = {k: v.numpy() for k, v in sent_train(grid, 1)[0].content["arrays"].items()}
-    assert summary["rounds_without_update"] == [1, 2]
-    w = final_weights(run_dir)
+    assert summary["rounds_without_update"] == [1] and summary["status"] == "ok"
+    assert summary["failed_rounds"][0]["round"] == 1 and "every reply was rejected (2)" in \
+        summary["failed_rounds"][0]["reason"]
+    w = checkpoint_weights(run_dir, 1)
     assert all(w[k].tobytes() == first[k].tobytes() for k in ("wte.weight", "h.0.attn.c_attn.weight"))
+    assert rows(run_dir)[0]["failed"].startswith("every reply was rejected")
+
+
+def test_a_run_whose_every_round_failed_fails_and_presents_no_model(tmp_path, monkeypatch):
+    from twist_fl.federated.server import RunFailed
+
+    monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
+
+    with pytest.raises(RunFailed, match=r"every round produced no update.*round 1: every reply was rejected"):
+        run_local(tmp_path, "allbad", num_nodes=2, max_failed_rounds=0,
+                  node_configs=[{"twist-fault": "nan"}, {"twist-fault": "raise"}])
+
+    run_dir = tmp_path / "allbad"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert not (run_dir / "model").exists()
+    assert summary["status"] == "failed" and [f["round"] for f in summary["failed_rounds"]] == [1, 2]
+
+
+def test_a_run_whose_last_round_failed_fails(tmp_path, monkeypatch):
+    from twist_fl.federated.server import RunFailed
+
+    monkeypatch.setenv("TWIST_FL_ENABLE_FAULTS", "1")
+
+    with pytest.raises(RunFailed, match=r"the last round \(2\) produced no update"):
+        run_local(tmp_path, "lastbad", num_nodes=2, max_failed_rounds=0,
+                  node_configs=[{"twist-fault": "2:nan"}, {"twist-fault": "2:nan"}])
+    assert not (tmp_path / "lastbad" / "model").exists()
 
 
 def test_consecutive_failed_rounds_stop_the_run_with_a_clear_message(tmp_path, monkeypatch):
@@ -229,7 +259,8 @@ def test_consecutive_failed_rounds_stop_the_run_with_a_clear_message(tmp_path, m
 
 
 def test_too_few_nodes_fails_after_a_bounded_wait(tmp_path):
-    with pytest.raises(RuntimeError, match=r"only 2 node\(s\) connected after waiting 1 s; the run needs min-nodes=3"):
+    with pytest.raises(RuntimeError, match=r"round 1: only 2 node\(s\) ready after waiting 1 s \(node-wait-timeout\); "
+                                           r"the run needs min-nodes=3"):
         run_local(tmp_path, "few", num_nodes=2, min_nodes=3, node_wait_timeout=1.0)
 
 

@@ -185,6 +185,8 @@ def summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s:
         "bytes_up_total": sum(r["bytes_up_total"] for r in rows),
         "rejected_replies": sum(len(r["rejected"]) for r in rows),
         "rounds_without_update": [r["round"] for r in rows if not r["updated"]],
+        "failed_rounds": [{"round": r["round"], "reason": r.get("failed")} for r in rows if not r["updated"]],
+        "status": "ok",
         "run": run.to_flat(), "model": cfg.to_dict(), **(extra or {}),
     }
     title = f"{run.strategy}, keep {run.trained_keep(cfg)}/{n_total}, {run.dataset}"
@@ -193,7 +195,11 @@ def summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s:
         plot_keeps(final, n_total, folder.path / "keeps.png", title)
     write_json(folder.path / "summary.json", summary)
     if final:
-        log.info("final validation perplexity (unigram baseline %.2f):\n%s", summary["unigram_ppl_valid"],
-                 final_table(final, n_total, params))
-    log.info("run folder: %s (%d rounds, %d rejected replies)", folder.path, len(rows), summary["rejected_replies"])
+        failed = len(summary["failed_rounds"])
+        log.info("final validation perplexity (unigram baseline %.2f):\n%s%s", summary["unigram_ppl_valid"],
+                 final_table(final, n_total, params),
+                 f"\n{failed} of {len(rows)} rounds failed (no update): {summary['rounds_without_update']}"
+                 if failed else f"\nall {len(rows)} rounds updated the model")
+    log.info("run folder: %s (%d rounds, %d failed rounds, %d rejected replies)", folder.path, len(rows),
+             len(summary["failed_rounds"]), summary["rejected_replies"])
     return summary

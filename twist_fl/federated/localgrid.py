@@ -10,6 +10,7 @@ no public setter. Both are written in this module only.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,11 +30,14 @@ class LocalGrid(Grid):
     def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
                  run_config: dict[str, Any] | None = None,
                  node_configs: list[dict[str, Any]] | None = None,
-                 reply_hook: Callable[[Message, Message, int], Message | None] | None = None):
-        """`reply_hook(sent, reply, node_id)` may replace or drop (None) a reply: fault injection."""
+                 reply_hook: Callable[[Message, Message, int], Message | None] | None = None,
+                 reply_delay: Callable[[Message], float] | None = None):
+        """`reply_hook(sent, reply, node_id)` may replace or drop (None) a reply: fault injection.
+        `reply_delay(sent)` holds a reply back for that many seconds (a busy or slow node)."""
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
         self.client_app = client_app
         self.reply_hook = reply_hook
+        self.reply_delay = reply_delay
         self.contexts = {}
         for i in range(num_nodes):
             node_cfg = {"partition-id": i, "num-partitions": num_nodes, **((node_configs or [{}] * num_nodes)[i])}
@@ -41,7 +45,7 @@ class LocalGrid(Grid):
                                                      state=RecordDict(), run_config=dict(run_config or {}))
         self.offline: set[int] = set()
         self._run = None
-        self._inbox: dict[str, Message] = {}
+        self._inbox: dict[str, tuple[Message, float]] = {}  # message id -> (reply, when it may be pulled)
         self.sent: list[Message] = []
 
     def set_run(self, run):
@@ -72,12 +76,24 @@ class LocalGrid(Grid):
             if self.reply_hook is not None:
                 reply = self.reply_hook(m, reply, node)
             if reply is not None:
-                self._inbox[m.metadata.message_id] = reply
+                delay = self.reply_delay(m) if self.reply_delay is not None else 0.0
+                self._inbox[m.metadata.message_id] = (reply, time.monotonic() + delay)
             ids.append(m.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._inbox.pop(i) for i in message_ids if i in self._inbox]
+        now = time.monotonic()
+        ready = [i for i in message_ids if i in self._inbox and self._inbox[i][1] <= now]
+        return [self._inbox.pop(i)[0] for i in ready]
 
     def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+        ids = list(self.push_messages(messages))
+        end = time.monotonic() + (timeout or 0.0)
+        out: list[Message] = []
+        while True:
+            got = self.pull_messages(ids)
+            out += got
+            ids = [i for i in ids if i in self._inbox]
+            if not ids or time.monotonic() >= end:
+                return out
+            time.sleep(0.05)

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume_from", "num_server_rounds", "eval_every", "eval_keeps", "eval_draws", "eval_tokens",
-                     "out_dir", "run_name", "round_timeout", "node_wait_timeout", "min_nodes", "device"}
+                     "out_dir", "run_name", "round_timeout", "node_wait_timeout", "min_nodes", "device",
+                     "max_failed_rounds"}
 
 
 def _config_fingerprint(run: RunConfig) -> dict[str, Any]:
@@ -94,6 +95,11 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
                                                                   if "characters" in r else "") for r in stats))
         folder.write_config(run, cfg, run_uid, partitions=partitions)
 
+    def fail(message: str) -> None:
+        """End the run without a trained model: summary.json says so, and no model/ is written."""
+        summary = summarize(folder, run, cfg, splits, time.time() - t_start, extra={"status": "failed"})
+        raise RunFailed(f"{message}. Run folder: {summary['run_folder']}")
+
     strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid, on_partitions=on_partitions)
     if resumed_state is not None:  # counters and the outer step's state continue where the checkpoint left them
         strategy.restore(resumed_state.get("strategy", {}), resumed_state.get("extra_arrays"))
@@ -111,6 +117,8 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
                                "bytes_down_total": rec.bytes_down if rec else 0,
                                "bytes_up_total": rec.bytes_up if rec else 0,
                                "nodes": rec.nodes if rec else [], "rejected": rec.rejected if rec else []}
+        if not row["updated"]:
+            row["failed"] = (rec.failed if rec else None) or "the round produced no update"
         if rec and rec.fed_eval is not None:
             row["fed_eval"] = rec.fed_eval
         n = max(1, len(row["nodes"]))
@@ -126,6 +134,8 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
                                                   "strategy": strategy.state(), "run_uid": run_uid},
                         extra_arrays=strategy.outer.state_arrays())
+        if strategy.stop_reason:
+            fail(strategy.stop_reason)
         flat = {"train-loss": row["train_loss"] or 0.0}
         if "valid" in row:
             flat["valid-ppl"] = row["valid"]["full"]["ppl"]
@@ -136,10 +146,20 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=run.num_server_rounds - start_round,
                                 timeout=run.round_timeout, evaluate_fn=on_round_end)
         arrays = result.arrays or arrays
+    rows = folder.rows()
+    failed = [r for r in rows if not r["updated"]]
+    if rows and (not rows[-1]["updated"] or len(failed) == len(rows)):  # no trained model to present
+        which = "every round" if len(failed) == len(rows) else f"the last round ({rows[-1]['round']})"
+        fail(f"the run failed: {which} produced no update, so there is no trained model (no model/ written). "
+             "Failed rounds: " + "; ".join(f"round {r['round']}: {r.get('failed')}" for r in failed[-5:]))
     final_state = {k: torch.from_numpy(v) for k, v in to_numpy(arrays).items()}
     load_state_strict(model, final_state)
     model.save(folder.path / "model", extra={"run": run.to_flat()})
     return summarize(folder, run, cfg, splits, time.time() - t_start)
+
+
+class RunFailed(RuntimeError):
+    """A run that ended without a trained model: its last round, or every round, had no update."""
 
 
 def route_logs_to_flower() -> None:

@@ -73,6 +73,7 @@ class RoundRecord:
     bytes_up: int = 0
     wall_s: float = 0.0
     updated: bool = False
+    failed: str | None = None  # why the round produced no update (None when it did)
     lr: float = 0.0
     fed_eval: dict[str, Any] | None = None  # the nodes' own evaluation of this round's model (fraction-evaluate)
 
@@ -90,6 +91,8 @@ class TwistStrategy(Strategy):
         self.cfg, self.run = cfg, run
         self.on_partitions = on_partitions
         self._partitions_seen: set[int] = set()
+        self._queries: dict[int, tuple[str, float]] = {}  # node id -> (node-info query id, when it was sent)
+        self._warned_num_nodes = False
         self._eval_sent: list[tuple[Message, NodeInfo, int]] = []
         self.round_offset = round_offset  # rounds already done before this start() (resume)
         self.run_uid = run_uid  # the run folder's id: nodes key their stored optimizer moments by it
@@ -97,6 +100,7 @@ class TwistStrategy(Strategy):
         self.nodes: dict[int, NodeInfo] = {}
         self.records: dict[int, RoundRecord] = {}
         self.failed_rounds = 0
+        self.stop_reason: str | None = None  # set when max-failed-rounds is reached
         self.outer = OuterOptimizer(run.server_optimizer, run.server_lr, run.server_momentum)
         self._global: dict[str, np.ndarray] = {}
         self._assignments: list[Assignment] = []
@@ -113,42 +117,72 @@ class TwistStrategy(Strategy):
 
     # --- nodes --------------------------------------------------------------------------------
 
-    def _wait_for_nodes(self, grid: Grid) -> list[int]:
-        deadline = time.monotonic() + self.run.node_wait_timeout
+    def _ready_nodes(self, grid: Grid, rnd: int) -> list[int]:
+        """The connected nodes that have answered the node-info query, once at least min-nodes
+        have; waits up to node-wait-timeout, then fails naming the round and the nodes that did
+        not answer. A node is queried once: its query lives for node-wait-timeout (its TTL) and
+        is waited for, not sent again, so queries never pile up behind a busy node (a SuperNode
+        answers its messages oldest first). Only a query whose TTL has passed is sent anew."""
+        timeout = self.run.node_wait_timeout
+        deadline = time.monotonic() + timeout
+        errors: dict[int, str] = {}
         while True:
-            ids = sorted(grid.get_node_ids())
-            if len(ids) >= self.run.min_nodes:
-                return ids
+            connected = sorted(grid.get_node_ids())
+            now = time.monotonic()
+            fresh = [n for n in connected if n not in self.nodes and n not in errors
+                     and (n not in self._queries or now - self._queries[n][1] >= timeout)]
+            if fresh:
+                msgs = [Message(content=RecordDict({"config": ConfigRecord({"twist-query": "node-info"})}),
+                                message_type=MessageType.QUERY, dst_node_id=n, ttl=timeout) for n in fresh]
+                for n, mid in zip(fresh, grid.push_messages(msgs), strict=True):
+                    if mid:  # a message the SuperLink did not take (None) is sent again on the next pass
+                        self._queries[n] = (mid, now)
+            if self._queries:
+                for reply in grid.pull_messages([mid for mid, _ in self._queries.values()]):
+                    self._node_info(reply, errors)
+            ready = [n for n in connected if n in self.nodes]
+            if len(ready) >= self.run.min_nodes:
+                self._check_partitions()
+                return ready
             if time.monotonic() >= deadline:
+                silent = [n for n in connected if n not in self.nodes and n not in errors]
                 raise RuntimeError(
-                    f"only {len(ids)} node(s) connected after waiting {self.run.node_wait_timeout:.0f} s; the run "
-                    f"needs min-nodes={self.run.min_nodes} (in simulation pass --federation-config "
-                    f"'num-supernodes={self.run.min_nodes}', or lower min-nodes)")
-            log.info("waiting for nodes: %d connected, %d required", len(ids), self.run.min_nodes)
+                    f"round {rnd}: only {len(ready)} node(s) ready after waiting {timeout:.0f} s "
+                    f"(node-wait-timeout); the run needs min-nodes={self.run.min_nodes}. Connected: {len(connected)}"
+                    + (f"; no node-info answer from node(s) {silent}" if silent else "")
+                    + (f"; node-info errors: {errors}" if errors else "")
+                    + (". In simulation pass --federation-config 'num-supernodes=N' with N >= min-nodes, or lower "
+                       "min-nodes" if len(connected) < self.run.min_nodes else ""))
+            if len(ready) < self.run.min_nodes:
+                log.info("round %d: waiting for nodes: %d ready, %d connected, %d required", rnd, len(ready),
+                         len(connected), self.run.min_nodes)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def _learn_nodes(self, grid: Grid, node_ids: list[int]) -> None:
-        new = [n for n in node_ids if n not in self.nodes]
-        if not new:
-            return
-        msgs = [Message(content=RecordDict({"config": ConfigRecord({"twist-query": "node-info"})}),
-                        message_type=MessageType.QUERY, dst_node_id=n) for n in new]
-        for reply in grid.send_and_receive(msgs, timeout=self.run.round_timeout):
-            try:
-                if reply.has_error():
-                    raise ValueError(f"error {reply.error.code}: {reply.error.reason}")
-                info = reply.content["node-info"]
-                node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
-                                mode=parse_mode(info["twist-mode"], "node twist-mode", NODE_MODES),
-                                device=str(info.get("device", "cpu")), capacity=float(info.get("capacity", 1.0)),
-                                num_partitions=int(info.get("num-partitions", 0)))
-                if node.node_id not in new or not 0 < node.capacity <= 1:
-                    raise ValueError(f"bad node info {dict(info)}")
-                self.nodes[node.node_id] = node
-                log.info("node %d: partition %d, mode %s, device %s, capacity %.2f (keep %d)", node.node_id,
-                         node.partition_id, node.mode, node.device, node.capacity, self.keep_of(node))
-            except Exception as e:  # noqa: BLE001 - a bad query reply excludes the node, never the run
-                log.warning("node-info query failed for a node (%s); it is left out this round", e)
+    def _node_info(self, reply: Message, errors: dict[int, str]) -> None:
+        """Record one node-info answer: the node is known, or left out with the reason."""
+        src = reply.metadata.src_node_id
+        for n, (mid, _) in list(self._queries.items()):
+            if mid == reply.metadata.reply_to_message_id:
+                src = n
+                del self._queries[n]
+        try:
+            if reply.has_error():
+                raise ValueError(f"error {reply.error.code}: {reply.error.reason}")
+            info = reply.content["node-info"]
+            node = NodeInfo(node_id=reply.metadata.src_node_id, partition_id=int(info["partition-id"]),
+                            mode=parse_mode(info["twist-mode"], "node twist-mode", NODE_MODES),
+                            device=str(info.get("device", "cpu")), capacity=float(info.get("capacity", 1.0)),
+                            num_partitions=int(info.get("num-partitions", 0)))
+            if node.node_id != src or not 0 < node.capacity <= 1:
+                raise ValueError(f"bad node info {dict(info)}")
+            self.nodes[node.node_id] = node
+            log.info("node %d: partition %d, mode %s, device %s, capacity %.2f (keep %d)", node.node_id,
+                     node.partition_id, node.mode, node.device, node.capacity, self.keep_of(node))
+        except Exception as e:  # noqa: BLE001 - a bad query reply excludes the node, never the run
+            errors[src] = str(e)
+            log.warning("node-info query of node %s failed (%s); it is left out this round", src, e)
+
+    def _check_partitions(self) -> None:
         for num in sorted({n.num_partitions for n in self.nodes.values()} - self._partitions_seen - {0}):
             self._partitions_seen.add(num)
             if self.on_partitions is not None:
@@ -168,19 +202,18 @@ class TwistStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._t0 = time.monotonic()
         rnd = server_round + self.round_offset
-        connected = self._wait_for_nodes(grid)
-        self._learn_nodes(grid, connected)
-        nodes = sorted((self.nodes[n] for n in connected if n in self.nodes),
-                       key=lambda n: (n.partition_id, n.node_id))
+        self._assignments = []
+        record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
+        ready = self._ready_nodes(grid, rnd)
+        nodes = sorted((self.nodes[n] for n in ready), key=lambda n: (n.partition_id, n.node_id))
+        if self.run.num_nodes and len(nodes) < self.run.num_nodes and not self._warned_num_nodes:
+            self._warned_num_nodes = True
+            log.warning("num-nodes=%d but only %d node(s) are ready: each round trains the %d there are (the "
+                        "round rows record who trained)", self.run.num_nodes, len(nodes), len(nodes))
         if self.run.num_nodes and len(nodes) > self.run.num_nodes:
             rng = generator(self.run.seed, Stream.NODE_SAMPLE, rnd)
             pick = rng.choice(len(nodes), self.run.num_nodes, replace=False)
             nodes = [nodes[i] for i in sorted(pick)]
-        record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
-        self._assignments = []
-        if not nodes:
-            log.warning("round %d: no node answered the node-info query; nothing is trained", rnd)
-            return []
         self._global = {k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()}
         wire = self.run.wire_dtype
         plan = round_plan(self.cfg, self.run, rnd, [n.capacity for n in nodes])  # the blueprint policy
@@ -252,11 +285,15 @@ class TwistStrategy(Strategy):
         record.wall_s = time.monotonic() - self._t0
         if not contributions:
             self.failed_rounds += 1
-            log.warning("round %d: every reply was rejected (%d); the model is unchanged", rnd, len(record.rejected))
+            record.failed = ("no node was sent work" if not self._assignments else
+                             f"every reply was rejected ({len(record.rejected)}): "
+                             + "; ".join(sorted({r['reason'] for r in record.rejected}))[:500])
+            log.warning("round %d failed, the model is unchanged: %s", rnd, record.failed)
             if self.run.max_failed_rounds and self.failed_rounds >= self.run.max_failed_rounds:
-                raise RuntimeError(f"stopping: {self.failed_rounds} consecutive rounds without a valid reply "
-                                   f"(max-failed-rounds={self.run.max_failed_rounds}); last reasons: "
-                                   f"{[r['reason'] for r in record.rejected]}")
+                # raised by the ServerApp once this round is recorded and checkpointed
+                self.stop_reason = (f"stopping: {self.failed_rounds} consecutive rounds without a valid reply "
+                                    f"(max-failed-rounds={self.run.max_failed_rounds}); last reasons: "
+                                    f"{[r['reason'] for r in record.rejected]}")
             return None, MetricRecord({"num-valid": 0, "num-rejected": len(record.rejected)})
         self.failed_rounds = 0
         new = coverage_average(self._global, self.cfg, contributions)
