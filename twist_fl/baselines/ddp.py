@@ -195,6 +195,14 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     except ValueError as e:
         raise ValueError(f"--nproc {nproc} is more workers than the training split has partitions: {e}") from None
     folder = RunFolder.new(run)
+    try:
+        return _spawn(run, cfg, folder, nproc, threads, backend, timeout, t_start)
+    finally:
+        folder.release()
+
+
+def _spawn(run: RunConfig, cfg, folder: RunFolder, nproc: int, threads: int, backend: str, timeout: float,
+           t_start: float) -> dict[str, Any]:
     folder.write_config(run, cfg)
     spec = WorkerSpec(run=run.to_flat(), nproc=nproc, port=free_port(), backend=backend,
                       threads=threads or max(1, len(os.sched_getaffinity(0)) // nproc), timeout=timeout,

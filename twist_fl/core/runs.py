@@ -66,21 +66,68 @@ def describe(valid: dict[str, Any]) -> str:
 
 
 class RunFolder:
-    """A run folder. `new` makes the folder of a new run; `existing` opens one to resume."""
+    """A run folder. `new` makes the folder of a new run; `existing` opens one to resume.
+
+    Both take the folder's writer lock (`lock`): an exclusive `flock` on `<folder>/.lock`, held
+    until `release` or the process ends, so a second writer (a concurrent resume, a second run
+    of the same name) is refused at once, and a crashed writer never blocks the next one (the
+    kernel drops its lock with the process)."""
+
+    LOCK_FILE = ".lock"
 
     def __init__(self, path: Path):
         self.path = path
         self.metrics = path / "metrics.jsonl"
+        self._lock_fd: int | None = None
+
+    def lock(self) -> RunFolder:
+        import fcntl
+        import os
+
+        fd = os.open(self.path / self.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"run folder {self.path} is being written by another process (a run or resume of it "
+                             "is still going); wait for it to end, or choose another run folder") from None
+        self._lock_fd = fd
+        return self
+
+    def release(self) -> None:
+        import os
+
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the only descriptor drops the flock
+            self._lock_fd = None
+
+    def clean_leftovers(self) -> None:
+        """Remove what a crashed writer left half-made: temporary checkpoint folders and files of
+        the atomic writer. Called with the lock held, so no live writer owns them."""
+        import shutil
+
+        for tmp in list((self.path / "checkpoints").glob(".tmp-round-*")) + list(self.path.glob(".*.tmp")) \
+                + list(self.path.glob(".model-*")):
+            log.info("removing %s, left by a writer that did not finish", tmp)
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     @classmethod
     def new(cls, run: RunConfig) -> RunFolder:
         """The folder of a new run, `out-dir/run-name`, created here; refused when it exists
         and is not empty (a run's files are never overwritten: resume it, or choose a name)."""
         folder = cls(Path(run.out_dir).expanduser().resolve() / (run.run_name or run.default_run_name()))
-        if folder.path.exists() and (not folder.path.is_dir() or any(folder.path.iterdir())):
+        def taken() -> bool:
+            return folder.path.exists() and (not folder.path.is_dir() or any(
+                f.name != cls.LOCK_FILE for f in folder.path.iterdir()))
+
+        if taken():
             raise ValueError(f"run folder {folder.path} already exists and is not empty; choose another run-name, "
                              f"or continue it with resume-from={str(folder.path)!r}")
         folder.path.mkdir(parents=True, exist_ok=True)
+        folder.lock()
+        if taken():  # another run of the same name got there between the check and the lock
+            folder.release()
+            raise ValueError(f"run folder {folder.path} was just created by another run; choose another run-name")
         return folder
 
     @classmethod
@@ -90,7 +137,9 @@ class RunFolder:
         if not (p / "config.json").is_file() or not (p / "checkpoints").is_dir():
             raise ValueError(f"run-config {key}={path!r} is not a run folder (it needs config.json and "
                              "checkpoints/); resume-from takes the folder of an earlier run")
-        return cls(p)
+        folder = cls(p).lock()
+        folder.clean_leftovers()
+        return folder
 
     def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "",
                      partitions: dict[str, list[dict[str, Any]]] | None = None) -> None:

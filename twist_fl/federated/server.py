@@ -35,7 +35,17 @@ def _config_fingerprint(run: RunConfig) -> dict[str, Any]:
 
 
 def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
-    """Everything the ServerApp does; returns the summary written to summary.json."""
+    """Everything the ServerApp does; returns the summary written to summary.json. The run
+    folder is locked against other writers for as long as this runs."""
+    folders: list[RunFolder] = []
+    try:
+        return _run_server(grid, run, folders)
+    finally:
+        for f in folders:
+            f.release()
+
+
+def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[str, Any]:
     t_start = time.time()
     if run.strategy not in FLOWER_STRATEGIES:
         raise ValueError(f"run-config strategy={run.strategy!r} is not a Flower strategy; allowed: "
@@ -58,6 +68,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
     resumed_state: dict[str, Any] | None = None
     if run.resume_from:  # every check before anything is written: a refused resume changes nothing
         folder = RunFolder.existing(run.resume_from)
+        folders.append(folder)
         start_round, weights, state = load_checkpoint(folder.path)
         if state.get("config") != _config_fingerprint(run):
             old, new = state.get("config", {}), _config_fingerprint(run)
@@ -80,6 +91,7 @@ def run_server(grid: Grid, run: RunConfig) -> dict[str, Any]:
         log.info("resuming %s from round %d", folder.path, start_round)
     else:
         folder = RunFolder.new(run)
+        folders.append(folder)
         run_uid = uuid.uuid4().hex  # nodes key the optimizer moments they store (twist-state-dir) by it
     folder.write_config(run, cfg, run_uid)
 
