@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import atomic_write_text, fsync_dir, json_line
+from .io import WriteError, atomic_write_text, fsync_dir, json_line
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,27 @@ def save_checkpoint(run_dir: Path, round_: int, weights: dict[str, np.ndarray], 
                     extra_arrays: dict[str, np.ndarray] | None = None) -> Path:
     """Write the checkpoint of `round_`: the weights, `state` (JSON) and `extra_arrays` (the
     outer optimizer's state; read back as `state["extra_arrays"]` by `load_checkpoint`)."""
-    from safetensors.numpy import save_file
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round_:05d}"
     tmp = root / f".tmp-round-{round_:05d}-{os.getpid()}"
+    try:
+        return _save(root, final, tmp, round_, weights, state, extra_arrays)
+    except OSError as e:  # a full disk or a read-only folder: no half-written checkpoint is left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WriteError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if "safetensor" in type(e).__name__.lower():  # safetensors wraps the OSError of a full disk
+            raise WriteError(f"cannot write checkpoint {final}: {e}") from None
+        raise
+
+
+def _save(root: Path, final: Path, tmp: Path, round_: int, weights: dict[str, np.ndarray], state: dict[str, Any],
+          extra_arrays: dict[str, np.ndarray] | None) -> Path:
+    from safetensors.numpy import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     wpath = tmp / "weights.safetensors"

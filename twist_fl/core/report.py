@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .io import atomic_write
+
+
+def save_figure(fig, path: Path) -> None:
+    """A figure as a PNG, written atomically (a full disk leaves the old file or none), then closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        atomic_write(Path(path), lambda p: fig.savefig(p, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+
 
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display)."""
@@ -46,8 +58,7 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -64,8 +75,7 @@ def plot_keeps(final: dict[str, Any], n_total: int, path: Path, title: str) -> P
     ax.set_ylabel("validation perplexity")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -97,8 +107,7 @@ def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(im, label="perplexity")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -124,6 +133,5 @@ def comparison_plot(results: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path

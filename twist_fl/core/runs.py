@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .blocks import param_counts, slice_state
 from .blueprint import sample_blueprints
 from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
-from .io import atomic_write_text, json_line, write_json
+from .io import WriteError, atomic_write_text, json_line, write_json
 from .model import GPT
 from .precision import precision_scope, resolve_precision
 from .report import final_table, plot_keeps, plot_rounds
@@ -107,7 +108,7 @@ class RunFolder:
         import shutil
 
         for tmp in list((self.path / "checkpoints").glob(".tmp-round-*")) + list(self.path.glob(".*.tmp")) \
-                + list(self.path.glob(".model-*")):
+                + list(self.path.glob(".model-*")) + list(self.path.glob(".*.staged-*")):
             log.info("removing %s, left by a writer that did not finish", tmp)
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
@@ -172,10 +173,26 @@ class RunFolder:
         keep = [r for r in self.rows() if r["round"] <= round_]
         atomic_write_text(self.metrics, "".join(json_line(r) for r in keep))
 
-    def append(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as f:
-            f.write(json_line(row))
-            f.flush()
+    def truncate_to(self, size: int) -> None:
+        """Cut metrics.jsonl back to `size` bytes (what `append` returned): undo the last row."""
+        with open(self.metrics, "rb+") as f:
+            f.truncate(size)
+            os.fsync(f.fileno())
+
+    def append(self, row: dict[str, Any]) -> int:
+        """Add one line to metrics.jsonl; a failed write (a full disk) leaves the file as it was.
+        Returns the file's size before the line."""
+        line = json_line(row).encode()
+        with open(self.metrics, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                f.truncate(size)
+                raise WriteError(f"cannot write {self.metrics}: {e.strerror or e}") from None
+        return size
 
 
 def started_from(run: RunConfig) -> dict[str, Any]:

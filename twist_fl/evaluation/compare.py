@@ -19,7 +19,7 @@ import numpy as np
 
 from ..core.blocks import sparsity
 from ..core.config import DENSE_STRATEGIES, RunConfig
-from ..core.io import atomic_write_text, write_json
+from ..core.io import atomic_write_text, staged_folder, write_json
 from ..core.progress import progress
 from ..core.report import comparison_plot
 from ..core.train import evaluate
@@ -141,12 +141,11 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
 
 def write_report(args: ReportOptions) -> dict[str, Any]:
     res = run_comparison(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    comparison_plot(res, out / "comparison.png")
-    write_json(out / "results.json", res)
-    text = markdown(res, args)
-    atomic_write_text(out / "REPORT.md", text)
+    text = markdown(res, args)  # before anything is written: a failure leaves no partial report
+    with staged_folder(Path(args.out)) as out:
+        comparison_plot(res, out / "comparison.png")
+        write_json(out / "results.json", res)
+        atomic_write_text(out / "REPORT.md", text)
     return res
 
 

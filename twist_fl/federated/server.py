@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..core.checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from ..core.config import FLOWER_STRATEGIES, TOKENIZER_VOCAB, RunConfig
 from ..core.data import check_split, eval_windows, load_tokens
+from ..core.io import staged_folder
 from ..core.model import initial_model, load_state_strict
 from ..core.node import partition_stats
 from ..core.runs import Evaluator, RunFolder, describe, summarize
@@ -93,7 +94,18 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         folder = RunFolder.new(run)
         folders.append(folder)
         run_uid = uuid.uuid4().hex  # nodes key the optimizer moments they store (twist-state-dir) by it
-    folder.write_config(run, cfg, run_uid)
+    # A resumed run records its config once its first checkpoint is written: a resume that fails
+    # before that (a full disk, a refused node) leaves every file of the run folder as it was.
+    config_pending: dict[str, Any] | None = {} if run.resume_from else None
+
+    def record_config(**extra: Any) -> None:
+        nonlocal config_pending
+        if config_pending is not None:
+            config_pending.update(extra)
+            return
+        folder.write_config(run, cfg, run_uid, **extra)
+
+    record_config()
 
     partitions: dict[str, list[dict[str, Any]]] = {}
 
@@ -105,7 +117,7 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         log.info("data of %d nodes (partitioning %s): %s", num, run.partitioning, "; ".join(
             f"node {r['partition']}: {r['tokens']:,} tokens" + (f", {r['characters']} roles, {r['plays']} plays"
                                                                   if "characters" in r else "") for r in stats))
-        folder.write_config(run, cfg, run_uid, partitions=partitions)
+        record_config(partitions=partitions)
 
     def fail(message: str) -> None:
         """End the run without a trained model: summary.json says so, and no model/ is written."""
@@ -142,10 +154,18 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
             row["eval_s"] = round(time.monotonic() - t, 3)
             log.info("round %d: %s", rnd, describe(row["valid"]))
         row["time"] = round(time.time(), 3)
-        folder.append(row)
-        save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
-                                                  "strategy": strategy.state(), "run_uid": run_uid},
-                        extra_arrays=strategy.outer.state_arrays())
+        size = folder.append(row)
+        try:
+            save_checkpoint(folder.path, rnd, state, {"config": _config_fingerprint(run), "rng": rng_states(),
+                                                      "strategy": strategy.state(), "run_uid": run_uid},
+                            extra_arrays=strategy.outer.state_arrays())
+        except Exception:
+            folder.truncate_to(size)  # no row without its checkpoint
+            raise
+        nonlocal config_pending
+        if config_pending is not None:
+            pending, config_pending = config_pending, None
+            record_config(**pending)
         if strategy.stop_reason:
             fail(strategy.stop_reason)
         flat = {"train-loss": row["train_loss"] or 0.0}
@@ -166,7 +186,8 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
              "Failed rounds: " + "; ".join(f"round {r['round']}: {r.get('failed')}" for r in failed[-5:]))
     final_state = {k: torch.from_numpy(v) for k, v in to_numpy(arrays).items()}
     load_state_strict(model, final_state)
-    model.save(folder.path / "model", extra={"run": run.to_flat()})
+    with staged_folder(folder.path / "model") as tmp:  # model/ appears whole or not at all
+        model.save(tmp, extra={"run": run.to_flat()})
     return summarize(folder, run, cfg, splits, time.time() - t_start)
 
 

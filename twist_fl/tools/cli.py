@@ -23,7 +23,7 @@ from ..baselines.ddp import DDPError
 from ..core.blocks import sparsity
 from ..core.config import DATASETS, DENSE_STRATEGIES, PRECISIONS, TOKENIZERS
 from ..core.data import get_tokenizer
-from ..core.io import atomic_write_text, check_output, write_json
+from ..core.io import WriteError, atomic_write_text, check_output, staged_folder, write_json
 from ..core.model import GPT, WEIGHTS_FILE
 from ..core.precision import precision_scope, resolve_precision
 from ..core.progress import enable as enable_progress
@@ -84,8 +84,9 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         pruned = prune_structured(model, args.keep, args.method, args.seed, calib, args.k)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    pruned.save(out, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
-                            "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
+    with staged_folder(out) as tmp:
+        pruned.save(tmp, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
+                                "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
     res = {"out": str(out), **model_facts(pruned, out),
            "size_ratio": (out / WEIGHTS_FILE).stat().st_size / (_model_dir(args.model) / WEIGHTS_FILE).stat().st_size}
     print(f"pruned to keep {args.keep} ({args.method}): {res['params']:,} of {res['params_full']:,} parameters, "
@@ -95,7 +96,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
-        check_output(args.json, inputs=(args.model,), force=args.force, what="--json")
+        check_output(args.json, inputs=(args.model,), force=args.force, what="--json", kind="file")
     model, meta = load_model(args.model, allow_onnx=True)
     if args.keeps and model.blueprint is not None:
         raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
@@ -157,22 +158,27 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     model, meta = load_model(args.model)
     tokenizer = args.tokenizer or meta.get("run", {}).get("tokenizer", "bytes")
     check_tokenizer(model, tokenizer)
-    out.mkdir(exist_ok=True)
+    with staged_folder(out) as tmp:
+        res = _export(args, model, meta, tmp, tokenizer)
     if args.format == "hf":
-        from ..export.hf import export_hf
-
-        res = export_hf(model, out, tokenizer)
         how = "AutoModelForCausalLM.from_pretrained(DIR" + \
             (")" if res["kind"] == "gpt2" else ", trust_remote_code=True)")
         print(f"exported {res['params']:,} parameters as {res['kind']} -> {out}; load with {how}")
     else:
-        from ..export.onnx import export_onnx
-
-        res = export_onnx(model, out, {"run": meta.get("run", {}), "exported_from": str(Path(args.model).resolve())},
-                          int8=args.int8)
         print(f"exported to ONNX{' with int8 weights' if args.int8 else ''}: {res['file_bytes']:,} bytes -> {out}; "
               f"run it with twist-fl evaluate/generate {out}")
     return res
+
+
+def _export(args: argparse.Namespace, model: GPT, meta: dict[str, Any], out: Path, tokenizer: str) -> dict[str, Any]:
+    if args.format == "hf":
+        from ..export.hf import export_hf
+
+        return export_hf(model, out, tokenizer)
+    from ..export.onnx import export_onnx
+
+    return export_onnx(model, out, {"run": meta.get("run", {}), "exported_from": str(Path(args.model).resolve())},
+                       int8=args.int8)
 
 
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
@@ -197,18 +203,18 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
                      for x in random_subnet_ppl(model, k, args.seed, args.draws, windows)]
             row["eval"][str(k)], row["std"][str(k)] = float(np.mean(draws)), float(np.std(draws))
         rows.append(row)
-    out.mkdir(parents=True, exist_ok=True)
-    heatmap_plot(rows, out / "heatmap.png")
     keys = sorted({k for r in rows for k in r["eval"]}, key=int)
     table = ["| model | trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     table += [f"| {r['strategy'] or '?'} | {r['trained_keep']} | "
               + " | ".join(f"{r['eval'][k]:.3f} ± {r['std'][k]:.3f}" if k in r["eval"] else "" for k in keys) + " |"
               for r in rows]
-    atomic_write_text(out / "heatmap.md", f"Random subnets, mean ± std over {args.draws} draws, {args.split} split.\n\n"
-                      + "\n".join(table) + "\n")
+    with staged_folder(out) as tmp:
+        heatmap_plot(rows, tmp / "heatmap.png")
+        atomic_write_text(tmp / "heatmap.md", f"Random subnets, mean ± std over {args.draws} draws, {args.split} "
+                          "split.\n\n" + "\n".join(table) + "\n")
+        write_json(tmp / "heatmap.json", rows)
     print("\n".join(table))
-    write_json(out / "heatmap.json", rows)
     return {"rows": rows}
 
 
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         with precision_scope(precision):
             code = args.fn(args)  # the deploy verbs return an exit code; the others return their results
         return code if isinstance(code, int) else 0
-    except (UsageError, ValueError) as e:
+    except (UsageError, ValueError, WriteError) as e:
         print(f"twist-fl {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except (DeploymentError, DDPError) as e:

@@ -66,6 +66,7 @@ class FinetuneOptions:
     run_config: dict[str, Any] = field(default_factory=dict)  # on top of the defaults, for every job
     stages: str = "dense,grid,pairs,levers,eqc,ablation,scratch"
     argv: list[str] = field(default_factory=list)  # the command line, quoted in the table's Commands
+    seed_list: list[int] | None = None  # run only these seeds' jobs after the grid (parallel lanes); None: all
 
 
 def parse_variants(text: str) -> dict[str, dict[str, Any]]:
@@ -194,12 +195,12 @@ class Finetune:
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has {sorted(unknown)}; allowed: {list(STAGES)}")
-        seeds = range(o.seeds)
+        seeds = range(o.seeds) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds]
         if set(stages) <= {"scratch"}:  # needs neither the dense models nor the fine-tune rates
             for seed in seeds:
                 self._scratch(seed)
             return {}
-        for seed in seeds:
+        for seed in range(o.seeds):
             self.job(f"dense-s{seed}", self.dense(seed))
         if set(stages) <= {"dense"}:
             return {}

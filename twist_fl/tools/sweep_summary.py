@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from ..core.io import atomic_write_text, write_json
+from ..core.report import save_figure
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -113,8 +114,7 @@ def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
     ax.set_ylabel("final validation perplexity")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
                    help="which stages to run (the dense stage and the grid always run first)")
     f.add_argument("--no-equal-compute", action="store_true", help="skip TwIST's equal-compute runs")
+    f.add_argument("--seed-list", default="", help="after the dense stage and the grid, run only these seeds' "
+                   "jobs (e.g. '2'), so that several processes can share the stages; default: every seed")
     f.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
     g = sub.add_parser("finetune-table", help="FINETUNE.md and finetune.json from a finetune folder")
     g.add_argument("root")
@@ -257,7 +259,9 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            twist_lrs=_floats(args.twist_lrs, "--twist-lrs"), ddp_lrs=_floats(args.ddp_lrs, "--ddp-lrs"),
                            variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
-                           stages=args.stages, argv=argv)
+                           stages=args.stages, argv=argv,
+                           seed_list=[int(x) for x in _floats(args.seed_list, "--seed-list")] if args.seed_list.strip()
+                           else None)
     print(json.dumps({"best_lr": Finetune(opts).run()}))
     return 0
 
