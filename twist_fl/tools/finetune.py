@@ -67,6 +67,7 @@ class FinetuneOptions:
     stages: str = "dense,grid,pairs,levers,eqc,ablation,scratch"
     argv: list[str] = field(default_factory=list)  # the command line, quoted in the table's Commands
     seed_list: list[int] | None = None  # run only these seeds' jobs after the grid (parallel lanes); None: all
+    reverse: bool = False  # take the jobs in reverse order (a second process sharing the folder)
 
 
 def parse_variants(text: str) -> dict[str, dict[str, Any]]:
@@ -144,22 +145,39 @@ class Finetune:
     # --- running -------------------------------------------------------------------------
 
     def job(self, name: str, flat: dict[str, Any]) -> dict[str, Any]:
+        """Run one job, or return its summary when it is done. Several `finetune` processes may
+        share a folder (`--reverse`, `--seed-list`): a job another process is running (its run
+        folder is locked) is waited for, never run twice; an interrupted one is run afresh."""
+        import time
+
+        from ..core.runs import RunFolder
         from .sweep import run_job
 
         d = self.folder(name)
         done = d / "summary.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        if d.exists():  # an interrupted job: its folder is refused by a new run, so start it afresh
-            import shutil
+        while True:
+            if done.is_file():
+                return json.loads(done.read_text())
+            if d.exists():
+                try:
+                    RunFolder(d).lock().release()
+                except ValueError:  # another process is training it
+                    time.sleep(5)
+                    continue
+                import shutil
 
-            log.warning("finetune: %s was interrupted; training it again", d)
-            shutil.rmtree(d)
-        flat = {**flat, "out-dir": str(d.parent), "run-name": "run"}
-        RunConfig.from_flat(flat)
-        log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, flat["strategy"], flat["lr"], flat["seed"],
-                 flat["num-server-rounds"])
-        return run_job(flat, self.o.nodes, "local")
+                log.warning("finetune: %s was interrupted; training it again", d)
+                shutil.rmtree(d)
+            run = {**flat, "out-dir": str(d.parent), "run-name": "run"}
+            RunConfig.from_flat(run)
+            log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, run["strategy"], run["lr"], run["seed"],
+                     run["num-server-rounds"])
+            try:
+                return run_job(run, self.o.nodes, "local")
+            except ValueError as e:
+                if "another" not in str(e) and "already exists" not in str(e):
+                    raise
+                log.info("finetune: %s was started by another process; waiting for it", name)
 
     def best_lrs(self) -> dict[str, float]:
         """Each side's fine-tune rate from the seed-0 grid (see the module docstring)."""
@@ -167,7 +185,7 @@ class Finetune:
         best = {}
         for side, lrs in (("twist", o.twist_lrs), ("ddp", o.ddp_lrs)):
             scores = {}
-            for lr in lrs:
+            for lr in (reversed(lrs) if o.reverse else lrs):
                 s = self.job(f"{side}-lr{lr:g}-F{o.ft_steps}-s0", self.ft(side, lr, o.ft_steps, 0))
                 final = s["final"]
                 if side == "twist":
@@ -195,12 +213,14 @@ class Finetune:
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has {sorted(unknown)}; allowed: {list(STAGES)}")
-        seeds = range(o.seeds) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds]
+        seeds = list(range(o.seeds)) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds]
+        if o.reverse:
+            seeds.reverse()
         if set(stages) <= {"scratch"}:  # needs neither the dense models nor the fine-tune rates
             for seed in seeds:
                 self._scratch(seed)
             return {}
-        for seed in range(o.seeds):
+        for seed in (reversed(range(o.seeds)) if o.reverse else range(o.seeds)):
             self.job(f"dense-s{seed}", self.dense(seed))
         if set(stages) <= {"dense"}:
             return {}
@@ -215,7 +235,7 @@ class Finetune:
                         self.job(self.pair_name(side, best[side], o.ft_steps, seed),
                                  self.ft(side, best[side], o.ft_steps, seed))
                 elif stage == "levers":
-                    for name, extra in self.variants.items():
+                    for name, extra in (reversed(self.variants.items()) if o.reverse else self.variants.items()):
                         self.job(f"lever-{name}-s{seed}", self.ft("twist", best["twist"], o.ft_steps, seed, extra))
                 elif stage == "eqc" and o.equal_compute:
                     self.job(f"twist-eqc-F{o.ft_steps}-s{seed}",

@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--no-equal-compute", action="store_true", help="skip TwIST's equal-compute runs")
     f.add_argument("--seed-list", default="", help="after the dense stage and the grid, run only these seeds' "
                    "jobs (e.g. '2'), so that several processes can share the stages; default: every seed")
+    f.add_argument("--reverse", action="store_true", help="take the jobs in reverse order: a second process on the "
+                   "same --out shares the work (a job one process runs, the other waits for)")
     f.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
     g = sub.add_parser("finetune-table", help="FINETUNE.md and finetune.json from a finetune folder")
     g.add_argument("root")
@@ -261,7 +263,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
                            stages=args.stages, argv=argv,
                            seed_list=[int(x) for x in _floats(args.seed_list, "--seed-list")] if args.seed_list.strip()
-                           else None)
+                           else None, reverse=args.reverse)
     print(json.dumps({"best_lr": Finetune(opts).run()}))
     return 0
 
