@@ -243,6 +243,18 @@ def _floats(text: str, what: str) -> list[float]:
     return vals
 
 
+def _seeds(text: str) -> list[int] | None:
+    if not text.strip():
+        return None
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seed-list={text!r} must be a comma list of seeds, e.g. '0,1'") from None
+    if min(seeds) < 0:
+        raise ValueError(f"--seed-list={text!r} must list seeds >= 0")
+    return seeds
+
+
 def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
     from .finetune import DEFAULT_VARIANTS, Finetune, FinetuneOptions, finetune_table
 
@@ -262,8 +274,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
                            stages=args.stages, argv=argv,
-                           seed_list=[int(x) for x in _floats(args.seed_list, "--seed-list")] if args.seed_list.strip()
-                           else None, reverse=args.reverse)
+                           seed_list=_seeds(args.seed_list), reverse=args.reverse)
     print(json.dumps({"best_lr": Finetune(opts).run()}))
     return 0
 
