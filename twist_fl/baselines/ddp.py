@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import shutil
 import time
 import tomllib
@@ -39,7 +38,7 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
-from ..core.config import RunConfig
+from ..core.config import RunConfig, parse_run_config
 from ..core.data import check_split, eval_windows, load_tokens, random_batches
 from ..core.io import fsync_dir
 from ..core.model import initial_model
@@ -88,18 +87,8 @@ class DDPError(RuntimeError):
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """`key=value ...` as `flwr run --run-config` takes them: each value a TOML value
-    (`lr=0.003`, `mode="true"`, `eval-keeps="2,4"`), or else the bare text."""
-    out: dict[str, Any] = {}
-    for item in shlex.split(text, posix=False):  # quotes are kept: `mode="true"` is the string
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--run-config entry {item!r} is not key=value")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value
-    return out
+    """`key=value ...` as `flwr run --run-config` takes them (`core.config.parse_run_config`)."""
+    return parse_run_config(text)
 
 
 def app_defaults(app: Path) -> dict[str, Any]:
@@ -190,13 +179,22 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
     check_split(splits["valid"], run.seq_len, "valid")
     try:
+        eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None)  # worker 0 evaluates these
+    except ValueError as e:
+        raise ValueError(f"run-config eval-tokens={run.eval_tokens} at seq-len={run.seq_len}: {e}; raise eval-tokens "
+                         "(0 = the whole validation split)") from None
+    try:
         check_split(splits["train"], run.seq_len, "train", min_windows=nproc)
         partition_stats(run, nproc)  # every worker's share, checked before any worker starts
     except ValueError as e:
         raise ValueError(f"--nproc {nproc} is more workers than the training split has partitions: {e}") from None
-    folder = RunFolder.new(run)
+    folder = RunFolder.new(run, resumable=False)
     try:
         return _spawn(run, cfg, folder, nproc, threads, backend, timeout, t_start)
+    except BaseException:
+        if not folder.rows():  # failed before its first step was recorded: leave no folder of config.json alone
+            shutil.rmtree(folder.path, ignore_errors=True)
+        raise
     finally:
         folder.release()
 

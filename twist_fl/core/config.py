@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -398,6 +399,38 @@ class RunConfig:
         if self.seq_len > cfg.block_size:
             raise ValueError(f"run-config seq-len={self.seq_len} is longer than {name} can read: allowed "
                              f"1..{cfg.block_size} (its block_size, the positions it has)")
+
+
+_PAIR = re.compile(r"""\s*([^\s=]+)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']*)(?=\s|$)""")
+
+
+def parse_run_config(text: str, what: str = "--run-config") -> dict[str, Any]:
+    """`key=value ...` as `flwr run --run-config` takes them: each value a TOML value (`lr=0.003`,
+    `mode="true"`, `run-name="a b"`, `eval-keeps='2,4'`), else the bare text. A key given twice or
+    with no value is refused, as `flwr run` refuses it. The one parser of --run-config texts."""
+    import tomllib
+
+    out: dict[str, Any] = {}
+    pos, text = 0, text.strip()
+    while pos < len(text):
+        m = _PAIR.match(text, pos)
+        if not m:
+            rest = text[pos:].split()[0] if text[pos:].split() else text[pos:]
+            raise ValueError(f"{what} entry {rest!r} is not key=value (quote a value that holds spaces: "
+                             'key="a b")')
+        key, value = m.group(1), m.group(2)
+        if value == "":
+            raise ValueError(f"{what} entry {key}= has no value")
+        if key in out:
+            raise ValueError(f"{what} gives {key!r} twice ({out[key]!r} and {value}); give each key once")
+        try:
+            out[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = value
+        pos = m.end()
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    return out
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

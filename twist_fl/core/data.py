@@ -292,7 +292,12 @@ def load_corpus(dataset: str, data_path: str | None = None) -> dict[str, list[st
             ds = datasets.load_dataset("text", data_files=files, keep_in_memory=True)
             get = {s: ds[s]["text"] for s in SPLITS}
         else:
-            ds = datasets.load_dataset("Salesforce/wikitext", f"{dataset}-raw-v1")
+            try:
+                ds = datasets.load_dataset("Salesforce/wikitext", f"{dataset}-raw-v1")
+            except (OSError, ConnectionError) as e:  # offline: the hub cannot be reached, nothing is cached
+                raise ValueError(f"dataset {dataset!r} could not be fetched from the Hugging Face hub "
+                                 f"({type(e).__name__}); offline, pass data-path (--data-path): a folder with "
+                                 "wiki.train.raw, wiki.valid.raw and wiki.test.raw") from None
             get = {"train": ds["train"]["text"], "valid": ds["validation"]["text"], "test": ds["test"]["text"]}
         return {s: _wikitext_articles(get[s]) for s in SPLITS}
     if dataset == "text":

@@ -30,6 +30,7 @@ from .io import atomic_write, write_json
 from .precision import DTYPES, current_precision
 
 FORMAT = "twist-fl/model-v1"
+MAX_ABS_WEIGHT = 1e4  # a weight beyond this is no trained model's (GPT-2's largest is below 100): refused on load
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
@@ -330,6 +331,12 @@ class GPT(nn.Module):
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise ValueError(f"{w_path} holds non-finite weights (NaN or Inf) in {bad}")
+        huge = {k: float(v.abs().max()) for k, v in state.items() if v.is_floating_point() and v.numel()
+                and float(v.abs().max()) > MAX_ABS_WEIGHT}
+        if huge:
+            raise ValueError(f"{w_path} holds absurd weights (largest magnitude above {MAX_ABS_WEIGHT:g}): "
+                             + ", ".join(f"{k} up to {m:.3g}" for k, m in list(huge.items())[:3])
+                             + "; a trained model's weights are far smaller, and these overflow its outputs")
         try:
             return cls.from_state(cfg, state, blueprint=bp)
         except ValueError as e:
@@ -442,6 +449,10 @@ def load_dense(path: str | os.PathLike, alpha: float, shared_layers: tuple[int, 
             raise ValueError(f"{key} is a pruned subnet; training needs a full model")
         cfg = GPTConfig.from_dict({**model.cfg.to_dict(), "alpha": alpha, "shared_layers": list(shared_layers)})
         return GPT.from_state(cfg, model.state_dict())
+    if isinstance(meta, dict) and meta.get("model_type") not in (None, "gpt2"):
+        raise ValueError(f"{key} is a {meta.get('model_type')!r} Hugging Face folder (a pruned subnet exported by "
+                         "`twist-fl export --format hf`); training starts from a full model: pass the full model it "
+                         "was pruned from (its run folder or model/), or a GPT-2 folder")
     try:
         return GPT.from_hf(path, alpha=alpha, shared_layers=shared_layers)
     except (OSError, ValueError) as e:

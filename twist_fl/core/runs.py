@@ -113,7 +113,7 @@ class RunFolder:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     @classmethod
-    def new(cls, run: RunConfig) -> RunFolder:
+    def new(cls, run: RunConfig, resumable: bool = True) -> RunFolder:
         """The folder of a new run, `out-dir/run-name`, created here; refused when it exists
         and is not empty (a run's files are never overwritten: resume it, or choose a name)."""
         folder = cls(Path(run.out_dir).expanduser().resolve() / (run.run_name or run.default_run_name()))
@@ -122,8 +122,9 @@ class RunFolder:
                 f.name != cls.LOCK_FILE for f in folder.path.iterdir()))
 
         if taken():
-            raise ValueError(f"run folder {folder.path} already exists and is not empty; choose another run-name, "
-                             f"or continue it with resume-from={str(folder.path)!r}")
+            raise ValueError(f"run folder {folder.path} already exists and is not empty; choose another run-name"
+                             + (f", or continue it with resume-from={str(folder.path)!r} (a Flower run)"
+                                if resumable else " (a DDP run is not resumed: start a new one)"))
         folder.path.mkdir(parents=True, exist_ok=True)
         folder.lock()
         if taken():  # another run of the same name got there between the check and the lock

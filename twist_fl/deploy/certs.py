@@ -37,6 +37,9 @@ def check_host(host: str) -> str:
     return host
 
 
+MAX_DAYS = 365 * 100  # a century: far past any deployment, well before X.509's year 9999
+
+
 def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365,
                       force: bool = False) -> dict[str, Path]:
     """A CA (ca.crt, ca.key) and a server certificate it signs (server.pem, server.key) whose
@@ -49,8 +52,9 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError(f"--days={days!r} is not allowed; allowed: 1 or more days of validity")
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"--days={days!r} is not allowed; allowed: 1..{MAX_DAYS} days of validity (X.509 dates end "
+                         "in the year 9999)")
     hosts = [check_host(h) for h in (hosts or [])]
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -58,7 +62,7 @@ def make_certificates(out: Path, hosts: list[str] | None = None, days: int = 365
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / name for k, name in CERT_FILES.items()}
     for p in paths.values():
-        check_output(p, force=force)
+        check_output(p, force=force, kind="file")
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     names: list[x509.GeneralName] = []
     for h in ["127.0.0.1", "localhost", *hosts]:
@@ -121,7 +125,7 @@ def make_node_key(path: Path, force: bool = False) -> tuple[Path, Path]:
     pub = path.with_name(path.name + ".pub")
     path.parent.mkdir(parents=True, exist_ok=True)
     for p in (path, pub):
-        check_output(p, force=force)
+        check_output(p, force=force, kind="file")
     key = ec.generate_private_key(ec.SECP384R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())

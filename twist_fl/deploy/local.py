@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -367,10 +368,10 @@ class SimulationSuperLink:
 # --- one command -------------------------------------------------------------------------------
 
 def parse_run_config(text: str) -> dict[str, Any]:
-    """`k=v` pairs as `flwr run --run-config` takes them."""
-    from flwr.common.config import parse_config_args
+    """`k=v` pairs as `flwr run --run-config` takes them (`core.config.parse_run_config`)."""
+    from ..core.config import parse_run_config as parse
 
-    return dict(parse_config_args([text])) if text.strip() else {}
+    return parse(text)
 
 
 def check_app(app: Path) -> Path:
@@ -401,7 +402,13 @@ def deploy_local(root: Path, app: Path, nodes: int = 2, modes: list[str] | None 
     if (root / "superlink.db").exists():
         raise ValueError(f"--dir {str(root)!r} already holds a deployment (superlink.db); choose another --dir or "
                          f"remove it")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"--timeout={timeout!r} is not allowed; allowed: a positive number of seconds")
     rc = {"out-dir": str(root / "outputs"), "min-nodes": nodes, **(run_config or {})}
+    from ..baselines.ddp import app_defaults
+    from ..core.config import RunConfig
+
+    RunConfig.from_flat({**app_defaults(app), **rc})  # the run config, checked before any process starts
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")

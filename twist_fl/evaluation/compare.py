@@ -109,6 +109,7 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
                            "twist_full_ppl": _ppl(twist, windows), "dense_full_ppl": _ppl(dense, windows),
                            "structured": {}, "unstructured": {}, "draws": {},
                            "twist_run": meta_t.get("run", {}), "dense_run": meta_d.get("run", {}),
+                           "twist_nodes": run_nodes(twist_path), "dense_nodes": run_nodes(dense_path),
                            "dense_strategy": sd}
     methods = {"TwIST random": (twist, "random"), "TwIST best-of-k": (twist, "best-of-k"),
                "TwIST magnitude": (twist, "magnitude"), "dense random": (dense, "random"),
@@ -208,7 +209,8 @@ def markdown(res: dict[str, Any], args: ReportOptions) -> str:
               + f"; worst / best within a model: up to {max(max(d) / min(d) for d in per):.3f}.", ""]
     lines += ["## Commands", "", "The two models were trained with (keys that differ from the defaults):", "", "```"]
     for r in res.get("per_seed", [res]):
-        lines += [train_command(r["twist_run"]), train_command(r["dense_run"])]
+        lines += [train_command(r["twist_run"], r.get("twist_nodes")),
+                  train_command(r["dense_run"], r.get("dense_nodes"))]
     lines += ["```", "",
               "and this report was made with:", "", "```",
               "twist-fl " + " ".join(shlex.quote(a) for a in args.argv), "```", ""]
@@ -224,15 +226,36 @@ def _full_models(res: dict[str, Any]) -> str:
             "so part of the ratios above is training, not pruning.")
 
 
-def train_command(run: dict[str, Any]) -> str:
+def run_nodes(path: str) -> int | None:
+    """The nodes a run trained with: DDP's workers, or the most nodes of a Flower run's rounds;
+    None when the path is a model folder without its run."""
+    import json
+
+    p = Path(path)
+    folder = p if (p / "summary.json").is_file() else p.parent
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary.get("ddp"), dict) and "nproc" in summary["ddp"]:
+        return int(summary["ddp"]["nproc"])
+    try:
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return max((len(r.get("nodes", [])) for r in rows), default=None) or None
+
+
+def train_command(run: dict[str, Any], nodes: int | None = None) -> str:
     """The `flwr run` (or `twist-fl ddp`) that reproduces a run config (its keys that differ from
-    the defaults)."""
+    the defaults), with the nodes or workers it trained with (`N` where they are unknown)."""
     default = RunConfig().to_flat()
     ddp = run.get("strategy") == "ddp"
     diff = {k: v for k, v in run.items() if default.get(k) != v and k not in ("out-dir", "run-name")
             and not (ddp and k == "strategy")}
     parts = [f'{k}=\\"{v}\\"' if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
              for k, v in sorted(diff.items())]
-    head = "twist-fl ddp --nproc 4" if ddp else 'flwr run . --stream --federation-config "num-supernodes=4"'
+    n = str(nodes) if nodes else "N"
+    head = f"twist-fl ddp --nproc {n}" if ddp else f'flwr run . --stream --federation-config "num-supernodes={n}"'
     return head + (
         f' --run-config "{" ".join(parts)}"' if parts else "")

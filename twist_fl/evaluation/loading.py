@@ -15,7 +15,7 @@ import numpy as np
 
 from ..core.blocks import sparsity
 from ..core.blueprint import Blueprint
-from ..core.config import TOKENIZER_VOCAB, GPTConfig
+from ..core.config import DATASETS, TOKENIZER_VOCAB, TOKENIZERS, GPTConfig
 from ..core.data import eval_windows, load_tokens
 from ..core.model import CONFIG_FILE, GPT, WEIGHTS_FILE
 
@@ -42,17 +42,36 @@ def load_model(path: str, allow_onnx: bool = False) -> tuple[GPT, dict[str, Any]
     except ValueError as e:
         raise UsageError(str(e)) from None
     model.eval()
-    return model, json.loads((p / CONFIG_FILE).read_text())
+    meta = json.loads((p / CONFIG_FILE).read_text())
+    run = meta.get("run", {})
+    if not isinstance(run, dict):
+        raise UsageError(f"{p / CONFIG_FILE}: its 'run' entry is {type(run).__name__} {run!r}; it must be the run "
+                         "config the model was trained with (an object), or absent")
+    if "tokenizer" in run and run["tokenizer"] not in TOKENIZERS:
+        raise UsageError(f"{p / CONFIG_FILE}: run tokenizer={run['tokenizer']!r} is not allowed; allowed: "
+                         f"{list(TOKENIZERS)}")
+    return model, meta
 
 
 def data_settings(meta: dict[str, Any], dataset: str | None = None, tokenizer: str | None = None,
                   data_path: str | None = None, seq_len: int | None = None) -> dict[str, Any]:
-    """The data a model is evaluated on: what its config.json records, unless given here."""
+    """The data a model is evaluated on: what its config.json records, unless given here; the
+    combination is checked as the run config checks it."""
     run = meta.get("run", {})
-    return {"dataset": dataset or run.get("dataset", "shakespeare"),
-            "tokenizer": tokenizer or run.get("tokenizer", "bytes"),
-            "data_path": data_path if data_path is not None else (run.get("data-path") or None),
-            "seq_len": seq_len or int(run.get("seq-len", 64))}
+    d = {"dataset": dataset or run.get("dataset", "shakespeare"),
+         "tokenizer": tokenizer or run.get("tokenizer", "bytes"),
+         "data_path": data_path if data_path is not None else (run.get("data-path") or None),
+         "seq_len": seq_len or int(run.get("seq-len", 64))}
+    if d["dataset"] not in DATASETS:
+        raise UsageError(f"dataset {d['dataset']!r} is not allowed; allowed: {list(DATASETS)}")
+    if d["tokenizer"] not in TOKENIZERS:
+        raise UsageError(f"tokenizer {d['tokenizer']!r} is not allowed; allowed: {list(TOKENIZERS)}")
+    if d["dataset"] == "shakespeare" and data_path:
+        raise UsageError(f"--data-path {data_path!r} has no meaning for dataset 'shakespeare' (the embedded corpus); "
+                         "pass --dataset text or wikitext-* with it")
+    if d["data_path"] and not Path(d["data_path"]).expanduser().is_dir():
+        raise UsageError(f"--data-path {d['data_path']!r} is not a readable folder")
+    return d
 
 
 def check_tokenizer(model: GPT, tokenizer: str) -> None:
@@ -82,6 +101,8 @@ def parse_keeps(text: str, cfg: GPTConfig, what: str = "--keeps") -> list[int]:
         keeps = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"{what} {text!r} must be a comma list of integers") from None
+    if not keeps:
+        raise UsageError(f"{what} {text!r} names no subnet size; give a comma list such as '2,4,6'")
     try:
         return [cfg.check_keep(k, f"{what} entry") for k in keeps]
     except ValueError as e:

@@ -168,6 +168,7 @@ class OnnxLM:
     def __init__(self, folder: Path, threads: int = 0):
         import onnxruntime as ort
 
+        self.folder = Path(folder)
         meta = json.loads((Path(folder) / CONFIG_FILE).read_text())
         self.cfg = GPTConfig.from_dict(meta["gpt"])
         self.blueprint = Blueprint.from_dict(meta["blueprint"]) if meta.get("blueprint") else None
@@ -183,6 +184,9 @@ class OnnxLM:
     def _run(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         inputs, _ = io_names(self.cfg.n_layer)
         out = self.session.run(None, dict(zip(inputs, [ids, *past], strict=True)))
+        if not np.isfinite(out[0]).all():
+            raise ValueError(f"the ONNX model {self.folder} gives non-finite logits (NaN or Inf): its weights overflow "
+                             "its outputs, so it can neither be evaluated nor generate text")
         return out[0], out[1:]
 
     def _empty(self, batch: int) -> list[np.ndarray]:

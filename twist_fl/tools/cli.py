@@ -79,6 +79,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
     if model.blueprint is not None:
         raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
     d = _data(args, meta)
+    check_tokenizer(model, d["tokenizer"])
     calib = windows_for(model, d, "calib", args.calib_tokens) if args.method in CALIBRATED else None
     try:
         pruned = prune_structured(model, args.keep, args.method, args.seed, calib, args.k)
@@ -222,6 +223,17 @@ def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluation.compare import ReportOptions, write_report
 
     check_output(args.out, inputs=(*args.twist, *args.dense), force=args.force)
+    for flag, paths in (("--twist", args.twist), ("--dense", args.dense)):
+        seen: dict[Path, str] = {}
+        for path in paths:
+            key = _model_dir(path).resolve()
+            if key in seen:
+                raise UsageError(f"{flag} names the same model twice ({seen[key]!r} and {path!r}); each seed is its "
+                                 "own run: pass one run folder per seed")
+            seen[key] = path
+    if args.keeps:
+        first, _ = load_model(args.twist[0])
+        parse_keeps(args.keeps, first.cfg)  # checked before any evaluation
     res = write_report(ReportOptions(
         twist=args.twist, dense=args.dense, keeps=args.keeps, draws=args.draws, k=args.k, seed=args.seed,
         split=args.split, eval_tokens=args.eval_tokens, calib_tokens=args.calib_tokens, out=args.out,

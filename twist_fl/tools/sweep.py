@@ -76,8 +76,14 @@ def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str,
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
-    flat = resolve(cfg, job_dir)
-    summary = run_job(flat, int(cfg.num_supernodes), str(cfg.engine))
+    try:
+        flat = resolve(cfg, job_dir)
+        summary = run_job(flat, int(cfg.num_supernodes), str(cfg.engine))
+    except (ValueError, OSError) as e:  # a refused value, resume or write: one line, not Hydra's traceback
+        import sys
+
+        print(f"twist-fl sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     ppl = summary["final"]["full"]["ppl"] if summary.get("final") else float("nan")
     log.info("job %s: final full-model perplexity %.3f", job_dir, ppl)
     return ppl
