@@ -148,7 +148,8 @@ def evaluate(model: GPT, windows: np.ndarray, batch_size: int = 16, mask: Bluepr
         count += w[:, 1:].numel()
     model.train(was_training)
     mean = total / count
-    return {"loss": mean, "ppl": math.exp(mean), "tokens": count}
+    ppl = math.exp(mean) if mean < 700 else math.inf  # beyond float range: the callers refuse a non-finite one
+    return {"loss": mean, "ppl": ppl, "tokens": count}
 
 
 # --- optimizer state kept across rounds ----------------------------------------------------
