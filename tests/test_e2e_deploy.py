@@ -214,9 +214,12 @@ def test_rounds_where_every_node_fails_keep_the_model_then_stop_the_run(deployme
     assert "stopping: 2 consecutive rounds without a valid reply (max-failed-rounds=2)" in res.details
     run_dir = tmp_path / "out" / "allfail"
     r = rows(run_dir)
-    assert [(x["round"], x["updated"]) for x in r] == [(1, True), (2, False)]  # round 2 failed; the run went on
-    w1, w2 = checkpoint_weights(run_dir, 1), checkpoint_weights(run_dir, 2)
-    assert all(np.array_equal(w1[k], w2[k]) for k in w1)
+    # round 2 failed and the run went on; round 3 failed too, was recorded with its reason, and stopped it
+    assert [(x["round"], x["updated"]) for x in r] == [(1, True), (2, False), (3, False)]
+    assert all("every reply was rejected" in x["failed"] for x in r[1:])
+    w1, w2, w3 = checkpoint_weights(run_dir, 1), checkpoint_weights(run_dir, 2), checkpoint_weights(run_dir, 3)
+    assert all(np.array_equal(w1[k], w2[k]) and np.array_equal(w1[k], w3[k]) for k in w1)
+    assert not (run_dir / "model").exists()
 
 
 # --- 7: the ServerApp killed mid-run, resumed ----------------------------------------------------
@@ -254,7 +257,9 @@ def test_killed_serverapp_resumes_to_the_uninterrupted_weights(deployment, tmp_p
 
     assert second.ok, (second.status, second.details, second.output[-3000:])
     assert "from round 1" in second.output
-    assert [x["round"] for x in rows(run_dir)] == [1, 2, 3]
+    # resumed at once, while the nodes were still busy with the dead run: the rounds waited for them
+    assert [(x["round"], x["updated"], len(x["nodes"])) for x in rows(run_dir)] == [(1, True, 2), (2, True, 2),
+                                                                                    (3, True, 2)]
     # The same run without interruption, in this process: nodes with one thread, as above.
     threads = torch.get_num_threads()
     try:
