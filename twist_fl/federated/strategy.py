@@ -118,11 +118,12 @@ class TwistStrategy(Strategy):
     # --- nodes --------------------------------------------------------------------------------
 
     def _ready_nodes(self, grid: Grid, rnd: int) -> list[int]:
-        """The connected nodes that have answered the node-info query, once at least min-nodes
-        have; waits up to node-wait-timeout, then fails naming the round and the nodes that did
-        not answer. A node is queried once: its query lives for node-wait-timeout (its TTL) and
-        is waited for, not sent again, so queries never pile up behind a busy node (a SuperNode
-        answers its messages oldest first). Only a query whose TTL has passed is sent anew."""
+        """The connected nodes that have answered the node-info query. Waits until every connected
+        node has answered (or answered with an error), for at most node-wait-timeout; then goes on
+        if at least min-nodes have, else fails naming the round and the nodes that did not answer.
+        A node is queried once: its query lives for node-wait-timeout (its TTL) and is waited
+        for, not sent again, so queries never pile up behind a busy node (a SuperNode answers its
+        messages oldest first). Only a query whose TTL has passed is sent anew."""
         timeout = self.run.node_wait_timeout
         deadline = time.monotonic() + timeout
         errors: dict[int, str] = {}
@@ -131,7 +132,7 @@ class TwistStrategy(Strategy):
             now = time.monotonic()
             fresh = [n for n in connected if n not in self.nodes and n not in errors
                      and (n not in self._queries or now - self._queries[n][1] >= timeout)]
-            if fresh:
+            if fresh and now < deadline:
                 msgs = [Message(content=RecordDict({"config": ConfigRecord({"twist-query": "node-info"})}),
                                 message_type=MessageType.QUERY, dst_node_id=n, ttl=timeout) for n in fresh]
                 for n, mid in zip(fresh, grid.push_messages(msgs), strict=True):
@@ -141,11 +142,15 @@ class TwistStrategy(Strategy):
                 for reply in grid.pull_messages([mid for mid, _ in self._queries.values()]):
                     self._node_info(reply, errors)
             ready = [n for n in connected if n in self.nodes]
-            if len(ready) >= self.run.min_nodes:
+            silent = [n for n in connected if n not in self.nodes and n not in errors]
+            over = time.monotonic() >= deadline
+            if len(ready) >= self.run.min_nodes and (not silent or over):
+                if silent:
+                    log.warning("round %d: node(s) %s did not answer the node-info query within %.0f s; the round "
+                                "goes on with the %d that did", rnd, silent, timeout, len(ready))
                 self._check_partitions()
                 return ready
-            if time.monotonic() >= deadline:
-                silent = [n for n in connected if n not in self.nodes and n not in errors]
+            if over:
                 raise RuntimeError(
                     f"round {rnd}: only {len(ready)} node(s) ready after waiting {timeout:.0f} s "
                     f"(node-wait-timeout); the run needs min-nodes={self.run.min_nodes}. Connected: {len(connected)}"
@@ -153,9 +158,8 @@ class TwistStrategy(Strategy):
                     + (f"; node-info errors: {errors}" if errors else "")
                     + (". In simulation pass --federation-config 'num-supernodes=N' with N >= min-nodes, or lower "
                        "min-nodes" if len(connected) < self.run.min_nodes else ""))
-            if len(ready) < self.run.min_nodes:
-                log.info("round %d: waiting for nodes: %d ready, %d connected, %d required", rnd, len(ready),
-                         len(connected), self.run.min_nodes)
+            log.info("round %d: waiting for nodes: %d ready, %d connected, %d required", rnd, len(ready),
+                     len(connected), self.run.min_nodes)
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
     def _node_info(self, reply: Message, errors: dict[int, str]) -> None:

@@ -305,6 +305,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         return res
 
     result: dict[str, Any] = {"best_lrs": best, "seeds": seeds, "keeps": keep_list, "n_blocks": n, "F": f_main,
+                              "run_argv": plan.get("argv") or [],
                               "dense_steps": plan["dense_steps"], "dense_lr": plan["dense_lr"], "split": "test",
                               "tokens": tokens, "draws": draws}
     # The main comparison: TwIST fine-tuned vs DDP fine-tuned plus every post-training pruning.
@@ -342,7 +343,15 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         ablation[f] = {"twist": tw, "ddp": dd, "ddp_flap_half": flap}
     result["ablation"] = {str(f): {k: {str(s): v for s, v in r.items()} for k, r in a.items()}
                           for f, a in ablation.items()}
-    md = _markdown(result, rows, ablation, half, argv or [])
+    scratch = {}
+    for d in sorted(root.glob("scratch-*-s0")):
+        name = d.name[len("scratch-"):-len("-s0")]
+        scratch["TwIST (as today)" if name == "base" else f"TwIST + {name}"] = \
+            tests(lambda s, name=name: f"scratch-{name}-s{s}")
+    if scratch:
+        scratch = {"DDP (the dense stage)": tests(lambda s: f"dense-s{s}"), **scratch}
+    result["scratch"] = {k: {str(s): v for s, v in r.items()} for k, r in scratch.items()}
+    md = _markdown(result, rows, ablation, half, argv or [], scratch)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "FINETUNE.md", md)
     write_json(out / "finetune.json", result)
@@ -361,8 +370,25 @@ def _flap_ppl(run_folder: str, keep: int, tokens: int) -> float:
     return evaluate(prune_structured(model, keep, "flap", 0, calib), windows)["ppl"]
 
 
+def _lever_rows(rows: dict[str, dict[int, dict[str, float]]], base_label: str, keeps: list[int],
+                half: int) -> list[str]:
+    """One table row per entry: full and keeps (mean ± std over its seeds), and the ratio at
+    `half` paired by seed against `rows[base_label]`."""
+    out = []
+    base = rows.get(base_label, {})
+    for label, r in rows.items():
+        ss = sorted(r)
+        if not ss:
+            continue
+        cells = [_ms([r[s]["full"] for s in ss])] + [_ms([r[s][f"keep-{k}"] for s in ss]) for k in keeps]
+        common = [s for s in ss if s in base and f"keep-{half}" in r[s] and f"keep-{half}" in base[s]]
+        ratio = _ms([r[s][f"keep-{half}"] / base[s][f"keep-{half}"] for s in common]) if common else ""
+        out.append(f"| {label} ({len(ss)} seeds) | " + " | ".join(cells) + f" | {ratio} |")
+    return out
+
+
 def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]], ablation: dict, half: int,
-              argv: list[str]) -> str:
+              argv: list[str], scratch: dict[str, dict[int, dict[str, float]]] | None = None) -> str:
     n, keeps, main = res["n_blocks"], res["keeps"], res["comparison"]
     seeds = res["seeds"]
     st, un = main["structured"], main["unstructured"]
@@ -413,15 +439,7 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
               "Each lever is one run-config key set on top of TwIST as it is today; ratio: paired by seed "
               f"against TwIST as today at {half}/{n} (below 1 is better).", "",
               head.replace("| full |", "| full |").rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
-    base = rows["TwIST (as today)"]
-    for label, r in rows.items():
-        ss = sorted(r)
-        if not ss:
-            continue
-        cells = [_ms([r[s]["full"] for s in ss])] + [_ms([r[s][f"keep-{k}"] for s in ss]) for k in keeps]
-        common = [s for s in ss if s in base]
-        ratio = _ms([r[s][f"keep-{half}"] / base[s][f"keep-{half}"] for s in common]) if common else ""
-        lines.append(f"| {label} ({len(ss)} seeds) | " + " | ".join(cells) + f" | {ratio} |")
+    lines += _lever_rows(rows, "TwIST (as today)", keeps, half)
     lines += ["", "\"At equal compute\": TwIST trained for as many steps as F dense steps' training FLOPs buy at its "
               "keep (counted from the shapes), against the DDP model of F steps. **View: equal compute.**", "",
               f"## Fine-tune length F (equal tokens; test; TwIST random subnets and DDP + FLAP at {half}/{n})", "",
@@ -434,6 +452,13 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
                      f"{_ms([a['twist'][s][f'keep-{half}'] for s in sorted(a['twist'])])} | "
                      f"{_ms([a['ddp_flap_half'][s] for s in sorted(a['ddp_flap_half'])])} | "
                      f"{_ms([a['twist'][s][f'keep-{half}'] / a['ddp_flap_half'][s] for s in common])} |")
-    lines += ["", "## Commands", "", "```", "python -m twist_fl.tools.tune " + " ".join(shlex.quote(a) for a in argv),
-              "```", ""]
+    if scratch:
+        lines += ["", f"## From scratch ({res['dense_steps']} steps, the main job's budget; test perplexity)", "",
+                  "TwIST from a random init, as today and with each lever but distillation (there is no teacher), "
+                  "against DDP trained from scratch with the same tokens (the dense stage above; its subnets are "
+                  f"random draws). Ratio: paired by seed against TwIST as today at {half}/{n}.", "",
+                  head.rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
+        lines += _lever_rows(scratch, "TwIST (as today)", keeps, half)
+    commands = [" ".join(shlex.quote(a) for a in c) for c in (res.get("run_argv"), argv) if c]
+    lines += ["", "## Commands", "", "```", *("python -m twist_fl.tools.tune " + c for c in commands), "```", ""]
     return "\n".join(lines)
