@@ -51,6 +51,28 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def machine() -> dict[str, str]:
+    """The machine a figure came from: the CPU model, its vector class (the float kernels differ
+    between them, so figures do) and the torch version."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    vector = ", ".join(n for f, n in (("avx512f", "AVX-512"), ("amx_tile", "AMX")) if f in flags) or \
+        ("AVX2" if "avx2" in flags else "no AVX2")
+    return {"cpu": model, "vector": vector, "torch": torch.__version__}
+
+
+def machine_line() -> str:
+    m = machine()
+    return f"{m['cpu']} ({m['vector']}), torch {m['torch']}"
+
+
 def fast_bf16(device: torch.device) -> tuple[bool, str]:
     """Whether `device` has fast bf16 matrix units, and why (for the log)."""
     if device.type == "cuda":

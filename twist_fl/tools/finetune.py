@@ -276,6 +276,7 @@ def _summary(folder: Path) -> dict[str, Any] | None:
 def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
                    argv: list[str] | None = None) -> dict[str, Any]:
     """FINETUNE.md and finetune.json from a `tune finetune` folder."""
+    from ..core.precision import machine
     from ..evaluation.compare import ReportOptions, aggregate, compare_pair
     from ..evaluation.loading import load_model, parse_keeps
     from .tune import test_ppl
@@ -305,7 +306,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         return res
 
     result: dict[str, Any] = {"best_lrs": best, "seeds": seeds, "keeps": keep_list, "n_blocks": n, "F": f_main,
-                              "run_argv": plan.get("argv") or [],
+                              "run_argv": plan.get("argv") or [], "machine": machine(),
                               "dense_steps": plan["dense_steps"], "dense_lr": plan["dense_lr"], "split": "test",
                               "tokens": tokens, "draws": draws}
     # The main comparison: TwIST fine-tuned vs DDP fine-tuned plus every post-training pruning.
@@ -411,7 +412,10 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
              f"{res['best_lrs']['ddp']:g}), the same data and tokens; the DDP model is then pruned after training "
              "with every post-training method (no recovery training). Test perplexity "
              f"({res['tokens']:,} tokens), mean ± std over seeds {seeds}; random subnets are a mean over "
-             f"{res['draws']} draws per model. **View: equal tokens.**", "", head, sep,
+             f"{res['draws']} draws per model. **View: equal tokens.** Machine: {res['machine']['cpu']} "
+             f"({res['machine']['vector']}), torch {res['machine']['torch']}; the figures are deterministic for "
+             "the same command on the same CPU kind and differ between kinds (by about 1% on the main job).", "",
+             head, sep,
              f"| TwIST fine-tuned, random subnets | {_ms(tw_full)} | "
              + " | ".join(cell(st["TwIST random"][idx[k]]) for k in keeps) + " |"]
     for label in st:
