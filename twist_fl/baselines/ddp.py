@@ -25,7 +25,6 @@ import math
 import os
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -89,17 +88,6 @@ class DDPError(RuntimeError):
 def parse_overrides(text: str) -> dict[str, Any]:
     """`key=value ...` as `flwr run --run-config` takes them (`core.config.parse_run_config`)."""
     return parse_run_config(text)
-
-
-def app_defaults(app: Path) -> dict[str, Any]:
-    """`[tool.flwr.app.config]` of the app folder's pyproject.toml, as `flwr run` reads it; {}
-    when there is none (RunConfig's defaults are the same values)."""
-    pyproject = Path(app).expanduser() / "pyproject.toml"
-    if not pyproject.is_file():
-        return {}
-    with open(pyproject, "rb") as f:
-        table = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-    return dict(table)
 
 
 def ddp_run_config(overrides: dict[str, Any], defaults: dict[str, Any] | None = None) -> RunConfig:

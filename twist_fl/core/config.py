@@ -404,6 +404,20 @@ class RunConfig:
 _PAIR = re.compile(r"""\s*([^\s=]+)=("(?:[^"\\]|\\.)*"|'[^']*'|[^\s"']*)(?=\s|$)""")
 
 
+def app_defaults(app: Any) -> dict[str, Any]:
+    """`[tool.flwr.app.config]` of the app folder's pyproject.toml, as `flwr run` reads it; {}
+    when there is none (RunConfig's defaults are the same values)."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(app).expanduser() / "pyproject.toml"
+    if not pyproject.is_file():
+        return {}
+    with open(pyproject, "rb") as f:
+        table = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    return dict(table)
+
+
 def parse_run_config(text: str, what: str = "--run-config") -> dict[str, Any]:
     """`key=value ...` as `flwr run --run-config` takes them: each value a TOML value (`lr=0.003`,
     `mode="true"`, `run-name="a b"`, `eval-keeps='2,4'`), else the bare text. A key given twice or

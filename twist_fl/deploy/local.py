@@ -405,8 +405,7 @@ def deploy_local(root: Path, app: Path, nodes: int = 2, modes: list[str] | None 
     if not (math.isfinite(timeout) and timeout > 0):
         raise ValueError(f"--timeout={timeout!r} is not allowed; allowed: a positive number of seconds")
     rc = {"out-dir": str(root / "outputs"), "min-nodes": nodes, **(run_config or {})}
-    from ..baselines.ddp import app_defaults
-    from ..core.config import RunConfig
+    from ..core.config import RunConfig, app_defaults
 
     RunConfig.from_flat({**app_defaults(app), **rc})  # the run config, checked before any process starts
 

@@ -140,6 +140,17 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
     return res
 
 
+def test_ppl(run_folder: str, keeps: list[int], draws: int, tokens: int) -> dict[str, float]:
+    """Test perplexity of a run's final model: the full model and random subnets at `keeps`."""
+    model, meta = load_model(run_folder)
+    windows = windows_for(model, data_settings(meta), "test", tokens)
+    seed = int(meta.get("run", {}).get("seed", 0))
+    out = {"full": evaluate(model, windows)["ppl"]}
+    for k in keeps:
+        out[f"keep-{k}"] = float(np.mean(random_subnet_ppl(model, k, seed, draws, windows)))
+    return out
+
+
 def write_report(args: ReportOptions) -> dict[str, Any]:
     res = run_comparison(args)
     text = markdown(res, args)  # before anything is written: a failure leaves no partial report

@@ -277,9 +277,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
                    argv: list[str] | None = None) -> dict[str, Any]:
     """FINETUNE.md and finetune.json from a `tune finetune` folder."""
     from ..core.precision import machine
-    from ..evaluation.compare import ReportOptions, aggregate, compare_pair
+    from ..evaluation.compare import ReportOptions, aggregate, compare_pair, test_ppl
     from ..evaluation.loading import load_model, parse_keeps
-    from .tune import test_ppl
 
     root = Path(root)
     plan_file = root / "plan.json"

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..core.config import STRATEGIES, RunConfig
 from ..core.io import atomic_write_text, write_json
-from ..core.train import evaluate
+from ..evaluation.compare import test_ppl
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +82,6 @@ def collect(roots: list[Path]) -> list[dict[str, Any]]:
     if not runs:
         raise ValueError(f"no finished run folder (summary.json, model/) under {[str(r) for r in roots]}")
     return runs
-
-
-def test_ppl(run_folder: str, keeps: list[int], draws: int, tokens: int) -> dict[str, float]:
-    """Test perplexity of a run's final model: the full model and random subnets at `keeps`."""
-    from ..evaluation.loading import data_settings, load_model, windows_for
-    from ..evaluation.prune import random_subnet_ppl
-
-    model, meta = load_model(run_folder)
-    windows = windows_for(model, data_settings(meta), "test", tokens)
-    seed = int(meta.get("run", {}).get("seed", 0))
-    out = {"full": evaluate(model, windows)["ppl"]}
-    for k in keeps:
-        out[f"keep-{k}"] = float(np.mean(random_subnet_ppl(model, k, seed, draws, windows)))
-    return out
 
 
 def pick_lr(ppl_by_lr: dict[float, list[float]], min_seeds: int = MIN_SEEDS) -> float:
