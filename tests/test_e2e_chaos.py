@@ -54,6 +54,15 @@ def fault_schedule(seed: int) -> dict[tuple[int, int], str]:
     return schedule
 
 
+def cpu_ticks(pid: int) -> int | None:
+    """User + system CPU ticks a process has used (None once it is gone)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
 def test_fault_schedule_covers_every_kind_and_is_seeded():
     s = fault_schedule(SEED)
 
@@ -108,10 +117,15 @@ def test_chaos_soak(tmp_path):
 
         def dead_run_over() -> tuple[bool, str]:
             """The operator resumes once the SuperLink has finished the dead run (`flwr ls`) and no
-            node runs a ClientApp of it any more."""
+            node's ClientApp works on it any more. (A SuperNode may leave an idle `flwr-clientapp`
+            behind: it starts one for a message of the dead run, then ignores the message because
+            the run is no longer RUNNING. Such a process uses no CPU.)"""
             status, _ = d.run_status(first.run_id)
-            busy = [name for name, n in d.nodes.items() if n.alive() and n.children("flwr-clientapp")]
-            return status.startswith("finished") and not busy, f"status {status!r}, ClientApps on {busy}"
+            apps = {name: n.children("flwr-clientapp") for name, n in d.nodes.items() if n.alive()}
+            before = {pid: cpu_ticks(pid) for pids in apps.values() for pid in pids}
+            time.sleep(3.0)
+            busy = [name for name, pids in apps.items() if any(cpu_ticks(p) not in (before[p], None) for p in pids)]
+            return status.startswith("finished") and not busy, f"status {status!r}, ClientApps working on {busy}"
 
         deadline = time.monotonic() + DEAD_RUN_WAIT
         over, why = dead_run_over()
