@@ -63,7 +63,8 @@ def _finite_ppl(ppl: float, what: str) -> float:
 
 
 def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
-    from ..baselines.ddp import app_defaults, ddp_run_config, parse_overrides, run_ddp
+    from ..baselines.ddp import ddp_run_config, parse_overrides, run_ddp
+    from ..core.config import app_defaults
 
     run = ddp_run_config(parse_overrides(args.run_config), app_defaults(Path(args.app)))
     summary = run_ddp(run, args.nproc, threads=args.threads, backend=args.backend, timeout=args.timeout)
