@@ -121,7 +121,7 @@ def test_heatmap_and_report(trained, tmp_path):
 def test_report_refuses_unpaired_runs_and_a_twist_run_as_dense(trained, tmp_path, capsys):
     common = ["--keeps", "2", "--draws", "1", "--eval-tokens", "512", "--out", str(tmp_path / "r")]
     assert main(["report", "--twist", str(trained / "twist"), "--dense", str(trained / "dense"),
-                 str(trained / "dense"), *common]) == 2
+                 str(trained / "dense1"), *common]) == 2
     assert "one run folder per seed, paired: 1 and 2 given" in capsys.readouterr().err
     assert main(["report", "--twist", str(trained / "twist"), "--dense", str(trained / "twist"), *common]) == 2
     assert "was trained with strategy 'twist'; it needs a dense run" in capsys.readouterr().err
