@@ -217,8 +217,8 @@ def test_rounds_where_every_node_fails_keep_the_model_then_stop_the_run(deployme
     # round 2 failed and the run went on; round 3 failed too, was recorded with its reason, and stopped it
     assert [(x["round"], x["updated"]) for x in r] == [(1, True), (2, False), (3, False)]
     assert all("every reply was rejected" in x["failed"] for x in r[1:])
-    w1, w2, w3 = checkpoint_weights(run_dir, 1), checkpoint_weights(run_dir, 2), checkpoint_weights(run_dir, 3)
-    assert all(np.array_equal(w1[k], w2[k]) and np.array_equal(w1[k], w3[k]) for k in w1)
+    w2, w3 = checkpoint_weights(run_dir, 2), checkpoint_weights(run_dir, 3)  # (the last two are kept)
+    assert all(np.array_equal(w2[k], w3[k]) for k in w2)
     assert not (run_dir / "model").exists()
 
 
