@@ -8,6 +8,7 @@ on the tiny model; the runs are kept to the rounds each scenario needs.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -285,8 +286,10 @@ def test_too_few_nodes_fail_after_a_bounded_wait(deployment, tmp_path):
     res = d.run(ROOT, run_config(tmp_path, "few", min_nodes=2, node_wait_timeout=5), timeout=300)
 
     assert res.status == "finished:failed"
-    assert ("round 1: only 1 node(s) ready after waiting 5 s (node-wait-timeout); the run needs min-nodes=2"
-            in res.details)
+    # the one node is ready once it has answered the node-info query (a ClientApp process starts for
+    # it: on a loaded machine that may take longer than the 5 s wait)
+    assert re.search(r"round 1: only [01] node\(s\) ready after waiting 5 s \(node-wait-timeout\); the run needs "
+                     r"min-nodes=2\. Connected: 1", res.details), res.details
     assert time.monotonic() - t < 120
 
 
