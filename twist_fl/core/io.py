@@ -86,8 +86,9 @@ def atomic_write(path: Path, write: Callable[[Path], object], mode: int = 0o644)
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out` (an empty folder, or
-    anything `check_output` allowed to be overwritten) in one rename, so `out` is never seen
+    """Yield a temporary folder beside `out`; once it is complete it becomes `out` in one rename
+    (or, where `out` is a folder that already holds files and `check_output` allowed it,
+    each of its files replaces its namesake in one rename), so nothing is ever seen
     half-written. On failure the temporary folder is removed and `out` is as it was. Temporary
     folders of writers that died are removed by the next writer of the same `out`."""
     out = Path(out)
@@ -108,14 +109,19 @@ def staged_folder(out: Path) -> Iterator[Path]:
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         fsync_dir(tmp)
-        aside = None
-        if out.is_dir() and any(out.iterdir()) or out.is_file() or out.is_symlink():
-            aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, aside)
-        os.replace(tmp, out)
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+            # --force on a folder that holds files: each new file replaces its namesake whole
+            # (one rename each); the folder's other files stay, as they were not asked for
+            for entry in sorted(tmp.iterdir()):
+                target = out / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+            fsync_dir(out)
+            tmp.rmdir()
+        else:
+            os.replace(tmp, out)
         fsync_dir(out.parent)
-        if aside is not None:
-            shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and _is_write_failure(e):
