@@ -1,7 +1,8 @@
 """TwistStrategy: TwIST with partial models, on Flower's own round loop (`Strategy.start`).
 
-Each round `configure_train` draws one blueprint per node (`sample_blueprints`, deterministic
-from (seed, round)) and sends every node its own Message: the sliced tensors of its subnet
+Each round `configure_train` asks the blueprint policy (`core.policy.round_plan`: TwIST's
+`sample_blueprints`, plus full nodes and mixed keeps; deterministic from (seed, round))
+for one blueprint per node and sends every node its own Message: the sliced tensors of its subnet
 (`true` nodes) or the full tensors plus the blueprint (`masked` nodes). `aggregate_train`
 validates every reply against what was sent to that node, rejects (logs, counts, never raises)
 whatever does not fit, and averages each block over the valid replies that held it
