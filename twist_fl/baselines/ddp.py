@@ -46,7 +46,6 @@ from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
-from ..deploy.procs import free_port
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +189,12 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
 def _spawn(run: RunConfig, cfg, folder: RunFolder, nproc: int, threads: int, backend: str, timeout: float,
            t_start: float) -> dict[str, Any]:
     folder.write_config(run, cfg)
-    spec = WorkerSpec(run=run.to_flat(), nproc=nproc, port=free_port(), backend=backend,
+    # The rendezvous store lives here, bound to a port the kernel picks and held until the workers
+    # are done: no port is chosen, released and bound again, so a job started beside this one
+    # cannot take it in between (which left the workers waiting on a stranger's store).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=timeout))
+    spec = WorkerSpec(run=run.to_flat(), nproc=nproc, port=store.port, backend=backend,
                       threads=threads or max(1, len(os.sched_getaffinity(0)) // nproc), timeout=timeout,
                       folder=str(folder.path), t_start=t_start)
     log.info("DDP: %d workers (%s, %d threads each), %d steps of batch %d per worker", nproc, backend, spec.threads,
@@ -227,7 +231,8 @@ def _worker(rank: int, spec: WorkerSpec) -> None:
         reuse_freed_memory()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(f"cuda:{rank}") if spec.backend == "nccl" else torch.device("cpu")
-    dist.init_process_group(spec.backend, init_method=f"tcp://127.0.0.1:{spec.port}", rank=rank, world_size=n,
+    store = dist.TCPStore("127.0.0.1", spec.port, is_master=False, timeout=timedelta(seconds=spec.timeout))
+    dist.init_process_group(spec.backend, store=store, rank=rank, world_size=n,
                             timeout=timedelta(seconds=spec.timeout))
     try:
         _train(rank, spec, run, device)

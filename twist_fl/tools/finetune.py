@@ -27,6 +27,7 @@ FINETUNE.md and finetune.json: mean ± std over seeds, and ratios paired by seed
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
@@ -273,9 +274,35 @@ def _summary(folder: Path) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() and (folder / "model").is_dir() else None
 
 
+CACHE = ".table-cache"
+
+
+def _cached(root: Path, what: str, runs: list[Path], params: dict[str, Any], compute) -> Any:
+    """`compute()`, or what it gave before for the same runs (their final models, by size and
+    mtime), the same parameters and the same kind of CPU (float kernels differ between kinds).
+    The cache lives in `<root>/.table-cache/`, so a table rebuilt as jobs finish evaluates only
+    the new ones; deleting that folder recomputes everything."""
+    import hashlib
+
+    from ..core.precision import machine
+
+    stamp = []
+    for r in runs:
+        files = sorted(p for p in (r / "model").rglob("*") if p.is_file())
+        stamp.append([str(r.relative_to(root)), [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]])
+    key = json.dumps({"what": what, "runs": stamp, "params": params, "machine": machine()}, sort_keys=True)
+    f = root / CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    if f.is_file():
+        return json.loads(f.read_text())["value"]
+    value = compute()
+    write_json(f, {"what": what, "runs": [s[0] for s in stamp], "value": value})
+    return value
+
+
 def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
                    argv: list[str] | None = None) -> dict[str, Any]:
-    """FINETUNE.md and finetune.json from a `tune finetune` folder."""
+    """FINETUNE.md and finetune.json from a `tune finetune` folder. Each run's evaluation is
+    cached in `<root>/.table-cache/` (see `_cached`)."""
     from ..core.precision import machine
     from ..evaluation.compare import ReportOptions, aggregate, compare_pair, test_ppl
     from ..evaluation.loading import load_model, parse_keeps
@@ -301,7 +328,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         for s in seeds:
             d = root / name_of(s) / "run"
             if _summary(d):
-                res[s] = test_ppl(str(d), keep_list, draws, tokens)
+                res[s] = _cached(root, "test_ppl", [d], {"keeps": keep_list, "draws": draws, "tokens": tokens},
+                                 lambda d=d: test_ppl(str(d), keep_list, draws, tokens))
         return res
 
     result: dict[str, Any] = {"best_lrs": best, "seeds": seeds, "keeps": keep_list, "n_blocks": n, "F": f_main,
@@ -316,7 +344,9 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         t = root / Finetune.pair_name("twist", best["twist"], f_main, s) / "run"
         d = root / Finetune.pair_name("ddp", best["ddp"], f_main, s) / "run"
         if _summary(t) and _summary(d):
-            per_seed.append(compare_pair(str(t), str(d), opts))
+            log.info("finetune-table: seed %d: TwIST against DDP and every pruning of it", s)
+            per_seed.append(_cached(root, "compare_pair", [t, d], {"opts": dataclasses.asdict(opts) | {"out": ""}},
+                                    lambda t=t, d=d: compare_pair(str(t), str(d), opts)))
     if not per_seed:
         raise ValueError(f"{root} holds no finished TwIST/DDP pair at F={f_main}")
     main = per_seed[0] if len(per_seed) == 1 else aggregate(per_seed)
@@ -339,7 +369,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         for s in seeds:
             d = root / Finetune.pair_name("ddp", best["ddp"], f, s) / "run"
             if _summary(d):
-                flap[s] = _flap_ppl(str(d), half, tokens)
+                flap[s] = _cached(root, "flap", [d], {"keep": half, "tokens": tokens},
+                                  lambda d=d: _flap_ppl(str(d), half, tokens))
         ablation[f] = {"twist": tw, "ddp": dd, "ddp_flap_half": flap}
     result["ablation"] = {str(f): {k: {str(s): v for s, v in r.items()} for k, r in a.items()}
                           for f, a in ablation.items()}
