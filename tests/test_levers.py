@@ -304,5 +304,5 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys):
     assert set(res["levers"]) == {"TwIST (as today)", "TwIST + kd", "TwIST at equal compute"}
     assert set(res["ablation"]) == {"4", "8"}
     for label in ("| TwIST fine-tuned, random subnets |", "| DDP fine-tuned, FLAP (structured) |",
-                  "| TwIST + kd (2 seeds) |", "TwIST / best structured", "python -m twist_fl.tools.tune finetune"):
+                  "| TwIST + kd (2 seeds) |", "TwIST / best structured", "twist-fl tune finetune"):
         assert label in md, label

@@ -1,4 +1,4 @@
-"""`python -m twist_fl.tools.tune`: the LR grid, seeds at each best, and the table over seeds."""
+"""`twist-fl tune`: the LR grid, seeds at each best, and the table over seeds."""
 
 import json
 

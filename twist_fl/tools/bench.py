@@ -1,6 +1,6 @@
 """Benchmarks of TwIST against the dense FedAvg baseline, measured on this machine.
 
-    python -m twist_fl.tools.bench [bytes|step|memory|overhead|all] [--json out.json]
+    twist-fl bench [bytes|step|memory|overhead|all] [--json out.json]
 
 bytes     bytes per round, down and up, per node and in total, counted from the serialized Flower
           messages (every nested object the runtime would store and send), GPT-2 124M shape, 4 nodes,
@@ -19,7 +19,7 @@ overhead  wall time of a `flwr run` simulation (local SuperLink, Ray, 4 nodes; s
           into the nodes' local updates and the rest.
 nodes     `flwr run` simulations with 4, 20 and 50 SuperNodes, 4 sampled per round, character
           partitioning: the median round time and the peak memory of the run's processes.
-Inference speed: `python -m twist_fl.tools.bench_inference`.
+Inference speed: `twist-fl bench inference`.
 """
 
 from __future__ import annotations
@@ -474,9 +474,15 @@ def _print(name: str, res: dict[str, Any]) -> None:
               f"{res['rest_s']:.2f} s in flwr run, {res['plain_rest_s']:.2f} s in the plain loop")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("which", nargs="?", default="all", choices=("bytes", "step", "memory", "overhead", "nodes", "all"))
+IN_PROCESS = ("bytes", "step", "memory", "overhead")  # what `all` runs
+ELSEWHERE = ("ddp", "export", "inference")  # bench_<name>.py, with their own options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl bench", description=__doc__.splitlines()[0])
+    ap.add_argument("which", nargs="?", default="all", choices=(*IN_PROCESS, "nodes", *ELSEWHERE, "all"),
+                    help="all: " + ", ".join(IN_PROCESS) + "; ddp, export and inference take their own options "
+                    "(twist-fl bench ddp --help)")
     ap.add_argument("--nodes", default="4,20,50", help="nodes: SuperNode counts to simulate")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=None,
@@ -492,13 +498,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", choices=("gpt2", "default"), default="gpt2", help="step: GPT-2 124M or the app's "
                     "default model")
     ap.add_argument("--json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ELSEWHERE:  # the benchmarks with their own module and options
+        import importlib
+
+        return importlib.import_module(f"{__package__}.bench_{argv[0]}").main(argv[1:])
+    ap = build_parser()
     args = ap.parse_args(argv)
     reuse = not args.return_freed_memory
     precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
     for p in precisions:
         if p not in PRECISIONS:
             ap.error(f"--precision entry {p!r} is not allowed; allowed: {list(PRECISIONS)}")
-    names = ("bytes", "step", "memory", "overhead") if args.which == "all" else (args.which,)
+    names = IN_PROCESS if args.which == "all" else (args.which,)
     results = {}
     for name in names:
         if name == "bytes":

@@ -1,7 +1,7 @@
 """TwIST against data-parallel training (DDP) and FedAvg: step latency and bytes per worker, as
 the paper compares them (−31.7% latency, −30.4% bytes for TwIST vs DDP).
 
-    python -m twist_fl.tools.bench_ddp [--shape default|gpt2|both] [--nproc 2] [--steps 20] [--json out.json]
+    twist-fl bench ddp [--shape default|gpt2|both] [--nproc 2] [--steps 20] [--json out.json]
 
 All three run `nproc` worker processes at once (torch.multiprocessing, one torch thread each
 unless --threads), each training `steps` batches of `batch x seq-len` random tokens after
@@ -173,8 +173,8 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench_ddp", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl bench ddp", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both")
     ap.add_argument("--nproc", type=int, default=2, help="workers at once (default: one per core here)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     for key in ("nproc", "threads", "steps", "repeats"):
         if getattr(args, key) < 1:

@@ -1,6 +1,6 @@
 """Exported models side by side: full vs pruned at N/2, fp32 vs int8, torch vs onnxruntime.
 
-    python -m twist_fl.tools.bench_export --model outputs/<run> [--shape default|gpt2|both] [--json out.json]
+    twist-fl bench export --model outputs/<run> [--shape default|gpt2|both] [--json out.json]
 
 For each shape: the model (the default shape: the trained run given with --model, so that
 perplexity means something; the GPT-2 124M shape: random weights of that shape, for size and
@@ -180,13 +180,18 @@ def _print(shape: str, r: dict[str, Any]) -> None:
     print(f"  onnxruntime kernels, int8 pruned model: {r['kernels_int8']}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench_export", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl bench export", description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a trained default-shape run or model folder (for the default shape)")
     ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode", type=int, default=32)
     ap.add_argument("--json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.shape in ("default", "both") and not args.model:
         ap.error("--model is needed for the default shape (a trained run, for perplexity)")

@@ -1,6 +1,6 @@
 """Inference speed of a pruned dense subnet vs the full model on this machine's CPU (or GPU).
 
-    python -m twist_fl.tools.bench_inference [--preset gpt2] [--keep 6] [--prompt 256] [--decode 32]
+    twist-fl bench inference [--preset gpt2] [--keep 6] [--prompt 256] [--decode 32]
                                              [--precision fp32|bf16|auto]
 
 Random weights of the preset's shape (speed does not depend on the values). Every layer is
@@ -89,8 +89,8 @@ def measure(models: dict[str, GPT], prompt: int, decode: int, repeats: int,
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.bench_inference", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl bench inference", description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="gpt2")
     ap.add_argument("--keep", type=int, default=6)
     ap.add_argument("--prompt", type=int, default=256)
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="forward passes (autocast for bf16)")
     ap.add_argument("--json")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset(args.preset, vocab_size=50257), shared_layers=())
     torch.manual_seed(0)

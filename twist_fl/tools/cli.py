@@ -1,5 +1,8 @@
-"""`twist-fl <verb>` (or `python -m twist_fl <verb>`): ddp, prune, evaluate, generate, export, heatmap, report,
-deploy.
+"""twist-fl: sweep, tune and benchmark TwIST runs; prune, evaluate, export and deploy their models.
+
+`twist-fl <verb>` (or `python -m twist_fl <verb>`): ddp, prune, evaluate, generate, export,
+heatmap, report, deploy; and sweep, sweep-summary, tune and bench, which hand their arguments to
+their own modules (`python -m twist_fl.tools.<module>` stays an alias).
 
 Every verb reads models in the core save format (a run's `model/` folder, or a pruned model).
 Data settings (dataset, tokenizer, data path, sequence length) default to those the model was
@@ -336,9 +339,40 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_count, help="tokens per window, up to the model's block size")
 
 
+# Verbs whose arguments go, unparsed here, to a module of their own: (module, one-line help).
+DELEGATED = {
+    "sweep": ("sweep", "Hydra sweeps of the federated run: `twist-fl sweep --multirun run.keep=2,4` "
+              "(Hydra's own options and overrides)"),
+    "sweep-summary": ("sweep_summary", "a table and a plot of a finished sweep folder"),
+    "tune": ("tune", "learning-rate grids over seeds (run, table) and the fine-tune comparison (finetune, "
+             "finetune-table)"),
+    "bench": ("bench", "benchmarks: bytes, step, memory, overhead, nodes, ddp, export, inference, all"),
+}
+
+
+def delegate(verb: str, argv: list[str]) -> int:
+    """Run a delegated verb's module with `argv` (everything after the verb)."""
+    import importlib
+
+    module = importlib.import_module(f"{__package__}.{DELEGATED[verb][0]}")
+    if verb == "sweep":  # Hydra reads sys.argv itself
+        saved = sys.argv
+        sys.argv = ["twist-fl sweep", *argv]
+        try:
+            module.main()
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        finally:
+            sys.argv = saved
+        return 0
+    return module.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="twist-fl", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True)
+    for verb, (_, text) in DELEGATED.items():  # listed in --help; main() hands them over before parsing
+        sub.add_parser(verb, help=text, add_help=False)
 
     p = sub.add_parser("ddp", help="train the dense model data-parallel on torch.distributed (the DDP baseline)")
     p.add_argument("--nproc", type=_count, default=4, help="worker processes; worker i trains on partition i of nproc")
@@ -451,6 +485,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     enable_progress()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        try:
+            return delegate(argv[0], argv[1:])
+        except SystemExit as e:  # argparse in the module: a usage error (2) or --help (0)
+            return e.code if isinstance(e.code, int) else 2
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a usage error (2, its line already printed) or --help (0)

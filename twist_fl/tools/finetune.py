@@ -1,8 +1,8 @@
 """The fine-tune regime, budget-matched: a dense model made prunable with TwIST, against the
 same dense model trained on (`tune finetune` and `tune finetune-table`).
 
-    python -m twist_fl.tools.tune finetune --out runs/ft                  # every stage below, resumable
-    python -m twist_fl.tools.tune finetune-table runs/ft --out docs/results/finetune
+    twist-fl tune finetune --out runs/ft                  # every stage below, resumable
+    twist-fl tune finetune-table runs/ft --out docs/results/finetune
 
 Stages (each a run folder `<out>/<name>/run/`; a job whose summary.json exists is skipped):
 
@@ -295,6 +295,7 @@ def _cached(root: Path, what: str, runs: list[Path], params: dict[str, Any], com
     if f.is_file():
         return json.loads(f.read_text())["value"]
     value = compute()
+    f.parent.mkdir(exist_ok=True)
     write_json(f, {"what": what, "runs": [s[0] for s in stamp], "value": value})
     return value
 
@@ -494,5 +495,5 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
                   head.rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
         lines += _lever_rows(scratch, "TwIST (as today)", keeps, half)
     commands = [" ".join(shlex.quote(a) for a in c) for c in (res.get("run_argv"), argv) if c]
-    lines += ["", "## Commands", "", "```", *("python -m twist_fl.tools.tune " + c for c in commands), "```", ""]
+    lines += ["", "## Commands", "", "```", *("twist-fl tune " + c for c in commands), "```", ""]
     return "\n".join(lines)

@@ -1,9 +1,9 @@
 """Hydra CLI for sweeps and ablations over the same keys as `[tool.flwr.app.config]`.
 
-    python -m twist_fl.tools.sweep run.keep=2 num_supernodes=4
-    python -m twist_fl.tools.sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
-    python -m twist_fl.tools.sweep --multirun run.alpha=0,0.5,1
-    python -m twist_fl.tools.sweep --multirun run.strategy=twist,fedavg,ddp run.lr=1e-3,1.5e-3,2e-3,3e-3,6e-3
+    twist-fl sweep run.keep=2 num_supernodes=4
+    twist-fl sweep --multirun run.local_steps=1,5,15,50 total_local_steps=900
+    twist-fl sweep --multirun run.alpha=0,0.5,1
+    twist-fl sweep --multirun run.strategy=twist,fedavg,ddp run.lr=1e-3,1.5e-3,2e-3,3e-3,6e-3
 
 Each job runs the app's own ServerApp and ClientApp code (`twist_fl.federated.server`, `twist_fl.federated.client`)
 on an in-process Grid (`engine: local`, the default: no Ray, deterministic) or on Flower's Ray
@@ -11,7 +11,7 @@ simulation engine (`engine: ray`); a job with `run.strategy=ddp` runs `twist-fl 
 instead, with `num_supernodes` workers. Outputs go to the job's Hydra folder (`run/` inside it).
 `total_local_steps` keeps the total number of local batches fixed across a sweep of
 `run.local_steps` (rounds = total_local_steps / local_steps, evaluated at the end).
-Summarize a sweep with `python -m twist_fl.tools.sweep_summary <multirun folder>`.
+Summarize a sweep with `twist-fl sweep-summary <multirun folder>`.
 """
 
 from __future__ import annotations

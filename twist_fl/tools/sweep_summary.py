@@ -1,6 +1,6 @@
 """Gather the runs of a Hydra sweep into one table and one plot.
 
-    python -m twist_fl.tools.sweep_summary multirun/<time> [--x run.local_steps] [--dense <run folder>]
+    twist-fl sweep-summary multirun/<time> [--x run.local_steps] [--dense <run folder>]
 
 Reads each job's `.hydra/overrides.yaml` and `run/summary.json`; writes `summary.md`,
 `summary.json` and `summary.png` (final perplexity at each evaluated keep vs the swept value,
@@ -117,11 +117,16 @@ def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.sweep_summary", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl sweep-summary", description=__doc__.splitlines()[0])
     ap.add_argument("root", help="a Hydra multirun folder")
     ap.add_argument("--x", help="the swept override, e.g. run.local_steps (default: the only one)")
     ap.add_argument("--dense", help="a fedavg run folder for the baseline line")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         out = summarize(Path(args.root), args.x, Path(args.dense) if args.dense else None)

@@ -1,9 +1,9 @@
 """Tuned and seeded comparison of TwIST, FedAvg and DDP at one budget.
 
-    python -m twist_fl.tools.tune run --out runs/tune            # LR grid at seed 0, then seeds at each best
-    python -m twist_fl.tools.tune table runs/tune --out docs/results/tuned
-    python -m twist_fl.tools.tune finetune --out runs/ft           # the fine-tune regime (tools/finetune.py)
-    python -m twist_fl.tools.tune finetune-table runs/ft --out docs/results/finetune
+    twist-fl tune run --out runs/tune            # LR grid at seed 0, then seeds at each best
+    twist-fl tune table runs/tune --out docs/results/tuned
+    twist-fl tune finetune --out runs/ft           # the fine-tune regime (tools/finetune.py)
+    twist-fl tune finetune-table runs/ft --out docs/results/finetune
 
 `run` trains every (strategy, lr) of the grid at seed 0 with the sweep's job runner (the Flower
 apps on an in-process Grid; DDP on torch.distributed), picks each strategy's learning rate with
@@ -146,9 +146,8 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     return {"markdown": md, **result}
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ap = argparse.ArgumentParser(prog="python -m twist_fl.tools.tune", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="twist-fl tune", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="the LR grid at seed 0, then the other seeds at each strategy's best")
     p.add_argument("--out", required=True)
@@ -188,6 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--draws", type=int, default=3)
     g.add_argument("--test-tokens", type=int, default=32768)
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ap = build_parser()
     args = ap.parse_args(argv)
     try:
         if args.verb in ("finetune", "finetune-table"):

@@ -1,0 +1,181 @@
+"""One command line: every `twist-fl` verb answers --help, and every `twist-fl ...` command
+written in the README, BENCHMARKS.md and the docs parses (dry: no work is done)."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from twist_fl.tools.cli import DELEGATED, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(file, command) for every `twist-fl ...` in inline code or a fenced block; a fenced
+    command may continue over lines ending in a backslash."""
+    out = []
+    for f in DOC_FILES:
+        text = f.read_text()
+        fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+        for block in fenced:
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.strip()
+                for part in line.split(" #")[0].split(" && "):
+                    if part.strip().startswith("twist-fl "):
+                        out.append((f.name, part.strip()))
+    return out
+
+
+def documented_fragments() -> list[tuple[str, str]]:
+    """(file, text) for every `twist-fl ...` in inline code: often a verb and some of its options
+    rather than a whole command, so each is checked for its verb and its option names."""
+    out = []
+    for f in DOC_FILES:
+        inline = re.sub(r"^```.*?^```", "", f.read_text(), flags=re.S | re.M)
+        for cmd in re.findall(r"`(twist-fl [^`]+)`", inline):
+            for part in " ".join(cmd.split()).split(" && "):
+                out.append((f.name, part.strip()))
+    return out
+
+
+def _parser_for(words: list[str]):
+    """The argparse parser of a verb path (e.g. ['tune', 'finetune']) and how many words it took."""
+    if words[0] not in DELEGATED:
+        parser, used = build_parser(), 0
+    elif words[0] == "bench" and len(words) > 1 and words[1] in ("ddp", "export", "inference"):
+        return importlib.import_module(f"twist_fl.tools.bench_{words[1]}").build_parser(), 2
+    else:
+        parser, used = importlib.import_module(f"twist_fl.tools.{DELEGATED[words[0]][0]}").build_parser(), 1
+    while used < len(words):
+        subs = [a for a in parser._actions if isinstance(getattr(a, "choices", None), dict)]
+        if not subs or words[used] not in subs[0].choices:
+            break
+        parser, used = subs[0].choices[words[used]], used + 1
+    return parser, used
+
+
+def check_fragment(text: str) -> None:
+    """The verb path exists and every --option written is one of its options."""
+    words = shlex.split(text)[1:]
+    if not words or words[0].startswith("<") or words == ["--help"]:
+        return
+    if words[0] not in build_parser()._subparsers._group_actions[0].choices:
+        raise SystemExit(f"no verb {words[0]!r}")
+    if words[0] == "sweep":
+        check_sweep_overrides(words[1:])
+        return
+    parser, _ = _parser_for(words)
+    for w in words:
+        if w.startswith(("--", "[--")):
+            opt = w.strip("[]").split("=")[0]
+            if opt not in parser._option_string_actions:
+                raise SystemExit(f"{opt} is not an option of `{parser.prog}`")
+
+
+def dry_parse(command: str) -> None:
+    """Parse `command` as `twist-fl` would, without running it; SystemExit on a usage error.
+    Optional parts written `[--option value]` are parsed both left out and put in."""
+    if re.search(r"\[--[^]]*\]", command):
+        dry_parse(re.sub(r"\s*\[--[^]]*\]", "", command))
+        command = re.sub(r"\[(--[^]]*)\]", r"\1", command)
+    argv = shlex.split(command)[1:]
+    verb, rest = argv[0], argv[1:]
+    if verb not in DELEGATED:
+        build_parser().parse_args(argv)
+        return
+    module = importlib.import_module(f"twist_fl.tools.{DELEGATED[verb][0]}")
+    if verb == "sweep":
+        check_sweep_overrides(rest)
+    elif verb == "bench" and rest and rest[0] in module.ELSEWHERE:
+        importlib.import_module(f"twist_fl.tools.bench_{rest[0]}").build_parser().parse_args(rest[1:])
+    else:
+        module.build_parser().parse_args(rest)
+
+
+def check_sweep_overrides(args: list[str]) -> None:
+    """Hydra's own parser on the overrides, and each key must be in the sweep's config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from twist_fl.tools.sweep import CONF_DIR
+
+    overrides = [a for a in args if not a.startswith("-")]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config")
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_add() or key.startswith("hydra."):
+            continue
+        if OmegaConf.select(cfg, key, default="<missing>") == "<missing>":
+            raise SystemExit(f"{key!r} is not a key of the sweep's config")
+
+
+def test_documented_commands_are_found():
+    cmds = {c.split()[1] for _, c in documented_commands() + documented_fragments()}
+    # the README and BENCHMARKS use the one form for the tools around training, too
+    assert {"sweep", "sweep-summary", "tune", "bench", "ddp", "report"} <= cmds, cmds
+
+
+@pytest.mark.parametrize("where,command", documented_commands())
+def test_every_documented_command_parses(where, command):
+    try:
+        dry_parse(command)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{command}` does not parse: {e}")
+
+
+@pytest.mark.parametrize("where,text", documented_fragments())
+def test_every_documented_verb_and_option_exists(where, text):
+    try:
+        check_fragment(text)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{text}`: {e}")
+
+
+def _verbs() -> list[list[str]]:
+    out = []
+    for action in build_parser()._subparsers._group_actions:  # the verbs, as --help lists them
+        for verb, sub in action.choices.items():
+            if verb in DELEGATED:
+                out.append([verb])
+                continue
+            out.append([verb])
+            for a in sub._actions:
+                if hasattr(a, "choices") and isinstance(a.choices, dict):
+                    out += [[verb, v] for v in a.choices]
+    tune = importlib.import_module("twist_fl.tools.tune").build_parser()
+    out += [["tune", v] for a in tune._actions if isinstance(getattr(a, "choices", None), dict) for v in a.choices]
+    out += [["bench", v] for v in ("ddp", "export", "inference")]
+    return out
+
+
+@pytest.mark.parametrize("verb", _verbs(), ids=" ".join)
+def test_every_verb_has_help(verb, capsys):
+    assert main([*verb, "--help"]) == 0
+    out = capsys.readouterr().out
+    if verb != ["sweep"]:  # Hydra writes its own help
+        assert out.startswith(f"usage: twist-fl {' '.join(verb)}"), out[:200]
+    else:
+        assert "override" in out.lower()
+
+
+def test_top_level_help_lists_every_verb_in_one_line_each(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in ("sweep", "sweep-summary", "tune", "bench", "ddp", "prune", "evaluate", "generate", "export",
+                 "heatmap", "report", "deploy"):
+        assert re.search(rf"^\s+{verb}\s+\S", out, flags=re.M), verb
+
+
+def test_a_bad_delegated_command_is_a_usage_error(capsys):
+    assert main(["bench", "nonsense"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["tune", "finetune"]) == 2  # --out is required
