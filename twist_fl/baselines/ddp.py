@@ -45,6 +45,7 @@ from ..core.node import node_tokens, partition_stats
 from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
+from ..core.scalars import ScalarLog
 from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
 
 log = logging.getLogger(__name__)
@@ -250,9 +251,10 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
     opt = make_optimizer(model, OptimConfig(lr=run.lr, weight_decay=run.weight_decay, grad_clip=run.grad_clip))
     precision = resolve_precision(run.precision, device)
     tokens = node_tokens(run, n, rank)
-    folder = evaluator = splits = None
+    folder = evaluator = splits = curves = None
     if rank == 0:
         folder = RunFolder(Path(spec.folder))
+        curves = ScalarLog(folder.path, run.local_steps) if run.tensorboard else None
         splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
         evaluator = Evaluator(cfg, run, eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None))
     all_times: list[float] = []
@@ -286,16 +288,23 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
                 log.info("step %d (round %d): %s", rnd * run.local_steps, rnd, describe(row["valid"]))
             row["time"] = round(time.time(), 3)
             folder.append(row)
+            if curves is not None:
+                curves.row(row)
         dist.barrier()  # worker 0's evaluation is not counted in the others' next step
     gathered: list[Any] = [None] * n
     dist.all_gather_object(gathered, {"step_times": all_times, "bytes": counter["bytes"],
                                       "buckets": counter["buckets"]})
     if rank == 0:
-        _finish(spec, run, model, folder, splits, gathered)
+        tb = {}
+        if curves is not None:
+            curves.close()
+            tb = {"tensorboard_s": round(curves.seconds, 3)}
+        _finish(spec, run, model, folder, splits, gathered, tb)
     dist.barrier()
 
 
-def _finish(spec: WorkerSpec, run: RunConfig, model, folder: RunFolder, splits, gathered: list[dict]) -> None:
+def _finish(spec: WorkerSpec, run: RunConfig, model, folder: RunFolder, splits, gathered: list[dict],
+            tb: dict[str, float]) -> None:
     n, steps = spec.nproc, run.num_server_rounds * run.local_steps
     per_step = gathered[0]["bytes"] / steps
     medians = [float(np.median(g["step_times"])) for g in gathered]
@@ -307,7 +316,7 @@ def _finish(spec: WorkerSpec, run: RunConfig, model, folder: RunFolder, splits, 
         "grad_bytes_per_step": per_step,  # each worker's gradient buckets, all-reduced every step
         "buckets_per_step": gathered[0]["buckets"] / steps,
         "ring_bytes_sent_per_step": per_step * 2 * (n - 1) / n,  # what a ring all-reduce puts on the wire
-    }}
+    }, **tb}
     tmp = folder.path / f".model-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.cpu().save(tmp, extra={"run": run.to_flat()})

@@ -206,6 +206,7 @@ class RunConfig:
     eval_draws: int = 3
     eval_tokens: int = 16384  # validation tokens per evaluation (0 = the whole split)
     fraction_evaluate: float = 0.0  # share of connected nodes that also evaluate on their own held-out text (0: off)
+    tensorboard: bool = False  # also write each metrics row as TensorBoard scalars, <run>/tensorboard/ (the extra)
     out_dir: str = "outputs"
     run_name: str = ""  # default: <time>-<strategy>-k<keep>
     resume_from: str = ""  # a run folder to continue from its last complete round
@@ -291,6 +292,12 @@ class RunConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the key, the value and what is allowed."""
+        if self.tensorboard:
+            from .scalars import EXTRA_HINT, available
+
+            if not available():
+                raise ValueError(f"run-config tensorboard=true needs the tensorboard package, which is not "
+                                 f"installed: {EXTRA_HINT}, or set tensorboard=false")
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("mode", self.mode, RUN_MODES)
         _choice("model", self.model, tuple(PRESETS))

@@ -19,6 +19,7 @@ from ..core.io import staged_folder
 from ..core.model import initial_model, load_state_strict
 from ..core.node import partition_stats
 from ..core.runs import Evaluator, RunFolder, describe, summarize
+from ..core.scalars import ScalarLog
 from ..core.train import reuse_freed_memory
 from .records import to_numpy, to_record
 from .strategy import TwistStrategy
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 # Keys that may differ between a run and its resumption.
 RESUMABLE_CHANGES = {"resume_from", "num_server_rounds", "eval_every", "eval_keeps", "eval_draws", "eval_tokens",
                      "out_dir", "run_name", "round_timeout", "node_wait_timeout", "min_nodes", "device",
-                     "max_failed_rounds"}
+                     "max_failed_rounds", "tensorboard"}
 
 
 def _config_fingerprint(run: RunConfig) -> dict[str, Any]:
@@ -124,6 +125,7 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         summary = summarize(folder, run, cfg, splits, time.time() - t_start, extra={"status": "failed"})
         raise RunFailed(f"{message}. Run folder: {summary['run_folder']}")
 
+    curves = ScalarLog(folder.path, run.local_steps, first_round=start_round + 1) if run.tensorboard else None
     strategy = TwistStrategy(cfg, run, round_offset=start_round, run_uid=run_uid, on_partitions=on_partitions)
     if resumed_state is not None:  # counters and the outer step's state continue where the checkpoint left them
         strategy.restore(resumed_state.get("strategy", {}), resumed_state.get("extra_arrays"))
@@ -166,6 +168,8 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         if config_pending is not None:
             pending, config_pending = config_pending, None
             record_config(**pending)
+        if curves is not None:  # the row is final: its checkpoint is written
+            curves.row(row)
         if strategy.stop_reason:
             fail(strategy.stop_reason)
         flat = {"train-loss": row["train_loss"] or 0.0}
@@ -174,10 +178,15 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         return MetricRecord(flat)
 
     arrays = to_record({k: v.detach().numpy() for k, v in model.state_dict().items()})
-    if start_round < run.num_server_rounds:
-        result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=run.num_server_rounds - start_round,
-                                timeout=run.round_timeout, evaluate_fn=on_round_end)
-        arrays = result.arrays or arrays
+    try:
+        if start_round < run.num_server_rounds:
+            result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=run.num_server_rounds - start_round,
+                                    timeout=run.round_timeout, evaluate_fn=on_round_end)
+            arrays = result.arrays or arrays
+    finally:
+        if curves is not None:
+            curves.close()
+    extra = {"tensorboard_s": round(curves.seconds, 3)} if curves is not None else {}
     rows = folder.rows()
     failed = [r for r in rows if not r["updated"]]
     if rows and (not rows[-1]["updated"] or len(failed) == len(rows)):  # no trained model to present
@@ -188,7 +197,7 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
     load_state_strict(model, final_state)
     with staged_folder(folder.path / "model") as tmp:  # model/ appears whole or not at all
         model.save(tmp, extra={"run": run.to_flat()})
-    return summarize(folder, run, cfg, splits, time.time() - t_start)
+    return summarize(folder, run, cfg, splits, time.time() - t_start, extra=extra)
 
 
 class RunFailed(RuntimeError):
