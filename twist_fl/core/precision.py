@@ -11,7 +11,7 @@
   AVX-512-bf16 (`/proc/cpuinfo` flags `amx_bf16`, `avx512_bf16`). The decision is logged.
 
 bf16 is not always faster: on a small model per-op overhead dominates and autocast's casts cost
-more than the matmuls save (see BENCHMARKS.md). Measure before choosing.
+more than the matmuls save (see docs/benchmarks.md). Measure before choosing.
 
 The precision in force is a context (`precision_scope`), read by `GPT.forward`, which runs its
 body under autocast and returns float32 logits and loss. So only the model's forward pass (and
