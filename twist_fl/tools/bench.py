@@ -532,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = bench_overhead(rounds=args.rounds, config=None if reuse else {"reuse-freed-memory": False})
         _print(name, results[name])
     if args.json:
-        write_json(Path(args.json), results)
+        from ..core.precision import machine
+
+        write_json(Path(args.json), {**results, "machine": machine()})  # the CPU kind and torch behind the figures
     return 0
 
 

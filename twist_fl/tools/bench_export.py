@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"CPU features: {res['cpu_features']}; torch {res['torch']}, onnxruntime {res['onnxruntime']}")
     if args.json:
-        write_json(Path(args.json), res)
+        from ..core.precision import machine
+
+        write_json(Path(args.json), {**res, "machine": machine()})  # the CPU kind and torch behind the figures
     return 0
 
 

@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{phase:8} | {res['full'][f'{phase}_tok_s']:>10.1f} | {res['pruned'][f'{phase}_tok_s']:>12.1f} | "
               f"{spread:>20} | {r['flop_bound']:>9.2f}x | {r['of_bound']:.0%}")
     if args.json:
-        write_json(Path(args.json), res)
+        from ..core.precision import machine
+
+        write_json(Path(args.json), {**res, "machine": machine()})  # the CPU kind and torch behind the figures
     return 0
 
 
