@@ -4,6 +4,7 @@ pipeline built on them (a dense run, then TwIST from it, then the comparison tab
 
 import json
 import math
+import shlex
 
 import numpy as np
 import pytest
@@ -270,7 +271,7 @@ def test_resume_with_outer_state_is_bit_exact(tmp_path, kind):
 
 
 @pytest.mark.slow
-def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys):
+def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypatch):
     from twist_fl.tools.tune import main
 
     out = tmp_path / "ft"
@@ -304,5 +305,44 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys):
     assert set(res["levers"]) == {"TwIST (as today)", "TwIST + kd", "TwIST at equal compute"}
     assert set(res["ablation"]) == {"4", "8"}
     for label in ("| TwIST fine-tuned, random subnets |", "| DDP fine-tuned, FLAP (structured) |",
-                  "| TwIST + kd (2 seeds) |", "TwIST / best structured", "twist-fl tune finetune"):
+                  "| TwIST + kd (2 seeds) |", "TwIST / best structured", "twist-fl tune finetune --out"):
         assert label in md, label
+    # a second build reads every evaluation back from the cache: nothing is evaluated again
+    import twist_fl.evaluation.compare as compare
+    import twist_fl.tools.finetune as finetune
+
+    def no(*a, **k):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(compare, "test_ppl", no)
+    monkeypatch.setattr(compare, "compare_pair", no)
+    monkeypatch.setattr(finetune, "_flap_ppl", no)
+    assert main(["finetune-table", str(out), "--out", str(tmp_path / "t2"), "--test-tokens", "256", "--draws", "1",
+                 "--keeps", "2"]) == 0
+    assert json.loads((tmp_path / "t2" / "finetune.json").read_text())["levers"] == res["levers"]
+
+
+def test_the_table_states_the_command_that_reruns_every_stage():
+    from twist_fl.tools.finetune import DEFAULT_VARIANTS, plan_command
+
+    plan = {"seeds": 3, "nodes": 4, "dense_steps": 900, "dense_lr": 1.5e-3, "F": 300, "ablation": [150, 600],
+            "twist_lrs": [2.5e-4, 5e-4, 1e-3], "ddp_lrs": [2.5e-4, 5e-4, 1e-3], "variants": DEFAULT_VARIANTS,
+            "scratch_variants": "full1:full-nodes=1", "equal_compute": True, "run_config": {}}
+    assert plan_command(plan, "runs/ft") == "twist-fl tune finetune --out runs/ft"  # every default
+    cmd = plan_command({**plan, "F": 8, "ablation": [4], "variants": "kd:distill-from=init",
+                        "run_config": {"model": "tiny"}}, "x")
+    assert cmd == "twist-fl tune finetune --out x --ft-steps 8 --ft-ablation 4 --variants kd:distill-from=init " \
+                  "--run-config 'model=\"tiny\"'"
+    from tests.test_commands import dry_parse
+    from twist_fl.baselines.ddp import parse_overrides
+
+    dry_parse(cmd)
+    assert parse_overrides(shlex.split(cmd)[-1]) == {"model": "tiny"}
+
+
+def test_scratch_levers_cannot_distil(tmp_path):
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    with pytest.raises(ValueError, match=r"--scratch-variants entry 'kd' distils, but from scratch there is no "
+                                         r"teacher"):
+        Finetune(FinetuneOptions(out=str(tmp_path), scratch_variants="kd:distill-from=init"))

@@ -18,7 +18,8 @@ Stages (each a run folder `<out>/<name>/run/`; a job whose summary.json exists i
    dense steps buy at its keep (`train_flops_ratio`, counted from the shapes).
 5. `lever-<name>-s<seed>`: each `--variants` entry (run-config keys on top of TwIST's), every seed.
 6. `scratch-base-s<seed>`, `scratch-<name>-s<seed>`: TwIST from a random init at the dense stage's
-   budget (the main job's: 900 steps), as it is and with each lever but distillation (no teacher).
+   budget (the main job's: 900 steps), as it is and with each `--scratch-variants` lever (no
+   distillation: there is no teacher; default: the sandwich rule, `full-nodes=1`).
 
 `finetune-table` evaluates the final models on the test split (the full model, random subnets,
 and every post-training pruning of `twist-fl report` on the DDP model at the main F) and writes
@@ -45,7 +46,10 @@ log = logging.getLogger(__name__)
 DEFAULT_VARIANTS = ("distill:distill-from=init distill-weight=0.5 distill-temperature=1.0;"
                     "full1:full-nodes=1;"
                     "mixed:keep-choices=2,4,6,8;"
-                    "nesterov:server-optimizer=nesterov server-lr=0.7 server-momentum=0.9")
+                    "nesterov:server-optimizer=nesterov server-lr=0.7 server-momentum=0.9;"
+                    "distill-full1:distill-from=init distill-weight=0.5 distill-temperature=1.0 full-nodes=1")
+# From scratch there is no teacher; the sandwich rule is the lever the literature trains with.
+DEFAULT_SCRATCH_VARIANTS = "full1:full-nodes=1"
 
 
 STAGES = ("dense", "grid", "pairs", "levers", "eqc", "ablation", "scratch")
@@ -63,6 +67,7 @@ class FinetuneOptions:
     twist_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3])
     ddp_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3])
     variants: str = DEFAULT_VARIANTS
+    scratch_variants: str = DEFAULT_SCRATCH_VARIANTS  # levers of the scratch stage (no distillation: no teacher)
     equal_compute: bool = True
     run_config: dict[str, Any] = field(default_factory=dict)  # on top of the defaults, for every job
     stages: str = "dense,grid,pairs,levers,eqc,ablation,scratch"
@@ -104,6 +109,11 @@ class Finetune:
         self.base = {**RunConfig().to_flat(), **opts.run_config}
         self.local_steps = int(self.base["local-steps"])
         self.variants = parse_variants(opts.variants)
+        self.scratch_variants = parse_variants(opts.scratch_variants)
+        for name, extra in self.scratch_variants.items():
+            if "distill-from" in extra:
+                raise ValueError(f"--scratch-variants entry {name!r} distils, but from scratch there is no teacher "
+                                 "(init-from); leave distill-from out there")
         for f in (opts.dense_steps, opts.ft_steps, *opts.ft_ablation):
             _steps_to_rounds(f, self.local_steps, "a step count")
         if opts.seeds < 1 or opts.nodes < 1:
@@ -141,6 +151,7 @@ class Finetune:
         out += [self.ft(s, lr, o.ft_steps, 0) for s, lrs in (("twist", o.twist_lrs), ("ddp", o.ddp_lrs))
                 for lr in lrs]
         out += [self.ft("twist", o.twist_lrs[0], o.ft_steps, 0, v) for v in self.variants.values()]
+        out += [self.scratch(0, v) for v in self.scratch_variants.values()]
         return out
 
     # --- running -------------------------------------------------------------------------
@@ -228,7 +239,10 @@ class Finetune:
         best = self.best_lrs()
         write_json(self.out / "plan.json", {"best_lrs": best, "F": o.ft_steps, "dense_steps": o.dense_steps,
                                             "dense_lr": o.dense_lr, "ablation": o.ft_ablation, "seeds": o.seeds,
-                                            "variants": o.variants, "argv": o.argv})
+                                            "nodes": o.nodes, "twist_lrs": o.twist_lrs, "ddp_lrs": o.ddp_lrs,
+                                            "variants": o.variants, "scratch_variants": o.scratch_variants,
+                                            "equal_compute": o.equal_compute, "run_config": o.run_config,
+                                            "argv": o.argv})
         for stage in stages:
             for seed in seeds:
                 if stage == "pairs":
@@ -251,9 +265,8 @@ class Finetune:
 
     def _scratch(self, seed: int) -> None:
         self.job(f"scratch-base-s{seed}", self.scratch(seed))
-        for name, extra in self.variants.items():
-            if "distill-from" not in extra:  # there is no dense teacher from scratch
-                self.job(f"scratch-{name}-s{seed}", self.scratch(seed, extra))
+        for name, extra in self.scratch_variants.items():
+            self.job(f"scratch-{name}-s{seed}", self.scratch(seed, extra))
 
     @staticmethod
     def pair_name(side: str, lr: float, steps: int, seed: int) -> str:
@@ -334,7 +347,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         return res
 
     result: dict[str, Any] = {"best_lrs": best, "seeds": seeds, "keeps": keep_list, "n_blocks": n, "F": f_main,
-                              "run_argv": plan.get("argv") or [], "machine": machine(),
+                              "command": plan_command(plan, str(root)), "machine": machine(),
                               "dense_steps": plan["dense_steps"], "dense_lr": plan["dense_lr"], "split": "test",
                               "tokens": tokens, "draws": draws}
     # The main comparison: TwIST fine-tuned vs DDP fine-tuned plus every post-training pruning.
@@ -494,6 +507,36 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
                   f"random draws). Ratio: paired by seed against TwIST as today at {half}/{n}.", "",
                   head.rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
         lines += _lever_rows(scratch, "TwIST (as today)", keeps, half)
-    commands = [" ".join(shlex.quote(a) for a in c) for c in (res.get("run_argv"), argv) if c]
-    lines += ["", "## Commands", "", "```", *("twist-fl tune " + c for c in commands), "```", ""]
+    lines += ["", "## Commands", "", "Every stage (resumable; a second process with `--reverse` on the same folder "
+              "shares the jobs), then this table:", "", "```", res["command"]]
+    if argv:
+        lines.append("twist-fl tune " + " ".join(shlex.quote(a) for a in argv))
+    lines += ["```", ""]
     return "\n".join(lines)
+
+
+def plan_command(plan: dict[str, Any], root: str) -> str:
+    """The `twist-fl tune finetune` command that runs every stage of `plan` (plan.json)."""
+    def floats(xs: list[float]) -> str:
+        return ",".join(f"{x:g}" for x in xs)
+
+    o = FinetuneOptions(out=root)
+    parts = ["twist-fl tune finetune --out", shlex.quote(root)]
+    for flag, value, default in (
+            ("--seeds", plan.get("seeds", o.seeds), o.seeds), ("--nodes", plan.get("nodes", o.nodes), o.nodes),
+            ("--dense-steps", plan["dense_steps"], o.dense_steps), ("--dense-lr", f"{plan['dense_lr']:g}",
+                                                                     f"{o.dense_lr:g}"),
+            ("--ft-steps", plan["F"], o.ft_steps), ("--ft-ablation", ",".join(map(str, plan["ablation"])),
+                                                    ",".join(map(str, o.ft_ablation))),
+            ("--twist-lrs", floats(plan.get("twist_lrs", o.twist_lrs)), floats(o.twist_lrs)),
+            ("--ddp-lrs", floats(plan.get("ddp_lrs", o.ddp_lrs)), floats(o.ddp_lrs)),
+            ("--variants", plan.get("variants", o.variants), o.variants),
+            ("--scratch-variants", plan.get("scratch_variants", o.scratch_variants), o.scratch_variants)):
+        if value != default:
+            parts += [flag, shlex.quote(str(value))]
+    if not plan.get("equal_compute", True):
+        parts.append("--no-equal-compute")
+    if plan.get("run_config"):
+        parts += ["--run-config", shlex.quote(" ".join(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}"
+                                                       for k, v in plan["run_config"].items()))]
+    return " ".join(parts)

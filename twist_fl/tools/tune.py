@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3")
     f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3")
     f.add_argument("--variants", default=None, help="levers: 'name:key=value ...;name2:...' (default: distill, "
-                   "full1, mixed, nesterov)")
+                   "full1, mixed, nesterov, distill-full1)")
+    f.add_argument("--scratch-variants", default=None, help="levers of the scratch stage, the same form, no "
+                   "distillation (default: full1)")
     f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
                    help="which stages to run (the dense stage and the grid always run first)")
     f.add_argument("--no-equal-compute", action="store_true", help="skip TwIST's equal-compute runs")
@@ -247,7 +249,7 @@ def _seeds(text: str) -> list[int] | None:
 
 
 def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
-    from .finetune import DEFAULT_VARIANTS, Finetune, FinetuneOptions, finetune_table
+    from .finetune import DEFAULT_SCRATCH_VARIANTS, DEFAULT_VARIANTS, Finetune, FinetuneOptions, finetune_table
 
     if args.verb == "finetune-table":
         if args.draws < 1 or args.test_tokens < 1:
@@ -263,6 +265,8 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            if args.ft_ablation.strip() else [],
                            twist_lrs=_floats(args.twist_lrs, "--twist-lrs"), ddp_lrs=_floats(args.ddp_lrs, "--ddp-lrs"),
                            variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
+                           scratch_variants=DEFAULT_SCRATCH_VARIANTS if args.scratch_variants is None
+                           else args.scratch_variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
                            stages=args.stages, argv=argv,
                            seed_list=_seeds(args.seed_list), reverse=args.reverse)
