@@ -171,3 +171,28 @@ def sample_blueprints(
                 per_subnet[kind][s].append(tuple(sorted(held[s])))
     return [Blueprint(heads=tuple(per_subnet["heads"][s]), ffn=tuple(per_subnet["ffn"][s]))
             for s in range(n_subnets)]
+
+
+def _shared(cfg: GPTConfig, shared_layers: Sequence[int] | None) -> tuple[int, ...]:
+    return cfg.shared_layer_ids if shared_layers is None else tuple(sorted({int(i) % cfg.n_layer
+                                                                           for i in shared_layers}))
+
+
+def prefix_blueprint(cfg: GPTConfig, keep: int, shared_layers: Sequence[int] | None = None) -> Blueprint:
+    """The nested subnet of HeteroFL and FjORD (ordered dropout): the first `keep` heads and FFN
+    blocks of every non-shared layer; shared layers whole. Deterministic: one subnet per size."""
+    cfg.check_keep(keep)
+    return window_blueprint(cfg, keep, 0, shared_layers)
+
+
+def window_blueprint(cfg: GPTConfig, keep: int, start: int, shared_layers: Sequence[int] | None = None) -> Blueprint:
+    """FedRolex's rolling window: `keep` consecutive blocks from `start` (cyclic, modulo each
+    kind's block count) in every non-shared layer; shared layers whole."""
+    cfg.check_keep(keep)
+    shared = _shared(cfg, shared_layers)
+    parts = {}
+    for kind in KINDS:
+        n = cfg.blocks_of(kind)
+        window = tuple(sorted((int(start) + j) % n for j in range(min(keep, n))))
+        parts[kind] = tuple(tuple(range(n)) if layer in shared else window for layer in range(cfg.n_layer))
+    return Blueprint(heads=parts["heads"], ffn=parts["ffn"])

@@ -19,6 +19,7 @@ KINDS = ("heads", "ffn")  # the two kinds of blocks a subnet keeps a share of
 FLOWER_STRATEGIES = ("twist", "fedavg")  # what the Flower app runs
 DENSE_STRATEGIES = ("fedavg", "ddp")  # every worker trains the full model
 STRATEGIES = (*FLOWER_STRATEGIES, "ddp")  # ddp: data-parallel training on torch.distributed (`twist-fl ddp`)
+SUBNET_POLICIES = ("random", "ordered", "rolling")  # TwIST; HeteroFL / FjORD (nested prefix); FedRolex
 NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense subnet; masked = full model + mask
 RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
 DISTILL_SOURCES = ("", "init", "global")  # teacher of the local distillation loss ("" = none), see core/objective.py
@@ -158,6 +159,8 @@ class RunConfig:
     keep_choices: str = ""  # mixed keeps: a comma list (e.g. "2,4,6,8") each node draws its keep from per round,
     # within its capacity; "" = every node at `keep`. `keep="2,4,6,8"` is read as this key
     full_nodes: int = 0  # nodes per round that train the full model (rotating, seeded): the sandwich rule
+    subnet_policy: str = "random"  # which blocks a node holds: random (TwIST) | ordered (the nested prefix: HeteroFL,
+    # FjORD) | rolling (FedRolex: a cyclic window advancing one block a round); deployment cuts the same kind
     # levers of the local objective (core/objective.py)
     distill_from: str = ""  # "" (off) | init (the init-from model, loaded once on each node) | global (the round's
     # full model; masked nodes only, which receive it anyway)
@@ -379,6 +382,10 @@ class RunConfig:
         if self.strategy == "ddp" and self.server_optimizer != "avg":
             raise ValueError(f"run-config server-optimizer={self.server_optimizer!r} has no meaning for ddp (one "
                              "optimizer steps on the all-reduced gradients)")
+        _choice("subnet-policy", self.subnet_policy, SUBNET_POLICIES)
+        if self.strategy != "twist" and self.subnet_policy != "random":
+            raise ValueError(f"run-config subnet-policy={self.subnet_policy!r} chooses subnets; strategy="
+                             f"{self.strategy!r} trains the full model on every node (allowed with strategy 'twist')")
         if self.strategy != "twist" and (self.full_nodes or self.keep_choices.strip()):
             raise ValueError(f"run-config full-nodes and keep-choices choose subnet sizes; strategy={self.strategy!r} "
                              "trains the full model on every node (allowed with strategy 'twist')")

@@ -12,6 +12,19 @@ for one blueprint per selected node and never draws blocks itself. The policy he
   allows (the smallest choice when none fits).
 
 With neither lever the blueprints are exactly today's `sample_blueprints` draw.
+
+`subnet-policy` chooses the kind of subnet instead of TwIST's random one (the same round loop,
+coverage averaging and levers; only the blueprints differ):
+
+- `ordered`: the nested prefix, the first k heads and FFN blocks of each non-shared layer
+  (`prefix_blueprint`). With each node's keep fixed by its capacity this is HeteroFL; with
+  `keep-choices` (a keep drawn per node and round within its capacity) it is FjORD's ordered
+  dropout (without its self-distillation, which is not built yet).
+- `rolling`: FedRolex's window of k consecutive blocks (cyclic), starting at block
+  `(round - 1) mod N` in every non-shared layer, so that every block has its turn within N rounds.
+
+Deployment cuts the kind of subnet the policy trained (`deploy_blueprints`): the prefix for
+`ordered`, random draws for `random` and `rolling` (a rolling window has no preferred position).
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .blueprint import Blueprint, sample_blueprints
+from .blueprint import Blueprint, prefix_blueprint, sample_blueprints, window_blueprint
 from .config import GPTConfig, RunConfig
 from .rng import Stream, generator
 
@@ -68,6 +81,12 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
     rest = [i for i in range(n) if i not in full]
     partial = bool(rest) and sum(keeps[i] for i in rest) < max(cfg.n_head, cfg.n_ffn_blocks)
     bps: list[Blueprint] = [Blueprint.full(cfg)] * n
+    if run.subnet_policy != "random":  # nested or rolling subnets leave blocks out by design: no warning
+        for i in rest:
+            bps[i] = prefix_blueprint(cfg, keeps[i]) if run.subnet_policy == "ordered" \
+                else window_blueprint(cfg, keeps[i], round_ - 1)
+        return RoundPlan(bps, [cfg.n_blocks if i in full else keeps[i] for i in range(n)],
+                         [i in full for i in range(n)], False)
     if rest:
         drawn = sample_blueprints(cfg, len(rest), [keeps[i] for i in rest], run.seed, round_,
                                   allow_partial=partial or bool(full))
@@ -75,3 +94,13 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
             bps[i] = bp
     return RoundPlan(bps, [cfg.n_blocks if i in full else keeps[i] for i in range(n)],
                      [i in full for i in range(n)], partial and not full)
+
+
+def deploy_blueprints(cfg: GPTConfig, policy: str, keep: int, seed: int, draws: int,
+                      stream: Stream = Stream.DEPLOY_DRAWS) -> list[Blueprint]:
+    """The subnets of size `keep` a model trained with `policy` is deployed as: the one nested
+    prefix for `ordered`; `draws` random subnets (seeded, draw d from `stream` at `d`) otherwise."""
+    if policy == "ordered":
+        return [prefix_blueprint(cfg, keep)]
+    return [sample_blueprints(cfg, 1, keep, seed=seed, round=d, allow_partial=True, stream=stream)[0]
+            for d in range(draws)]

@@ -23,6 +23,7 @@ from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
 from .io import WriteError, atomic_write_text, json_line, write_json
 from .model import GPT
+from .policy import deploy_blueprints
 from .precision import precision_scope, resolve_precision
 from .report import final_table, plot_keeps, plot_rounds
 from .rng import Stream
@@ -38,10 +39,10 @@ class Evaluator:
         self.cfg, self.run, self.windows = cfg, run, windows
         self.device = pick_device(run.device)
         self.precision = resolve_precision(run.precision, self.device)  # fp16 on a CPU is refused here
-        # The same draws at every evaluation, so curves over rounds compare like with like.
-        self.draws = {k: [sample_blueprints(cfg, 1, k, seed=run.seed, round=d, allow_partial=True,
-                                            stream=Stream.EVAL_DRAWS)[0]
-                          for d in range(run.eval_draws)] for k in run.eval_keeps_for(cfg)}
+        # The same draws at every evaluation, so curves over rounds compare like with like; the
+        # subnets the run's policy deploys (the nested prefix for `ordered`, random draws otherwise).
+        self.draws = {k: deploy_blueprints(cfg, run.subnet_policy, k, run.seed, run.eval_draws, Stream.EVAL_DRAWS)
+                      for k in run.eval_keeps_for(cfg)}
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         with precision_scope(self.precision):

@@ -24,7 +24,7 @@ from ..core.progress import progress
 from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
-from .prune import prune_structured, random_blueprint, random_subnet_ppl, unstructured_prune
+from .prune import policy_of, prune_structured, random_blueprint, random_subnet_ppl, unstructured_prune
 
 log = logging.getLogger(__name__)
 DENSE_NAMES = {"fedavg": "FedAvg", "ddp": "DDP"}
@@ -115,6 +115,9 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
                "TwIST magnitude": (twist, "magnitude"), "dense random": (dense, "random"),
                "dense best-of-k": (dense, "best-of-k"), "dense magnitude": (dense, "magnitude"),
                "dense Wanda": (dense, "wanda"), "dense Taylor": (dense, "taylor"), "dense FLAP": (dense, "flap")}
+    if policy_of(meta_t) == "ordered":  # a nested-prefix run (HeteroFL, FjORD) is deployed as its prefix
+        methods = {"TwIST prefix": (twist, "prefix"), **methods}
+    res["twist_policy"] = policy_of(meta_t)
     shares = {}
     for k in keeps:  # what keep k removes: the same share for every method at k
         sp = sparsity(cfg, random_blueprint(cfg, k, args.seed))

@@ -32,14 +32,15 @@ import torch
 import torch.nn as nn
 
 from ..core.blocks import block_indices, slice_spec, slice_state
-from ..core.blueprint import Blueprint, sample_blueprints
+from ..core.blueprint import Blueprint, prefix_blueprint, sample_blueprints
 from ..core.config import KINDS, GPTConfig
 from ..core.model import GPT
 from ..core.progress import progress
 from ..core.rng import Stream
 from ..core.train import evaluate
 
-STRUCTURED = ("random", "best-of-k", "magnitude", "wanda", "taylor", "flap")
+STRUCTURED = ("random", "best-of-k", "magnitude", "wanda", "taylor", "flap", "prefix")  # prefix: the nested
+# subnet a subnet-policy='ordered' run (HeteroFL, FjORD) trained; no calibration
 CALIBRATED = ("best-of-k", "wanda", "taylor", "flap")  # structured methods that need calibration data
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -56,6 +57,21 @@ def subnet(model: GPT, bp: Blueprint) -> GPT:
     if model.blueprint is not None:
         raise ValueError("pruning needs a full model; this one is already a subnet")
     return GPT.from_state(model.cfg, slice_state(model.state_dict(), model.cfg, bp), blueprint=bp)
+
+
+def policy_of(meta: dict) -> str:
+    """The subnet policy a model was trained with (its run's `subnet-policy`; `random` when the
+    run predates the key or the model has no run)."""
+    return str((meta or {}).get("run", {}).get("subnet-policy") or "random")
+
+
+def deployed_subnet_ppl(model: GPT, policy: str, keep: int, seed: int, draws: int,
+                        windows: np.ndarray) -> list[float]:
+    """Perplexity of the subnets at `keep` a model trained with `policy` is deployed as: its
+    nested prefix (one) for `ordered`, `draws` random subnets otherwise (`random_subnet_ppl`)."""
+    if policy == "ordered":
+        return [evaluate(subnet(model, prefix_blueprint(model.cfg, keep)), windows)["ppl"]]
+    return random_subnet_ppl(model, keep, seed, draws, windows)
 
 
 def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray) -> list[float]:
@@ -252,6 +268,8 @@ def choose_blueprint(model: GPT, keep: int, method: str, seed: int = 0, calib: n
                      k: int = 8) -> Blueprint:
     if method == "random":
         return random_blueprint(model.cfg, keep, seed)
+    if method == "prefix":
+        return prefix_blueprint(model.cfg, keep)
     if method == "best-of-k":
         if calib is None:
             raise ValueError("best-of-k needs calibration data")

@@ -42,7 +42,15 @@ from ..evaluation.loading import (
     parse_keeps,
     windows_for,
 )
-from ..evaluation.prune import CALIBRATED, STRUCTURED, prune_structured, random_blueprint, random_subnet_ppl
+from ..evaluation.prune import (
+    CALIBRATED,
+    STRUCTURED,
+    deployed_subnet_ppl,
+    policy_of,
+    prune_structured,
+    random_blueprint,
+    random_subnet_ppl,
+)
 
 
 def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -123,6 +131,11 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                                 "removed_of_all_params": s["removed_of_all_params"]}
         print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
               f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
+        if policy_of(meta) == "ordered":  # the subnet an ordered run (HeteroFL, FjORD) is deployed as
+            prefix = _finite_ppl(deployed_subnet_ppl(model, "ordered", k, args.seed, 1, windows)[0],
+                                 f"the prefix subnet at keep {k} of {args.model}")
+            res["keeps"][str(k)]["prefix"] = prefix
+            print(f"  keep {k}: perplexity {prefix:.3f}, the nested prefix (the run's subnet-policy 'ordered')")
     if args.json:
         write_json(Path(args.json), res)
     return res
@@ -202,16 +215,19 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
         run = meta.get("run", {})
         n = model.cfg.n_blocks
         trained = n if run.get("strategy") in DENSE_STRATEGIES else int(run.get("keep") or n // 2)
-        row = {"model": path, "strategy": run.get("strategy"), "trained_keep": trained, "eval": {}, "std": {}}
-        for k in keeps:
-            draws = [_finite_ppl(x, f"a random subnet at keep {k} of {path}")
-                     for x in random_subnet_ppl(model, k, args.seed, args.draws, windows)]
+        policy = policy_of(meta)
+        row = {"model": path, "strategy": run.get("strategy"), "policy": policy, "trained_keep": trained,
+               "eval": {}, "std": {}}
+        for k in keeps:  # the subnets the model's policy deploys: the prefix for 'ordered', random draws otherwise
+            draws = [_finite_ppl(x, f"a deployed subnet at keep {k} of {path}")
+                     for x in deployed_subnet_ppl(model, policy, k, args.seed, args.draws, windows)]
             row["eval"][str(k)], row["std"][str(k)] = float(np.mean(draws)), float(np.std(draws))
         rows.append(row)
     keys = sorted({k for r in rows for k in r["eval"]}, key=int)
     table = ["| model | trained at keep | " + " | ".join(f"eval keep {k}" for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
-    table += [f"| {r['strategy'] or '?'} | {r['trained_keep']} | "
+    table += [f"| {r['strategy'] or '?'}{'' if r['policy'] == 'random' else ' (' + r['policy'] + ')'} | "
+              f"{r['trained_keep']} | "
               + " | ".join(f"{r['eval'][k]:.3f} ± {r['std'][k]:.3f}" if k in r["eval"] else "" for k in keys) + " |"
               for r in rows]
     with staged_folder(out) as tmp:
