@@ -145,3 +145,85 @@ def test_bad_policies_are_refused_by_name(keys, match):
 def test_ddp_refuses_a_policy(capsys):
     assert main(["ddp", "--nproc", "2", "--run-config", "subnet-policy='ordered'"]) == 2
     assert "subnet-policy" in capsys.readouterr().err
+
+
+# --- FjORD's self-distillation ------------------------------------------------------------------
+
+
+def test_a_subnet_runs_a_nested_prefix_as_the_full_model_masked_would():
+    torch.manual_seed(0)
+    full = GPT(CFG).eval()
+    sub = prune_structured(full, 3, "prefix").eval()
+    x = torch.randint(0, CFG.vocab_size, (2, 16))
+    small = prefix_blueprint(CFG, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(sub(x, mask=small)[0], full(x, mask=small)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="within the subnet's blueprint"):
+        sub(x, mask=window_blueprint(CFG, 1, 3))  # block 3 is not in the prefix of 3
+
+
+def test_self_distillation_is_finite_and_moves_the_small_prefix_toward_the_large_one():
+    from twist_fl.core.objective import SelfDistillation, batch_loss, kl_to_teacher
+    from twist_fl.core.rng import Stream, generator
+
+    torch.manual_seed(0)
+    model = prune_structured(GPT(CFG), 3, "prefix")
+    with torch.no_grad():  # weights far from init, so that the small prefix and the subnet disagree
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    x = torch.randint(0, CFG.vocab_size, (4, 16))
+    small = prefix_blueprint(CFG, 1)
+    sd = SelfDistillation(1.0, (small,), generator(0, Stream.SELF_DISTILL, 0, 1))
+
+    def gap():
+        with torch.no_grad():
+            return float(kl_to_teacher(model(x, mask=small)[0], model(x)[0], 1.0))
+
+    before = gap()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(30):
+        loss, ce = batch_loss(model, x, x, self_distill=sd)
+        assert torch.isfinite(loss) and loss > ce  # the KL term is there, and positive
+        opt.zero_grad()
+        (loss - ce).backward()  # the distillation term alone
+        opt.step()
+    assert gap() < 0.5 * before
+
+
+def test_self_distill_weight_zero_is_plain_ordered_training(tmp_path):
+    from .helpers import final_weights
+
+    keys = dict(num_nodes=2, keep="1,2,3,4", subnet_policy="ordered", optimizer_state="reset")
+    _, _, plain = run_local(tmp_path, "plain", **keys)
+    _, _, zero = run_local(tmp_path, "zero", self_distill_weight=0.0, **keys)
+    _, _, on = run_local(tmp_path, "on", self_distill_weight=0.5, **keys)
+    a, b, c = final_weights(plain), final_weights(zero), final_weights(on)
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a)
+    assert any(a[k].tobytes() != c[k].tobytes() for k in a)  # the lever does something
+    assert all(np.isfinite(v).all() for v in c.values())
+
+
+def test_self_distillation_needs_the_ordered_policy():
+    with pytest.raises(ValueError, match=r"self-distill-weight=0.5 trains smaller nested prefixes \(FjORD\); it "
+                                         r"needs subnet-policy='ordered', not 'random'"):
+        RunConfig.from_flat({**TINY, "self-distill-weight": 0.5})
+
+
+def test_a_checkpoint_from_before_a_key_existed_still_resumes(tmp_path):
+    """A checkpoint written before `subnet-policy` existed resumes: the key is read as its default."""
+    import shutil
+
+    _, _, run_dir = run_local(tmp_path, "old", num_nodes=2, num_server_rounds=2)
+    shutil.rmtree(run_dir / "model")
+    (run_dir / "summary.json").unlink()
+    state_file = run_dir / "checkpoints" / "round-00002" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("subnet-policy", "self-distill-weight"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
+    summary, _, _ = run_local(tmp_path, "again", num_nodes=2, num_server_rounds=3, resume_from=str(run_dir))
+    assert summary["rounds"] == 3
+    with pytest.raises(ValueError, match=r"differs from the checkpoint's in \{'subnet-policy': \('random', "
+                                         r"'ordered'\)\}"):
+        run_local(tmp_path, "again2", num_nodes=2, num_server_rounds=4, resume_from=str(run_dir),
+                  subnet_policy="ordered")

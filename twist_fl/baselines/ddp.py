@@ -69,6 +69,7 @@ NOT_FOR_DDP = {
     "keep-choices": "every worker trains the full model",
     "full-nodes": "every worker trains the full model",
     "subnet-policy": "every worker trains the full model",
+    "self-distill-weight": "every worker trains the full model",
     "distill-from": "the levers of subnet training do not apply to the dense model",
     "distill-weight": "the levers of subnet training do not apply to the dense model",
     "distill-temperature": "the levers of subnet training do not apply to the dense model",

@@ -58,6 +58,12 @@ class Blueprint:
                     )
         return self
 
+    def within(self, other: Blueprint) -> bool:
+        """Whether every block this blueprint keeps, `other` keeps too (layer by layer)."""
+        return len(self.heads) == len(other.heads) and all(
+            set(a) <= set(b) for mine, theirs in ((self.heads, other.heads), (self.ffn, other.ffn))
+            for a, b in zip(mine, theirs, strict=True))
+
     def is_full(self, cfg: GPTConfig) -> bool:
         return self == Blueprint.full(cfg)
 

@@ -161,6 +161,8 @@ class RunConfig:
     full_nodes: int = 0  # nodes per round that train the full model (rotating, seeded): the sandwich rule
     subnet_policy: str = "random"  # which blocks a node holds: random (TwIST) | ordered (the nested prefix: HeteroFL,
     # FjORD) | rolling (FedRolex: a cyclic window advancing one block a round); deployment cuts the same kind
+    self_distill_weight: float = 0.0  # FjORD's self-distillation (subnet-policy ordered): each step also trains one
+    # smaller nested prefix toward the node's own outputs, with this weight; 0 = off
     # levers of the local objective (core/objective.py)
     distill_from: str = ""  # "" (off) | init (the init-from model, loaded once on each node) | global (the round's
     # full model; masked nodes only, which receive it anyway)
@@ -386,6 +388,11 @@ class RunConfig:
         if self.strategy != "twist" and self.subnet_policy != "random":
             raise ValueError(f"run-config subnet-policy={self.subnet_policy!r} chooses subnets; strategy="
                              f"{self.strategy!r} trains the full model on every node (allowed with strategy 'twist')")
+        if not (math.isfinite(self.self_distill_weight) and 0 <= self.self_distill_weight <= 1):
+            raise ValueError(f"run-config self-distill-weight={self.self_distill_weight!r} must be in [0, 1]")
+        if self.self_distill_weight and self.subnet_policy != "ordered":
+            raise ValueError(f"run-config self-distill-weight={self.self_distill_weight!r} trains smaller nested "
+                             f"prefixes (FjORD); it needs subnet-policy='ordered', not {self.subnet_policy!r}")
         if self.strategy != "twist" and (self.full_nodes or self.keep_choices.strip()):
             raise ValueError(f"run-config full-nodes and keep-choices choose subnet sizes; strategy={self.strategy!r} "
                              "trains the full model on every node (allowed with strategy 'twist')")

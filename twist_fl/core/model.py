@@ -186,6 +186,8 @@ class GPT(nn.Module):
 
         `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
         exactly zero (so they get zero gradients) and the kept ones are scaled as in the subnet.
+        A subnet model takes a mask within its own blueprint (ids of the full model), so that a
+        node can run a smaller nested subnet of the one it holds (FjORD's self-distillation).
         `cache` (one dict per layer, see `new_cache`) keeps keys and values for decoding.
         Under a bf16 or fp16 `precision_scope` the body runs under autocast; logits and loss
         come back float32.
@@ -203,20 +205,23 @@ class GPT(nn.Module):
         past = cache_length(cache)
         if past + T > self.cfg.block_size:
             raise ValueError(f"sequence length {past + T} exceeds the model's block_size {self.cfg.block_size}")
+        own = None
         if mask is not None:
-            if self.blueprint is not None:
-                raise ValueError("a masked forward needs the full model, not a subnet")
             mask.validate(self.cfg)
+            own = self.blueprint or Blueprint.full(self.cfg)
+            if not mask.within(own):
+                raise ValueError("a masked forward of a subnet needs a mask within the subnet's blueprint")
         pos = torch.arange(past, past + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.h):
             if mask is None:
                 x = block(x, cache=None if cache is None else cache[i])
                 continue
-            hm = torch.zeros(self.cfg.n_head, device=x.device, dtype=x.dtype)
-            hm[list(mask.heads[i])] = 1
-            fm = torch.zeros(self.cfg.n_ffn_blocks, device=x.device, dtype=x.dtype)
-            fm[list(mask.ffn[i])] = 1
+            # The mask names blocks of the full model; this model holds `own`'s, in that order.
+            hm = torch.zeros(len(own.heads[i]), device=x.device, dtype=x.dtype)
+            hm[[j for j, h in enumerate(own.heads[i]) if h in set(mask.heads[i])]] = 1
+            fm = torch.zeros(len(own.ffn[i]), device=x.device, dtype=x.dtype)
+            fm[[j for j, b in enumerate(own.ffn[i]) if b in set(mask.ffn[i])]] = 1
             x = block(x, hm, fm,
                       layer_scale(self.cfg, len(mask.heads[i]), self.cfg.n_head),
                       layer_scale(self.cfg, len(mask.ffn[i]), self.cfg.n_ffn_blocks))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .blocks import slice_state
-from .blueprint import Blueprint
+from .blueprint import Blueprint, prefix_blueprint
 from .config import NODE_MODES, GPTConfig, RunConfig, parse_mode
 from .data import (
     SPEECH_PARTITIONINGS,
@@ -34,7 +34,7 @@ from .data import (
 )
 from .io import atomic_write
 from .model import GPT, load_state_strict
-from .objective import Distillation, init_teacher
+from .objective import Distillation, SelfDistillation, init_teacher
 from .precision import precision_scope, resolve_precision
 from .rng import Stream, generator
 from .train import (
@@ -166,9 +166,11 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
     rng = generator(run.seed, Stream.NODE_BATCHES, partition_id, round_)
     batches = random_batches(tokens, run.batch_size, run.seq_len, rng)
     distill = node_distillation(run, cfg, arrays, masked, dev)
+    self_distill = node_self_distillation(run, cfg, bp, partition_id, round_)
     with precision_scope(resolve_precision(run.precision, dev)):
         stats = train_steps(model, batches, task.local_steps, opt, grad_clip=run.grad_clip,
-                            mask=bp if masked and not bp.is_full(cfg) else None, distill=distill)
+                            mask=bp if masked and not bp.is_full(cfg) else None, distill=distill,
+                            self_distill=self_distill)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     reply = slice_state(state, cfg, bp) if masked else state
     new_moments, step = None, 0
@@ -178,6 +180,22 @@ def local_update(task: LocalTask, *, run: RunConfig, arrays: Mapping[str, Any], 
     return LocalResult(arrays={k: v.numpy().astype(np.float32, copy=False) for k, v in reply.items()},
                        metrics={"train-loss": stats["train_loss"], "num-examples": stats["num_examples"]},
                        moments=new_moments, moment_step=step)
+
+
+def node_self_distillation(run: RunConfig, cfg: GPTConfig, bp: Blueprint, partition_id: int,
+                           round_: int) -> SelfDistillation | None:
+    """FjORD's self-distillation for a node holding the prefix `bp`, or None when it is off or
+    the node holds the smallest size: the smaller prefixes are the `keep-choices` below its
+    keep (every smaller keep without them)."""
+    if run.self_distill_weight <= 0 or run.subnet_policy != "ordered":
+        return None
+    inner = [i for i in range(cfg.n_layer) if i not in cfg.shared_layer_ids] or [0]
+    keep = len(bp.heads[inner[0]])
+    smaller = [k for k in (run.keep_choice_list or range(1, keep)) if k < keep]
+    if not smaller:
+        return None
+    return SelfDistillation(run.self_distill_weight, tuple(prefix_blueprint(cfg, k) for k in smaller),
+                            generator(run.seed, Stream.SELF_DISTILL, partition_id, round_))
 
 
 def node_distillation(run: RunConfig, cfg: GPTConfig, arrays: Mapping[str, Any], masked: bool,

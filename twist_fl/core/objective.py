@@ -11,6 +11,10 @@ KL is summed over the vocabulary and averaged over tokens, as CE is. The teacher
 model run without gradients: the dense model the run started from (`init`, loaded once per
 node process by `init_teacher`, never sent), or the round's full model (`global`, which masked
 nodes receive anyway). With no distillation the step is exactly the plain one.
+
+FjORD's self-distillation (`self-distill-weight`, with `subnet-policy = "ordered"`) adds, each
+step, one smaller nested prefix of the node's own subnet trained toward the subnet's outputs
+(`SelfDistillation`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,17 +50,38 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(s, t, log_target=True, reduction="sum") / s.size(0)
 
 
+@dataclass
+class SelfDistillation:
+    """FjORD's self-distillation: each step also runs one smaller nested prefix of the node's
+    subnet (drawn from `prefixes` by `rng`, seeded by node and round) and adds `weight` times
+    KL(node's subnet || smaller prefix), the node's own outputs as soft targets (no gradient
+    through them). The node's subnet itself trains on the labels."""
+
+    weight: float  # in (0, 1]
+    prefixes: tuple[Blueprint, ...]  # the smaller prefixes a step may draw (ids of the full model)
+    rng: np.random.Generator
+
+    def draw(self) -> Blueprint:
+        return self.prefixes[int(self.rng.integers(len(self.prefixes)))]
+
+
 def batch_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mask: Blueprint | None = None,
-               distill: Distillation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               distill: Distillation | None = None,
+               self_distill: SelfDistillation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(the loss to minimise, the cross-entropy on the labels) of one batch."""
     logits, ce = model(x, y, mask=mask)
-    if distill is None:
+    if distill is None and self_distill is None:
         return ce, ce
-    with torch.no_grad():
-        teacher_logits, _ = distill.teacher(x)
-    t = distill.temperature
-    kl = kl_to_teacher(logits, teacher_logits, t)
-    return (1 - distill.weight) * ce + distill.weight * t * t * kl, ce
+    loss = ce
+    if distill is not None:
+        with torch.no_grad():
+            teacher_logits, _ = distill.teacher(x)
+        t = distill.temperature
+        loss = (1 - distill.weight) * ce + distill.weight * t * t * kl_to_teacher(logits, teacher_logits, t)
+    if self_distill is not None:
+        small_logits, _ = model(x, mask=self_distill.draw())
+        loss = loss + self_distill.weight * kl_to_teacher(small_logits, logits.detach(), 1.0)
+    return loss, ce
 
 
 @lru_cache(maxsize=2)

@@ -15,6 +15,7 @@ zeros, which is why `[seed, 7]` and `[seed, 7, 0]` would be the same stream).
     FED_EVAL      (round,)            which nodes evaluate in a round (`fraction-evaluate`), and their subnets
     FULL_NODES    ()                  the order in which nodes take turns training the full model (`full-nodes`)
     NODE_KEEPS    (round,)            each node's keep in a round (`keep-choices`)
+    SELF_DISTILL  (partition, round)  the smaller prefix each local step trains (`self-distill-weight`)
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ class Stream(enum.IntEnum):
     FED_EVAL = 7
     FULL_NODES = 8
     NODE_KEEPS = 9
+    SELF_DISTILL = 10
 
 
 KEY_LENGTH = {Stream.BLUEPRINTS: 1, Stream.NODE_SAMPLE: 1, Stream.NODE_BATCHES: 2, Stream.SHARDS: 0,
               Stream.EVAL_DRAWS: 1, Stream.DEPLOY_DRAWS: 1, Stream.FED_EVAL: 1,
-              Stream.FULL_NODES: 0, Stream.NODE_KEEPS: 1}
+              Stream.FULL_NODES: 0, Stream.NODE_KEEPS: 1, Stream.SELF_DISTILL: 2}
 
 
 def generator(seed: int, stream: Stream, *key: int) -> np.random.Generator:

@@ -17,7 +17,7 @@ from .blocks import scatter_state, slice_state
 from .blueprint import Blueprint
 from .config import GPTConfig
 from .model import GPT
-from .objective import Distillation, batch_loss
+from .objective import Distillation, SelfDistillation, batch_loss
 from .precision import grad_scaler
 from .progress import progress
 
@@ -92,7 +92,8 @@ def make_optimizer(model: GPT, opt: OptimConfig) -> torch.optim.AdamW:
 def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.ndarray]], steps: int,
                 optimizer: torch.optim.Optimizer, grad_clip: float = 1.0,
                 mask: Blueprint | None = None, step_times: list[float] | None = None,
-                distill: Distillation | None = None) -> dict[str, float]:
+                distill: Distillation | None = None,
+                self_distill: SelfDistillation | None = None) -> dict[str, float]:
     """Train for exactly `steps` batches; `mask` trains a full model as that subnet. `model` is a
     GPT or a wrapper that forwards to one (DistributedDataParallel). `step_times` collects each
     step's seconds (forward, backward with its gradient exchange, clip, optimizer step). Forward
@@ -108,7 +109,7 @@ def train_steps(model: torch.nn.Module, batches: Iterator[tuple[np.ndarray, np.n
         t0 = time.perf_counter()
         x, y = next(batches)
         x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-        loss, ce = batch_loss(model, x, y, mask, distill)
+        loss, ce = batch_loss(model, x, y, mask, distill, self_distill)
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()

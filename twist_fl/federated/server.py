@@ -72,8 +72,12 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         folder = RunFolder.existing(run.resume_from)
         folders.append(folder)
         start_round, weights, state = load_checkpoint(folder.path)
-        if state.get("config") != _config_fingerprint(run):
-            old, new = state.get("config", {}), _config_fingerprint(run)
+        # A key newer than the checkpoint is read as its default there (it did not exist, so the
+        # run behaved as its default does): runs checkpointed by an earlier version still resume.
+        new = _config_fingerprint(run)
+        defaults = _config_fingerprint(RunConfig())
+        old = {**{k: defaults[k] for k in new if k in defaults}, **state.get("config", {})}
+        if old != new:
             diff = {k: (old.get(k), new.get(k)) for k in set(old) | set(new) if old.get(k) != new.get(k)}
             raise ValueError(f"resume-from={run.resume_from!r}: the run config differs from the checkpoint's in "
                              f"{diff} (key: (checkpoint, now)); only {sorted(RESUMABLE_CHANGES)} may change")
