@@ -218,10 +218,11 @@ class GPT(nn.Module):
                 x = block(x, cache=None if cache is None else cache[i])
                 continue
             # The mask names blocks of the full model; this model holds `own`'s, in that order.
+            kept_heads, kept_ffn = set(mask.heads[i]), set(mask.ffn[i])
             hm = torch.zeros(len(own.heads[i]), device=x.device, dtype=x.dtype)
-            hm[[j for j, h in enumerate(own.heads[i]) if h in set(mask.heads[i])]] = 1
+            hm[[j for j, h in enumerate(own.heads[i]) if h in kept_heads]] = 1
             fm = torch.zeros(len(own.ffn[i]), device=x.device, dtype=x.dtype)
-            fm[[j for j, b in enumerate(own.ffn[i]) if b in set(mask.ffn[i])]] = 1
+            fm[[j for j, b in enumerate(own.ffn[i]) if b in kept_ffn]] = 1
             x = block(x, hm, fm,
                       layer_scale(self.cfg, len(mask.heads[i]), self.cfg.n_head),
                       layer_scale(self.cfg, len(mask.ffn[i]), self.cfg.n_ffn_blocks))

@@ -19,7 +19,7 @@ coverage averaging and levers; only the blueprints differ):
 - `ordered`: the nested prefix, the first k heads and FFN blocks of each non-shared layer
   (`prefix_blueprint`). With each node's keep fixed by its capacity this is HeteroFL; with
   `keep-choices` (a keep drawn per node and round within its capacity) it is FjORD's ordered
-  dropout (without its self-distillation, which is not built yet).
+  dropout, and `self-distill-weight` adds its self-distillation on the node (core/objective.py).
 - `rolling`: FedRolex's window of k consecutive blocks (cyclic), starting at block
   `(round - 1) mod N` in every non-shared layer, so that every block has its turn within N rounds.
 
