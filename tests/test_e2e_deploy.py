@@ -167,9 +167,11 @@ def test_raising_and_hanging_clientapps_are_handled_alike(deployment, tmp_path):
     d.start_node("0", {"partition-id": 0, "num-partitions": 3, "num-threads": 1})
     d.start_node("1", {"partition-id": 1, "num-partitions": 3, "num-threads": 1, "twist-fault": "1:raise"}, env=FAULTY)
     d.start_node("2", {"partition-id": 2, "num-partitions": 3, "num-threads": 1, "twist-fault": "1:hang",
-                       "twist-hang-s": 45}, env=FAULTY)
+                       "twist-hang-s": 75}, env=FAULTY)
     d.wait_online(3)
-    rc = run_config(tmp_path, "hang", num_server_rounds=2, keep=1, min_nodes=3, round_timeout=30)
+    # A round timeout with room for a loaded machine (the healthy node must answer within it);
+    # the hang outlasts it by 15 s.
+    rc = run_config(tmp_path, "hang", num_server_rounds=2, keep=1, min_nodes=3, round_timeout=60)
 
     res = d.run(ROOT, rc, timeout=600)
 

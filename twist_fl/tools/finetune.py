@@ -353,11 +353,12 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     # The main comparison: TwIST fine-tuned vs DDP fine-tuned plus every post-training pruning.
     opts = ReportOptions(twist=[], dense=[], out=str(out), keeps=",".join(map(str, keep_list)), draws=draws,
                          split="test", eval_tokens=tokens)
-    per_seed = []
+    per_seed, pair_seeds = [], []
     for s in seeds:
         t = root / Finetune.pair_name("twist", best["twist"], f_main, s) / "run"
         d = root / Finetune.pair_name("ddp", best["ddp"], f_main, s) / "run"
         if _summary(t) and _summary(d):
+            pair_seeds.append(s)
             log.info("finetune-table: seed %d: TwIST against DDP and every pruning of it", s)
             per_seed.append(_cached(root, "compare_pair", [t, d], {"opts": dataclasses.asdict(opts) | {"out": ""}},
                                     lambda t=t, d=d: compare_pair(str(t), str(d), opts)))
@@ -365,6 +366,17 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         raise ValueError(f"{root} holds no finished TwIST/DDP pair at F={f_main}")
     main = per_seed[0] if len(per_seed) == 1 else aggregate(per_seed)
     result["comparison"] = main
+    result["pair_seeds"] = pair_seeds
+    # Per seed, the references every TwIST row is held against: the budget-matched DDP model's full
+    # perplexity, and its best structured pruning (by mean) at N/2.
+    best_label = min((lbl for lbl in main["structured"] if not lbl.startswith("TwIST")),
+                     key=lambda lbl: main["structured"][lbl][main["keeps"].index(half)]["ppl"])
+    refs = {"best_label": best_label[len("dense "):],
+            "structured_half": {s: r["structured"][best_label][r["keeps"].index(half)]["ppl"]
+                                for s, r in zip(pair_seeds, per_seed, strict=True)},
+            "dense_full": {s: r["dense_full_ppl"] for s, r in zip(pair_seeds, per_seed, strict=True)}}
+    result["references"] = {k: ({str(s): v for s, v in x.items()} if isinstance(x, dict) else x)
+                            for k, x in refs.items()}
     # Levers, the equal-compute run and the F ablation.
     base = tests(lambda s: Finetune.pair_name("twist", best["twist"], f_main, s))
     rows = {"TwIST (as today)": base}
@@ -396,7 +408,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     if scratch:
         scratch = {"DDP (the dense stage)": tests(lambda s: f"dense-s{s}"), **scratch}
     result["scratch"] = {k: {str(s): v for s, v in r.items()} for k, r in scratch.items()}
-    md = _markdown(result, rows, ablation, half, argv or [], scratch)
+    md = _markdown(result, rows, ablation, half, argv or [], scratch, refs)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "FINETUNE.md", md)
     write_json(out / "finetune.json", result)
@@ -416,24 +428,36 @@ def _flap_ppl(run_folder: str, keep: int, tokens: int) -> float:
 
 
 def _lever_rows(rows: dict[str, dict[int, dict[str, float]]], base_label: str, keeps: list[int],
-                half: int) -> list[str]:
-    """One table row per entry: full and keeps (mean ± std over its seeds), and the ratio at
-    `half` paired by seed against `rows[base_label]`."""
+                half: int, refs: dict[str, Any] | None = None) -> list[str]:
+    """One table row per entry: full and keeps (mean ± std over its seeds), the ratio at `half`
+    paired by seed against `rows[base_label]`, and with `refs` the ratios paired by seed against
+    the DDP model's best structured pruning at `half` (`structured_half`, when given) and against
+    its full model (`dense_full`)."""
     out = []
     base = rows.get(base_label, {})
+
+    def paired(r: dict[int, dict[str, float]], key: str, ref: dict[int, float]) -> str:
+        common = [s for s in sorted(r) if s in ref and key in r[s]]
+        return _ms([r[s][key] / ref[s] for s in common]) if common else ""
+
     for label, r in rows.items():
         ss = sorted(r)
         if not ss:
             continue
         cells = [_ms([r[s]["full"] for s in ss])] + [_ms([r[s][f"keep-{k}"] for s in ss]) for k in keeps]
-        common = [s for s in ss if s in base and f"keep-{half}" in r[s] and f"keep-{half}" in base[s]]
-        ratio = _ms([r[s][f"keep-{half}"] / base[s][f"keep-{half}"] for s in common]) if common else ""
-        out.append(f"| {label} ({len(ss)} seeds) | " + " | ".join(cells) + f" | {ratio} |")
+        cells.append(paired(r, f"keep-{half}", {s: v[f"keep-{half}"] for s, v in base.items()
+                                                   if f"keep-{half}" in v}))
+        if refs is not None:
+            if refs.get("structured_half") is not None:
+                cells.append(paired(r, f"keep-{half}", refs["structured_half"]))
+            cells.append(paired(r, "full", refs["dense_full"]))
+        out.append(f"| {label} ({len(ss)} seeds) | " + " | ".join(cells) + " |")
     return out
 
 
 def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]], ablation: dict, half: int,
-              argv: list[str], scratch: dict[str, dict[int, dict[str, float]]] | None = None) -> str:
+              argv: list[str], scratch: dict[str, dict[int, dict[str, float]]] | None = None,
+              refs: dict[str, Any] | None = None) -> str:
     n, keeps, main = res["n_blocks"], res["keeps"], res["comparison"]
     seeds = res["seeds"]
     st, un = main["structured"], main["unstructured"]
@@ -483,11 +507,16 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
             line += f"; TwIST / SparseGPT = {_ms(list(tw / sg))}"
         lines.append(line + ".")
     lines.append(f"- full: TwIST / DDP = {_ms(list(np.array(tw_full) / np.array(dd_full)))}.")
+    best = refs["best_label"] if refs else ""
     lines += ["", f"## Levers (F = {res['F']}, TwIST's lr, the same seeds; test perplexity)", "",
-              "Each lever is one run-config key set on top of TwIST as it is today; ratio: paired by seed "
-              f"against TwIST as today at {half}/{n} (below 1 is better).", "",
-              head.replace("| full |", "| full |").rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
-    lines += _lever_rows(rows, "TwIST (as today)", keeps, half)
+              "Each lever is one run-config key set on top of TwIST as it is today. Ratios, paired by seed (below 1 "
+              f"is better): against TwIST as today at {half}/{n}; against the budget-matched DDP model pruned with "
+              f"its best structured method ({best}) at {half}/{n}; and the full model against DDP's. The random "
+              "subnets here are drawn with each run's seed, those of the comparison above with seed 0, so the "
+              "TwIST-as-today row differs from the comparison's first row by the draws.", "",
+              head.rstrip() + f" vs today at {half}/{n} | vs DDP + {best} at {half}/{n} | full vs DDP full |",
+              sep + "---|---|---|"]
+    lines += _lever_rows(rows, "TwIST (as today)", keeps, half, refs)
     lines += ["", "\"At equal compute\": TwIST trained for as many steps as F dense steps' training FLOPs buy at its "
               "keep (counted from the shapes), against the DDP model of F steps. **View: equal compute.**", "",
               f"## Fine-tune length F (equal tokens; test; TwIST random subnets and DDP + FLAP at {half}/{n})", "",
@@ -502,11 +531,13 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
                      f"{_ms([a['twist'][s][f'keep-{half}'] / a['ddp_flap_half'][s] for s in common])} |")
     if scratch:
         lines += ["", f"## From scratch ({res['dense_steps']} steps, the main job's budget; test perplexity)", "",
-                  "TwIST from a random init, as today and with each lever but distillation (there is no teacher), "
-                  "against DDP trained from scratch with the same tokens (the dense stage above; its subnets are "
-                  f"random draws). Ratio: paired by seed against TwIST as today at {half}/{n}.", "",
-                  head.rstrip() + f" vs today at {half}/{n} |", sep + "---|"]
-        lines += _lever_rows(scratch, "TwIST (as today)", keeps, half)
+                  "TwIST from a random init, as today and with each `--scratch-variants` lever (no distillation: "
+                  "there is no teacher), against DDP trained from scratch with the same tokens (the dense stage "
+                  "above; its subnets are random draws). Ratios, paired by seed: against TwIST as today at "
+                  f"{half}/{n}, and the full model against DDP's.", "",
+                  head.rstrip() + f" vs today at {half}/{n} | full vs DDP full |", sep + "---|---|"]
+        ddp_full = {s: v["full"] for s, v in scratch.get("DDP (the dense stage)", {}).items()}
+        lines += _lever_rows(scratch, "TwIST (as today)", keeps, half, {"dense_full": ddp_full})
     lines += ["", "## Commands", "", "Every stage (resumable; a second process with `--reverse` on the same folder "
               "shares the jobs), then this table:", "", "```", res["command"]]
     if argv:
