@@ -524,7 +524,7 @@ def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]],
               "|---|---|---|---|---|---|"]
     for f, a in sorted(ablation.items()):
         common = sorted(set(a["twist"]) & set(a["ddp_flap_half"]))
-        lines.append(f"| {f} | {_ms([a['twist'][s]['full'] for s in sorted(a['twist'])])} | "
+        lines.append(f"| {f} ({len(a['twist'])} seeds) | {_ms([a['twist'][s]['full'] for s in sorted(a['twist'])])} | "
                      f"{_ms([a['ddp'][s]['full'] for s in sorted(a['ddp'])])} | "
                      f"{_ms([a['twist'][s][f'keep-{half}'] for s in sorted(a['twist'])])} | "
                      f"{_ms([a['ddp_flap_half'][s] for s in sorted(a['ddp_flap_half'])])} | "
