@@ -159,7 +159,11 @@ def _verbs() -> list[list[str]]:
 
 @pytest.mark.parametrize("verb", _verbs(), ids=" ".join)
 def test_every_verb_has_help(verb, capsys):
+    import logging
+
+    handlers = logging.getLogger().handlers[:]
     assert main([*verb, "--help"]) == 0
+    assert logging.getLogger().handlers == handlers  # nothing left writing to this test's streams
     out = capsys.readouterr().out
     if verb != ["sweep"]:  # Hydra writes its own help
         assert out.startswith(f"usage: twist-fl {' '.join(verb)}"), out[:200]

@@ -371,8 +371,9 @@ def delegate(verb: str, argv: list[str]) -> int:
     import importlib
 
     module = importlib.import_module(f"{__package__}.{DELEGATED[verb][0]}")
-    if verb == "sweep":  # Hydra reads sys.argv itself
-        saved = sys.argv
+    if verb == "sweep":  # Hydra reads sys.argv itself, and sets up logging for its job
+        saved, root = sys.argv, logging.getLogger()
+        handlers, level = root.handlers[:], root.level
         sys.argv = ["twist-fl sweep", *argv]
         try:
             module.main()
@@ -380,6 +381,13 @@ def delegate(verb: str, argv: list[str]) -> int:
             return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
         finally:
             sys.argv = saved
+            for h in root.handlers[:]:  # Hydra's handlers write to the streams of the job that ended
+                if h not in handlers:
+                    root.removeHandler(h)
+            for h in handlers:  # and it replaced the caller's
+                if h not in root.handlers:
+                    root.addHandler(h)
+            root.setLevel(level)
         return 0
     return module.main(argv)
 
