@@ -176,6 +176,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters of this model (a subnet counts its own); `non_embedding` leaves out the
+        position embeddings (the token embeddings are tied to the output layer and stay)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
