@@ -124,20 +124,21 @@ def test_documented_commands_are_found():
     assert {"sweep", "sweep-summary", "tune", "bench", "ddp", "report"} <= cmds, cmds
 
 
+def _must_pass(check, where: str, text: str, what: str) -> None:
+    try:
+        check(text)
+    except SystemExit as e:
+        pytest.fail(f"{where}: `{text}` {what}: {e}")
+
+
 @pytest.mark.parametrize("where,command", documented_commands())
 def test_every_documented_command_parses(where, command):
-    try:
-        dry_parse(command)
-    except SystemExit as e:
-        pytest.fail(f"{where}: `{command}` does not parse: {e}")
+    _must_pass(dry_parse, where, command, "does not parse")
 
 
 @pytest.mark.parametrize("where,text", documented_fragments())
 def test_every_documented_verb_and_option_exists(where, text):
-    try:
-        check_fragment(text)
-    except SystemExit as e:
-        pytest.fail(f"{where}: `{text}`: {e}")
+    _must_pass(check_fragment, where, text, "names a verb or option that does not exist")
 
 
 def _verbs() -> list[list[str]]:

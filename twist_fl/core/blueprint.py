@@ -133,8 +133,7 @@ def sample_blueprints(
         raise ValueError(f"got {len(keeps)} keep values for {n_subnets} subnets")
     for k in keeps:
         cfg.check_keep(k)
-    shared = cfg.shared_layer_ids if shared_layers is None else \
-        tuple(sorted({int(i) % cfg.n_layer for i in shared_layers}))
+    shared = _shared(cfg, shared_layers)
     if shared_layers is not None:
         for i in shared_layers:
             if not -cfg.n_layer <= int(i) < cfg.n_layer:
