@@ -24,7 +24,14 @@ from ..core.progress import progress
 from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
-from .prune import policy_of, prune_structured, random_blueprint, random_subnet_ppl, unstructured_prune
+from .prune import (
+    deployed_subnet_ppl,
+    policy_of,
+    prune_structured,
+    random_blueprint,
+    random_subnet_ppl,
+    unstructured_prune,
+)
 
 log = logging.getLogger(__name__)
 DENSE_NAMES = {"fedavg": "FedAvg", "ddp": "DDP"}
@@ -144,13 +151,18 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
 
 
 def test_ppl(run_folder: str, keeps: list[int], draws: int, tokens: int) -> dict[str, float]:
-    """Test perplexity of a run's final model: the full model and random subnets at `keeps`."""
+    """Test perplexity of a run's final model: the full model, random subnets at `keeps`
+    (`keep-k`, mean over draws) and the subnets its policy deploys (`deployed-k`: the nested
+    prefix for `ordered`, the same random subnets otherwise)."""
     model, meta = load_model(run_folder)
     windows = windows_for(model, data_settings(meta), "test", tokens)
     seed = int(meta.get("run", {}).get("seed", 0))
+    policy = policy_of(meta)
     out = {"full": evaluate(model, windows)["ppl"]}
     for k in keeps:
         out[f"keep-{k}"] = float(np.mean(random_subnet_ppl(model, k, seed, draws, windows)))
+        out[f"deployed-{k}"] = float(np.mean(deployed_subnet_ppl(model, policy, k, seed, draws, windows))) \
+            if policy == "ordered" else out[f"keep-{k}"]
     return out
 
 

@@ -290,7 +290,7 @@ def _summary(folder: Path) -> dict[str, Any] | None:
 CACHE = ".table-cache"
 
 
-def _cached(root: Path, what: str, runs: list[Path], params: dict[str, Any], compute) -> Any:
+def cached_eval(root: Path, what: str, runs: list[Path], params: dict[str, Any], compute) -> Any:
     """`compute()`, or what it gave before for the same runs (their final models, by size and
     mtime), the same parameters and the same kind of CPU (float kernels differ between kinds).
     The cache lives in `<root>/.table-cache/`, so a table rebuilt as jobs finish evaluates only
@@ -316,7 +316,7 @@ def _cached(root: Path, what: str, runs: list[Path], params: dict[str, Any], com
 def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
                    argv: list[str] | None = None) -> dict[str, Any]:
     """FINETUNE.md and finetune.json from a `tune finetune` folder. Each run's evaluation is
-    cached in `<root>/.table-cache/` (see `_cached`)."""
+    cached in `<root>/.table-cache/` (see `cached_eval`)."""
     from ..core.precision import machine
     from ..evaluation.compare import ReportOptions, aggregate, compare_pair, test_ppl
     from ..evaluation.loading import load_model, parse_keeps
@@ -342,7 +342,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         for s in seeds:
             d = root / name_of(s) / "run"
             if _summary(d):
-                res[s] = _cached(root, "test_ppl", [d], {"keeps": keep_list, "draws": draws, "tokens": tokens},
+                res[s] = cached_eval(root, "test_ppl", [d], {"keeps": keep_list, "draws": draws, "tokens": tokens},
                                  lambda d=d: test_ppl(str(d), keep_list, draws, tokens))
         return res
 
@@ -360,7 +360,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         if _summary(t) and _summary(d):
             pair_seeds.append(s)
             log.info("finetune-table: seed %d: TwIST against DDP and every pruning of it", s)
-            per_seed.append(_cached(root, "compare_pair", [t, d], {"opts": dataclasses.asdict(opts) | {"out": ""}},
+            per_seed.append(cached_eval(root, "compare_pair", [t, d], {"opts": dataclasses.asdict(opts) | {"out": ""}},
                                     lambda t=t, d=d: compare_pair(str(t), str(d), opts)))
     if not per_seed:
         raise ValueError(f"{root} holds no finished TwIST/DDP pair at F={f_main}")
@@ -395,7 +395,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         for s in seeds:
             d = root / Finetune.pair_name("ddp", best["ddp"], f, s) / "run"
             if _summary(d):
-                flap[s] = _cached(root, "flap", [d], {"keep": half, "tokens": tokens},
+                flap[s] = cached_eval(root, "flap", [d], {"keep": half, "tokens": tokens},
                                   lambda d=d: _flap_ppl(str(d), half, tokens))
         ablation[f] = {"twist": tw, "ddp": dd, "ddp_flap_half": flap}
     result["ablation"] = {str(f): {k: {str(s): v for s, v in r.items()} for k, r in a.items()}

@@ -44,7 +44,12 @@ def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     return flat
 
 
-def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str, Any]:
+def run_job(flat: dict[str, Any], num_supernodes: int, engine: str,
+            capacities: list[float] | None = None) -> dict[str, Any]:
+    """Run one job; `capacities` (local engine only) gives node i the capacity
+    `capacities[i % len(capacities)]` (node config `twist-capacity`; DDP workers have none)."""
+    if capacities and engine != "local":
+        raise ValueError(f"node capacities need engine 'local', not {engine!r}")
     if flat["strategy"] == "ddp":
         from ..baselines.ddp import ddp_from_flat, run_ddp
 
@@ -55,7 +60,10 @@ def run_job(flat: dict[str, Any], num_supernodes: int, engine: str) -> dict[str,
     if engine == "local":
         from ..federated.localgrid import LocalGrid
 
-        return run_server(LocalGrid(make_client_app(flat), num_supernodes), RunConfig.from_flat(flat))
+        node_configs = [{"twist-capacity": float(capacities[i % len(capacities)])} for i in range(num_supernodes)] \
+            if capacities else None
+        return run_server(LocalGrid(make_client_app(flat), num_supernodes, node_configs=node_configs),
+                          RunConfig.from_flat(flat))
     if engine == "ray":
         import json
 

@@ -1,11 +1,17 @@
-"""Tuned and seeded comparison of TwIST, FedAvg and DDP at one budget.
+"""Tuned and seeded comparison of TwIST, FedAvg, DDP and the partial-model methods at one budget.
 
     twist-fl tune run --out runs/tune            # LR grid at seed 0, then seeds at each best
     twist-fl tune table runs/tune --out docs/results/tuned
+    twist-fl tune run --out runs/peers --methods twist,heterofl,fjord,fjord-sd,fedrolex,fedavg,ddp \
+        --capacities 1,0.75,0.5,0.25 --lrs 1.5e-3,2e-3    # the partial-model methods (METHODS)
+    twist-fl tune table runs/peers --out docs/results/peers
     twist-fl tune finetune --out runs/ft           # the fine-tune regime (tools/finetune.py)
     twist-fl tune finetune-table runs/ft --out docs/results/finetune
 
-`run` trains every (strategy, lr) of the grid at seed 0 with the sweep's job runner (the Flower
+A method is a strategy with the run-config keys that make it (`METHODS`): HeteroFL, FjORD and
+FedRolex are the Flower app with another `subnet-policy`, every node holding as many blocks as its
+capacity allows (`keep` = N, capped by `--capacities`). `--strategies` is the same as `--methods`.
+`run` trains every (method, lr) of the grid at seed 0 with the sweep's job runner (the Flower
 apps on an in-process Grid; DDP on torch.distributed), picks each strategy's learning rate with
 the lowest validation perplexity of the full model, and trains that config with the other
 seeds. Jobs go to `<out>/<strategy>-lr<lr>-s<seed>/run/`; a job whose summary.json exists is
@@ -21,19 +27,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..core.config import STRATEGIES, RunConfig
+from ..core.config import RunConfig
 from ..core.io import atomic_write_text, write_json
 from ..evaluation.compare import test_ppl
 
 log = logging.getLogger(__name__)
 
 LRS = (1e-3, 1.5e-3, 2e-3, 3e-3, 6e-3)
+# method -> (strategy, run-config keys on top of the defaults). The partial-model methods hold
+# every block their node's capacity allows (keep 0 is read as N there, see `method_overrides`).
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "twist": ("twist", {}),
+    "fedavg": ("fedavg", {}),
+    "ddp": ("ddp", {}),
+    "heterofl": ("twist", {"subnet-policy": "ordered", "keep": "full"}),
+    "fjord": ("twist", {"subnet-policy": "ordered", "keep-choices": "quarters"}),
+    "fjord-sd": ("twist", {"subnet-policy": "ordered", "keep-choices": "quarters", "self-distill-weight": 1.0}),
+    "fedrolex": ("twist", {"subnet-policy": "rolling", "keep": "full"}),
+}
+PLAN = "plan.json"  # the commands `run` was given, written into --out
 MIN_SEEDS = 3  # a learning rate is compared on its mean over at least this many seeds
 
 
@@ -41,31 +60,145 @@ def job_dir(out: Path, strategy: str, lr: float, seed: int) -> Path:
     return out / f"{strategy}-lr{lr:g}-s{seed}"
 
 
-def run_grid(out: Path, strategies: list[str], lrs: list[float], seeds: int, nodes: int,
-             overrides: dict[str, Any]) -> dict[str, float]:
-    """Train the grid and the seeds; returns each strategy's chosen learning rate."""
-    from .sweep import run_job
+def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
+    """The run-config keys of a method (`METHODS`), for a model of `n_blocks` blocks per layer:
+    `keep="full"` is N and `keep-choices="quarters"` is N/4, N/2, 3N/4, N."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not allowed; allowed: {list(METHODS)}")
+    strategy, keys = METHODS[method]
+    out: dict[str, Any] = {"strategy": strategy}
+    for k, v in keys.items():
+        if v == "full":
+            v = n_blocks
+        elif v == "quarters":
+            v = ",".join(str(max(1, q * n_blocks // 4)) for q in (1, 2, 3, 4))
+        out[k] = v
+    return out
 
-    def job(strategy: str, lr: float, seed: int) -> dict[str, Any]:
-        d = job_dir(out, strategy, lr, seed)
-        done = d / "run" / "summary.json"
-        if done.is_file():
-            return json.loads(done.read_text())
-        flat = {**RunConfig().to_flat(), **overrides, "strategy": strategy, "lr": lr, "seed": seed,
+
+def method_of(run: dict[str, Any]) -> str:
+    """The method a run's config is (the inverse of `METHODS`, for any run folder)."""
+    strategy = str(run.get("strategy", "twist"))
+    policy = str(run.get("subnet-policy") or "random")
+    if strategy != "twist" or policy == "random":
+        return strategy
+    if policy == "rolling":
+        return "fedrolex"
+    if float(run.get("self-distill-weight") or 0) > 0:
+        return "fjord-sd"
+    return "fjord" if run.get("keep-choices") else "heterofl"
+
+
+def _job(out: Path, method: str, lr: float, seed: int, nodes: int, overrides: dict[str, Any],
+         capacities: list[float] | None, threads: int = 0) -> float:
+    """One job of the grid (skipped when its summary.json exists); its validation perplexity.
+    `threads` > 0 sets torch's thread count (a job in a worker process of `--parallel`)."""
+    d = job_dir(out, method, lr, seed)
+    done = d / "run" / "summary.json"
+    if not done.is_file():
+        from ..core.runs import RunFolder
+        from .sweep import run_job
+
+        if (d / "run").exists():
+            RunFolder(d / "run").lock().release()  # refuses, naming it, when another process is training it
+            import shutil
+
+            log.warning("tune: %s was interrupted; training it again", d / "run")
+            shutil.rmtree(d / "run")
+
+        if threads:
+            import torch
+
+            logging.basicConfig(level=logging.INFO, format="%(message)s")
+            torch.set_num_threads(threads)
+        base = {**RunConfig().to_flat(), **overrides}
+        n_blocks = RunConfig.from_flat(base).model_config().n_blocks
+        flat = {**base, **method_overrides(method, n_blocks), "lr": lr, "seed": seed,
                 "out-dir": str(d), "run-name": "run"}
         RunConfig.from_flat(flat)
-        log.info("tune: %s lr=%g seed=%d -> %s", strategy, lr, seed, d)
-        return run_job(flat, nodes, "local")
+        log.info("tune: %s lr=%g seed=%d -> %s", method, lr, seed, d)
+        run_job(flat, nodes, "local", None if METHODS[method][0] == "ddp" else capacities)
+    return float(json.loads(done.read_text())["final"]["full"]["ppl"])
 
-    best = {}
-    for s in strategies:
-        grid = {lr: job(s, lr, 0)["final"]["full"]["ppl"] for lr in lrs}
-        best[s] = min(grid, key=grid.get)
-        edge = " (at the edge of the grid: widen it)" if best[s] in (min(lrs), max(lrs)) else ""
-        log.info("tune: %s best lr %g, validation perplexity %.3f at seed 0%s", s, best[s], grid[best[s]], edge)
-    for seed in range(1, seeds):
-        for s in strategies:
-            job(s, best[s], seed)
+
+def _pool(parallel: int, jobs: list[tuple]) -> None:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    with cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+        for f in [pool.submit(_job, *j, threads) for j in jobs]:
+            f.result()
+
+
+def lrs_from(path: Path, methods: list[str]) -> dict[str, float]:
+    """Each method's learning rate from a `tune table`'s tuning.json (its tuned rows)."""
+    try:
+        rows = json.loads(Path(path).read_text())["tuned"]
+        lrs = {r.get("method", r.get("strategy")): float(r["lr"]) for r in rows}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--lrs-from={str(path)!r} is not a tuning.json written by `twist-fl tune table` ({e})") \
+            from None
+    missing = [m for m in methods if m not in lrs]
+    if missing:
+        raise ValueError(f"--lrs-from={str(path)!r} has no learning rate for {missing}; it has {sorted(lrs)}")
+    return {m: lrs[m] for m in methods}
+
+
+def run_grid(out: Path, strategies: list[str], lrs: list[float], seeds: int, nodes: int,
+             overrides: dict[str, Any], capacities: list[float] | None = None, parallel: int = 1,
+             fixed: dict[str, float] | None = None) -> dict[str, float]:
+    """Train the grid (every method and lr at seed 0), then each method's other seeds at its best
+    lr; returns each method's chosen learning rate. `strategies` are method names (`METHODS`);
+    `capacities` are the nodes' (cycled over nodes). `parallel` > 1 runs that many jobs at once in
+    worker processes, a method's seeds starting as soon as its grid is done. `fixed` (method -> lr)
+    skips the grid: every seed at that rate."""
+    best: dict[str, float] = {}
+    if fixed:  # learning rates tuned elsewhere: every seed at once, seed by seed
+        jobs = [(m, fixed[m], seed) for seed in range(seeds) for m in strategies]
+        if parallel <= 1:
+            for j in jobs:
+                _job(out, *j, nodes, overrides, capacities)
+        else:
+            _pool(parallel, [(out, *j, nodes, overrides, capacities) for j in jobs])
+        return {m: fixed[m] for m in strategies}
+
+    def choose(method: str, grid: dict[float, float]) -> None:
+        best[method] = min(grid, key=grid.get)
+        edge = " (at the edge of the grid: widen it)" if best[method] in (min(lrs), max(lrs)) else ""
+        log.info("tune: %s best lr %g, validation perplexity %.3f at seed 0%s", method, best[method],
+                 grid[best[method]], edge)
+
+    if parallel <= 1:
+        for m in strategies:
+            choose(m, {lr: _job(out, m, lr, 0, nodes, overrides, capacities) for lr in lrs})
+        for seed in range(1, seeds):
+            for m in strategies:
+                _job(out, m, best[m], seed, nodes, overrides, capacities)
+        return best
+
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    grids: dict[str, dict[float, float]] = {m: {} for m in strategies}
+    with cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(_job, out, m, lr, 0, nodes, overrides, capacities, threads): (m, lr)
+                   for m in strategies for lr in lrs}
+        while pending:
+            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            for f in finished:
+                m, lr = pending.pop(f)
+                if lr is None:  # one of a method's other seeds
+                    f.result()
+                    continue
+                grids[m][lr] = f.result()
+                if len(grids[m]) == len(lrs):
+                    choose(m, grids[m])
+                    pending.update({pool.submit(_job, out, m, best[m], seed, nodes, overrides, capacities, threads):
+                                    (m, None) for seed in range(1, seeds)})
     return best
 
 
@@ -78,7 +211,7 @@ def collect(roots: list[Path]) -> list[dict[str, Any]]:
         for f in sorted(Path(root).rglob("summary.json")):
             s = json.loads(f.read_text())
             if "strategy" in s and "run" in s and s.get("final") and (f.parent / "model").is_dir():
-                runs.append({**s, "run_folder": str(f.parent)})  # where it is now, if it was moved
+                runs.append({**s, "run_folder": str(f.parent), "root": str(root)})  # where it is now
     if not runs:
         raise ValueError(f"no finished run folder (summary.json, model/) under {[str(r) for r in roots]}")
     return runs
@@ -99,15 +232,36 @@ def _ms(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def bytes_per_node_round(run_folder: str) -> float:
+    """Bytes a node sends and receives in a round, averaged over the run's rounds and nodes
+    (from metrics.jsonl: every round row's totals over the nodes that trained)."""
+    total, nodes = 0, 0
+    for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "bytes_down_total" in row and row.get("nodes"):
+            total += int(row["bytes_down_total"]) + int(row["bytes_up_total"])
+            nodes += len(row["nodes"])
+    return total / nodes if nodes else float("nan")
+
+
+def _plans(roots: list[Path]) -> list[dict[str, Any]]:
+    """The commands `run` was given under these roots (their plan.json)."""
+    return [p for r in roots if (Path(r) / PLAN).is_file() for p in json.loads((Path(r) / PLAN).read_text())["runs"]]
+
+
 def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> dict[str, Any]:
+    from .finetune import cached_eval
+
     runs = collect(roots)
     keys = sorted({k for r in runs for k in r["final"] if k != "full"}, key=lambda k: int(k.split("-")[1]))
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["strategy"], float(r["run"]["lr"])), []).append(r)
-    order = sorted(groups, key=lambda g: (STRATEGIES.index(g[0]) if g[0] in STRATEGIES else 99, g[1]))
+        groups.setdefault((method_of(r["run"]), float(r["run"]["lr"])), []).append(r)
+    names = list(METHODS)
+    order = sorted(groups, key=lambda g: (names.index(g[0]) if g[0] in names else 99, g[1]))
     n = runs[0]["n_blocks"]
-    head = "| strategy | lr | seeds | full | " + " | ".join(f"{k.split('-')[1]}/{n}" for k in keys) + " |"
+    frac = [f"{k.split('-')[1]}/{n}" for k in keys]
+    head = "| method | lr | seeds | full | " + " | ".join(frac) + " |"
     sep = "|---|---|---|---|" + "---|" * len(keys)
     grid = [head, sep]
     for g in order:
@@ -119,29 +273,49 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     for s in dict.fromkeys(g[0] for g in order):
         best[s] = pick_lr({g[1]: [r["final"]["full"]["ppl"] for r in groups[g]] for g in order if g[0] == s})
     keeps = [int(k.split("-")[1]) for k in keys]
-    tuned, rows = [head.replace("| seeds |", "| seeds | split |"), sep + "---|"], []
+    ordered = any(r["run"].get("subnet-policy") == "ordered" for r in runs)
+    rnd = [f"random {f}" for f in frac] if ordered else []
+    tuned = ["| method | lr | seeds | split | full | " + " | ".join(frac + rnd) + " | MB / node / round |",
+             "|---|---|---|---|---|" + "---|" * (len(keys) + len(rnd)) + "---|"]
+    rows = []
     for s, lr in best.items():
-        g = (s, lr)
-        rs = groups[g]
-        tests = [test_ppl(r["run_folder"], keeps, draws, tokens) for r in rs]
+        rs = groups[(s, lr)]
+        tests = [cached_eval(Path(r["root"]), "test_ppl", [Path(r["run_folder"])],
+                             {"keeps": keeps, "draws": draws, "tokens": tokens},
+                             lambda r=r: test_ppl(r["run_folder"], keeps, draws, tokens)) for r in rs]
+        mb = [bytes_per_node_round(r["run_folder"]) / 1e6 for r in rs]
         valid = {"full": [r["final"]["full"]["ppl"] for r in rs],
                  **{k: [r["final"][k]["mean"] for r in rs if k in r["final"]] for k in keys}}
-        test = {k: [t[k] for t in tests] for k in ["full", *keys]}
-        rows.append({"strategy": s, "lr": g[1], "seeds": [int(r["run"]["seed"]) for r in rs], "valid": valid,
-                     "test": test, "run_folders": [r["run_folder"] for r in rs]})
+        test = {"full": [t["full"] for t in tests],
+                **{k: [t.get(f"deployed-{k.split('-')[1]}", t[k]) for t in tests] for k in keys},
+                **{f"random-{k}": [t[k] for t in tests] for k in keys}}
+        rows.append({"method": s, "strategy": rs[0]["strategy"], "lr": lr, "seeds": [int(r["run"]["seed"]) for r in rs],
+                     "valid": valid, "test": test, "mb_per_node_round": mb,
+                     "run_folders": [r["run_folder"] for r in rs]})
         for split, vals in (("valid", valid), ("test", test)):
-            tuned.append(f"| {s} | {g[1]:g} | {len(rs)} | {split} | {_ms(vals['full'])} | "
-                         + " | ".join(_ms(vals[k]) if vals[k] else "" for k in keys) + " |")
-    md = ("# Tuned learning rates, over seeds\n\nPerplexity of the final model (full) and of random subnets "
-          f"keeping X of {n} blocks per layer (mean over draws), mean ± std over seeds.\n\n## Learning-rate grid\n\n"
-          + "\n".join(grid) + "\n\n## Each strategy at its learning rate\n\nEach strategy's learning rate: the "
+            cells = [_ms(vals[k]) if vals[k] else "" for k in keys]
+            if ordered:
+                cells += [_ms(vals[f"random-{k}"]) if split == "test" else "" for k in keys]
+            tuned.append(f"| {s} | {lr:g} | {len(rs)} | {split} | {_ms(vals['full'])} | " + " | ".join(cells)
+                         + f" | {np.mean(mb):.2f} |")
+    plans = _plans(roots)
+    setup = "".join(f"\n\nRuns under `{p['out']}`: `{p['command']}`." for p in plans)
+    deployed = (" For `ordered` methods (HeteroFL, FjORD) X/N is the nested prefix the model is deployed as (the "
+                "*random* columns: random subnets of the same models); for the others, random subnets."
+                if ordered else "")
+    md = ("# Tuned learning rates, over seeds\n\nPerplexity of the final model (full) and of subnets "
+          f"keeping X of {n} blocks per layer (random subnets: mean over draws), mean ± std over seeds.{deployed} "
+          "MB / node / round: what a node sends and receives in a round, averaged over rounds and nodes." + setup
+          + "\n\n## Learning-rate grid\n\n"
+          + "\n".join(grid) + "\n\n## Each method at its learning rate\n\nEach method's learning rate: the "
           f"lowest mean validation perplexity (full model) among those run with at least {MIN_SEEDS} seeds (when "
           "none has that many: the most seeds, then the lowest mean). Validation: the runs' last evaluation "
           f"({runs[0]['run']['eval-tokens']} tokens); test: {tokens} tokens of the test split, {draws} random "
           "subnets per size.\n\n" + "\n".join(tuned) + "\n")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "TUNING.md", md)
-    result = {"grid": {f"{g[0]}-lr{g[1]:g}": [r["final"] for r in groups[g]] for g in order}, "tuned": rows}
+    result = {"grid": {f"{g[0]}-lr{g[1]:g}": [r["final"] for r in groups[g]] for g in order}, "tuned": rows,
+              "plans": plans}
     write_json(out / "tuning.json", result)
     return {"markdown": md, **result}
 
@@ -151,10 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="the LR grid at seed 0, then the other seeds at each strategy's best")
     p.add_argument("--out", required=True)
-    p.add_argument("--strategies", default="twist,fedavg,ddp")
+    p.add_argument("--methods", "--strategies", dest="methods", default="twist,fedavg,ddp",
+                   help=f"comma list of {list(METHODS)}")
+    p.add_argument("--capacities", default="", help="comma list of node capacities in (0, 1], cycled over the "
+                   "nodes (e.g. 1,0.75,0.5,0.25); default: every node at 1")
     p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
+    p.add_argument("--lrs-from", default="", help="a tuning.json (`tune table`): each method at the learning rate "
+                   "tuned there, no grid")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--nodes", type=int, default=4, help="nodes per round (Flower) and workers (DDP)")
+    p.add_argument("--nodes", type=int, default=4, help="nodes (Flower; run-config num-nodes samples from them "
+                   "each round) and workers (DDP)")
+    p.add_argument("--parallel", type=int, default=1, help="jobs at once, each in its own process with its share "
+                   "of the cores")
     p.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
     q = sub.add_parser("table", help="TUNING.md and tuning.json from run folders")
     q.add_argument("roots", nargs="+")
@@ -202,19 +384,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "run":
             from ..baselines.ddp import parse_overrides
 
-            strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-            for s in strategies:
-                if s not in STRATEGIES:
-                    raise ValueError(f"--strategies entry {s!r} is not allowed; allowed: {list(STRATEGIES)}")
-            try:
-                lrs = [float(x) for x in args.lrs.split(",") if x.strip()]
-            except ValueError:
-                raise ValueError(f"--lrs={args.lrs!r} must be a comma list of numbers") from None
-            if not lrs or min(lrs) <= 0:
-                raise ValueError(f"--lrs={args.lrs!r} must list positive learning rates")
-            if args.seeds < 1 or args.nodes < 1:
-                raise ValueError(f"--seeds={args.seeds} and --nodes={args.nodes} must be >= 1")
-            best = run_grid(Path(args.out), strategies, lrs, args.seeds, args.nodes, parse_overrides(args.run_config))
+            methods = [s.strip() for s in args.methods.split(",") if s.strip()]
+            for s in methods:
+                if s not in METHODS:
+                    raise ValueError(f"--methods entry {s!r} is not allowed; allowed: {list(METHODS)}")
+            lrs = _floats(args.lrs, "--lrs")
+            caps = _floats(args.capacities, "--capacities") if args.capacities.strip() else None
+            if caps and max(caps) > 1:
+                raise ValueError(f"--capacities={args.capacities!r} must list numbers in (0, 1]")
+            if args.seeds < 1 or args.nodes < 1 or args.parallel < 1:
+                raise ValueError(f"--seeds={args.seeds}, --nodes={args.nodes} and --parallel={args.parallel} must "
+                                 "be >= 1")
+            overrides = parse_overrides(args.run_config)
+            RunConfig.from_flat({**RunConfig().to_flat(), **overrides})  # a bad key fails before any job
+            fixed = lrs_from(Path(args.lrs_from), methods) if args.lrs_from.strip() else None
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            plan = {"out": str(out), "methods": methods, "lrs": lrs, "seeds": args.seeds, "nodes": args.nodes,
+                    "capacities": caps, "run_config": overrides,
+                    "command": "twist-fl tune " + " ".join(shlex.quote(a) for a in
+                                                           (argv if argv is not None else sys.argv[1:]))}
+            if fixed:
+                plan["lrs"] = fixed
+            before = [p for p in _plans([out]) if p["command"] != plan["command"]]
+            write_json(out / PLAN, {"runs": [*before, plan]})  # every command run into this folder
+            best = run_grid(out, methods, lrs, args.seeds, args.nodes, overrides, caps, args.parallel, fixed)
             print(json.dumps({"best_lr": best}))
         else:
             if args.draws < 1 or args.test_tokens < 1:
