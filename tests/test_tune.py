@@ -93,8 +93,7 @@ def test_partial_model_methods_with_capacities_in_parallel(tmp_path, capsys):
 def test_method_names_map_to_run_config_and_back():
     for m in METHODS:
         keys = method_overrides(m, 8)
-        run = {k: v for k, v in keys.items()}
-        assert method_of(run) == m
+        assert method_of(keys, 8) == m
     assert method_overrides("fjord", 8)["keep-choices"] == "2,4,6,8"
     assert method_overrides("heterofl", 8)["keep"] == 8
 

@@ -10,7 +10,8 @@
 
 A method is a strategy with the run-config keys that make it (`METHODS`): HeteroFL, FjORD and
 FedRolex are the Flower app with another `subnet-policy`, every node holding as many blocks as its
-capacity allows (`keep` = N, capped by `--capacities`). `--strategies` is the same as `--methods`.
+capacity allows (`keep` = N, capped by `--capacities`); `twist-fit` is TwIST's random subnets at
+those same sizes (`twist` keeps N/2, capped by capacity). `--strategies` is the same as `--methods`.
 `run` trains every (method, lr) of the grid at seed 0 with the sweep's job runner (the Flower
 apps on an in-process Grid; DDP on torch.distributed), picks each strategy's learning rate with
 the lowest validation perplexity of the full model, and trains that config with the other
@@ -45,6 +46,7 @@ LRS = (1e-3, 1.5e-3, 2e-3, 3e-3, 6e-3)
 # every block their node's capacity allows (keep 0 is read as N there, see `method_overrides`).
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "twist": ("twist", {}),
+    "twist-fit": ("twist", {"keep": "full"}),  # random subnets as large as each node's capacity allows
     "fedavg": ("fedavg", {}),
     "ddp": ("ddp", {}),
     "heterofl": ("twist", {"subnet-policy": "ordered", "keep": "full"}),
@@ -76,10 +78,13 @@ def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
     return out
 
 
-def method_of(run: dict[str, Any]) -> str:
-    """The method a run's config is (the inverse of `METHODS`, for any run folder)."""
+def method_of(run: dict[str, Any], n_blocks: int = 0) -> str:
+    """The method a run's config is (the inverse of `METHODS`, for any run folder of a model of
+    `n_blocks` blocks per layer)."""
     strategy = str(run.get("strategy", "twist"))
     policy = str(run.get("subnet-policy") or "random")
+    if strategy == "twist" and policy == "random" and n_blocks and int(run.get("keep") or 0) >= n_blocks:
+        return "twist-fit"
     if strategy != "twist" or policy == "random":
         return strategy
     if policy == "rolling":
@@ -256,7 +261,7 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     keys = sorted({k for r in runs for k in r["final"] if k != "full"}, key=lambda k: int(k.split("-")[1]))
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((method_of(r["run"]), float(r["run"]["lr"])), []).append(r)
+        groups.setdefault((method_of(r["run"], r["n_blocks"]), float(r["run"]["lr"])), []).append(r)
     names = list(METHODS)
     order = sorted(groups, key=lambda g: (names.index(g[0]) if g[0] in names else 99, g[1]))
     n = runs[0]["n_blocks"]
