@@ -304,7 +304,8 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
             tuned.append(f"| {s} | {lr:g} | {len(rs)} | {split} | {_ms(vals['full'])} | " + " | ".join(cells)
                          + f" | {np.mean(mb):.2f} |")
     plans = _plans(roots)
-    setup = "".join(f"\n\nRuns under `{p['out']}`: `{p['command']}`." for p in plans)
+    setup = ("\n\nThe commands run into these folders (a job already finished is not run again):\n\n"
+             + "\n".join(f"- `{p['command']}`" for p in plans)) if plans else ""
     deployed = (" For `ordered` methods (HeteroFL, FjORD) X/N is the nested prefix the model is deployed as (the "
                 "*random* columns: random subnets of the same models); for the others, random subnets."
                 if ordered else "")
