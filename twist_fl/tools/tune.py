@@ -126,13 +126,19 @@ def _job(out: Path, method: str, lr: float, seed: int, nodes: int, overrides: di
     return float(json.loads(done.read_text())["final"]["full"]["ppl"])
 
 
-def _pool(parallel: int, jobs: list[tuple]) -> None:
+def _executor(parallel: int):
+    """`parallel` worker processes (spawned: each job starts clean) and each one's torch threads."""
     import concurrent.futures as cf
     import multiprocessing as mp
     import os
 
-    threads = max(1, (os.cpu_count() or 1) // parallel)
-    with cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+    return cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")), \
+        max(1, (os.cpu_count() or 1) // parallel)
+
+
+def _pool(parallel: int, jobs: list[tuple]) -> None:
+    pool, threads = _executor(parallel)
+    with pool:
         for f in [pool.submit(_job, *j, threads) for j in jobs]:
             f.result()
 
@@ -184,12 +190,10 @@ def run_grid(out: Path, strategies: list[str], lrs: list[float], seeds: int, nod
         return best
 
     import concurrent.futures as cf
-    import multiprocessing as mp
-    import os
 
-    threads = max(1, (os.cpu_count() or 1) // parallel)
     grids: dict[str, dict[float, float]] = {m: {} for m in strategies}
-    with cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")) as pool:
+    pool, threads = _executor(parallel)
+    with pool:
         pending = {pool.submit(_job, out, m, lr, 0, nodes, overrides, capacities, threads): (m, lr)
                    for m in strategies for lr in lrs}
         while pending:
