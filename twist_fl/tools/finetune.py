@@ -162,24 +162,18 @@ class Finetune:
         folder is locked) is waited for, never run twice; an interrupted one is run afresh."""
         import time
 
-        from ..core.runs import RunFolder
-        from .sweep import run_job
+        from .sweep import clear_interrupted, run_job
 
         d = self.folder(name)
         done = d / "summary.json"
         while True:
             if done.is_file():
                 return json.loads(done.read_text())
-            if d.exists():
-                try:
-                    RunFolder(d).lock().release()
-                except ValueError:  # another process is training it
-                    time.sleep(5)
-                    continue
-                import shutil
-
-                log.warning("finetune: %s was interrupted; training it again", d)
-                shutil.rmtree(d)
+            try:
+                clear_interrupted(d, "finetune")
+            except ValueError:  # another process is training it
+                time.sleep(5)
+                continue
             run = {**flat, "out-dir": str(d.parent), "run-name": "run"}
             RunConfig.from_flat(run)
             log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, run["strategy"], run["lr"], run["seed"],

@@ -44,6 +44,19 @@ def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def clear_interrupted(run_dir: Path, who: str) -> None:
+    """Remove the folder an interrupted job left (no summary.json), so that it trains again;
+    ValueError, naming it, when another process holds its lock (it is training it now)."""
+    if run_dir.exists():
+        import shutil
+
+        from ..core.runs import RunFolder
+
+        RunFolder(run_dir).lock().release()
+        log.warning("%s: %s was interrupted; training it again", who, run_dir)
+        shutil.rmtree(run_dir)
+
+
 def run_job(flat: dict[str, Any], num_supernodes: int, engine: str,
             capacities: list[float] | None = None) -> dict[str, Any]:
     """Run one job; `capacities` (local engine only) gives node i the capacity

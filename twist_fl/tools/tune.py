@@ -101,16 +101,9 @@ def _job(out: Path, method: str, lr: float, seed: int, nodes: int, overrides: di
     d = job_dir(out, method, lr, seed)
     done = d / "run" / "summary.json"
     if not done.is_file():
-        from ..core.runs import RunFolder
-        from .sweep import run_job
+        from .sweep import clear_interrupted, run_job
 
-        if (d / "run").exists():
-            RunFolder(d / "run").lock().release()  # refuses, naming it, when another process is training it
-            import shutil
-
-            log.warning("tune: %s was interrupted; training it again", d / "run")
-            shutil.rmtree(d / "run")
-
+        clear_interrupted(d / "run", "tune")
         if threads:
             import torch
 
