@@ -64,9 +64,10 @@ class FinetuneOptions:
     dense_lr: float = 1.5e-3
     ft_steps: int = 300
     ft_ablation: list[int] = field(default_factory=lambda: [150, 600])
-    twist_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3])
-    ddp_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3])
+    twist_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3])
+    ddp_lrs: list[float] = field(default_factory=lambda: [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3])
     variants: str = DEFAULT_VARIANTS
+    ablation_levers: list[str] = field(default_factory=list)  # levers also run at every F of ft_ablation
     scratch_variants: str = DEFAULT_SCRATCH_VARIANTS  # levers of the scratch stage (no distillation: no teacher)
     equal_compute: bool = True
     run_config: dict[str, Any] = field(default_factory=dict)  # on top of the defaults, for every job
@@ -94,6 +95,20 @@ def parse_variants(text: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def resumable_round(run_dir: Path, flat: dict[str, Any]) -> int | None:
+    """The round an interrupted Flower job can resume from: that of its newest checkpoint that
+    verifies, when the folder holds its config.json; None when it has none (a job that never
+    finished a round, a damaged one, or a DDP job, which restarts)."""
+    from ..core.checkpoint import load_checkpoint
+
+    if flat.get("strategy") == "ddp" or not (run_dir / "config.json").is_file():
+        return None
+    try:
+        return load_checkpoint(run_dir)[0]
+    except ValueError:
+        return None
+
+
 def _steps_to_rounds(steps: int, local_steps: int, what: str) -> int:
     if steps < local_steps or steps % local_steps:
         raise ValueError(f"{what}={steps} must be a positive multiple of local-steps={local_steps}")
@@ -116,6 +131,10 @@ class Finetune:
                                  "(init-from); leave distill-from out there")
         for f in (opts.dense_steps, opts.ft_steps, *opts.ft_ablation):
             _steps_to_rounds(f, self.local_steps, "a step count")
+        unknown = [n for n in opts.ablation_levers if n not in self.variants]
+        if unknown:
+            raise ValueError(f"--ablation-levers names {unknown}, which --variants does not define; allowed: "
+                             f"{sorted(self.variants)}")
         if opts.seeds < 1 or opts.nodes < 1:
             raise ValueError(f"--seeds={opts.seeds} and --nodes={opts.nodes} must be >= 1")
         for flat in self._all_configs():  # every job's config is checked before the first one trains
@@ -132,9 +151,13 @@ class Finetune:
                 "eval-every": 10**6}
 
     def ft(self, strategy: str, lr: float, steps: int, seed: int, extra: dict[str, Any] | None = None) -> dict:
-        rounds = _steps_to_rounds(steps, self.local_steps, "fine-tune steps")
-        return {**self.base, "strategy": strategy, "lr": lr, "seed": seed, "num-server-rounds": rounds,
-                "eval-every": rounds, "init-from": str(self.folder(f"dense-s{seed}").resolve()), **(extra or {})}
+        """A fine-tune job of `steps` optimizer steps from `dense-s<seed>`; a lever's `local-steps`
+        sets the steps per round, so that every job of the same F trains the same tokens."""
+        extra = extra or {}
+        rounds = _steps_to_rounds(steps, int(extra.get("local-steps", self.local_steps)), "fine-tune steps")
+        return {**self.base, "strategy": strategy, "lr": lr, "seed": seed, "init-from":
+                str(self.folder(f"dense-s{seed}").resolve()), **extra, "num-server-rounds": rounds,
+                "eval-every": rounds}
 
     def eqc_steps(self, steps: int) -> int:
         """TwIST steps whose training FLOPs equal `steps` dense steps, a multiple of local-steps."""
@@ -150,7 +173,8 @@ class Finetune:
         out = [self.dense(s) for s in range(o.seeds)]
         out += [self.ft(s, lr, o.ft_steps, 0) for s, lrs in (("twist", o.twist_lrs), ("ddp", o.ddp_lrs))
                 for lr in lrs]
-        out += [self.ft("twist", o.twist_lrs[0], o.ft_steps, 0, v) for v in self.variants.values()]
+        out += [self.ft("twist", o.twist_lrs[0], f, 0, v) for v in self.variants.values() for f in
+                [o.ft_steps, *o.ft_ablation]]
         out += [self.scratch(0, v) for v in self.scratch_variants.values()]
         return out
 
@@ -159,7 +183,8 @@ class Finetune:
     def job(self, name: str, flat: dict[str, Any]) -> dict[str, Any]:
         """Run one job, or return its summary when it is done. Several `finetune` processes may
         share a folder (`--reverse`, `--seed-list`): a job another process is running (its run
-        folder is locked) is waited for, never run twice; an interrupted one is run afresh."""
+        folder is locked) is waited for, never run twice; an interrupted Flower job resumes from its
+        newest checkpoint that verifies (`resumable_round`), one with none (or a DDP job) is run afresh."""
         import time
 
         from .sweep import clear_interrupted, run_job
@@ -169,12 +194,18 @@ class Finetune:
         while True:
             if done.is_file():
                 return json.loads(done.read_text())
-            try:
-                clear_interrupted(d, "finetune")
-            except ValueError:  # another process is training it
-                time.sleep(5)
-                continue
-            run = {**flat, "out-dir": str(d.parent), "run-name": "run"}
+            resume = resumable_round(d, flat)
+            if resume is None:
+                try:
+                    clear_interrupted(d, "finetune")
+                except ValueError:  # another process is training it
+                    time.sleep(5)
+                    continue
+            else:
+                log.info("finetune: %s was interrupted after round %d of %d; resuming it from that round's "
+                         "checkpoint", name, resume, flat["num-server-rounds"])
+            run = {**flat, "out-dir": str(d.parent), "run-name": "run",
+                   **({"resume-from": str(d)} if resume is not None else {})}
             RunConfig.from_flat(run)
             log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, run["strategy"], run["lr"], run["seed"],
                      run["num-server-rounds"])
@@ -183,7 +214,8 @@ class Finetune:
             except ValueError as e:
                 if "another" not in str(e) and "already exists" not in str(e):
                     raise
-                log.info("finetune: %s was started by another process; waiting for it", name)
+                log.info("finetune: %s is being trained by another process; waiting for it", name)
+                time.sleep(5)
 
     def best_lrs(self) -> dict[str, float]:
         """Each side's fine-tune rate from the seed-0 grid (see the module docstring)."""
@@ -253,6 +285,9 @@ class Finetune:
                     for f in o.ft_ablation:
                         for side in ("twist", "ddp"):
                             self.job(self.pair_name(side, best[side], f, seed), self.ft(side, best[side], f, seed))
+                        for name in o.ablation_levers:
+                            self.job(f"lever-{name}-F{f}-s{seed}",
+                                     self.ft("twist", best["twist"], f, seed, self.variants[name]))
                 elif stage == "scratch":
                     self._scratch(seed)
         return best

@@ -354,10 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dense-lr", type=float, default=1.5e-3, help="the dense stage's lr (DDP's tuned rate)")
     f.add_argument("--ft-steps", type=int, default=300, help="F: fine-tune steps of the main comparison")
     f.add_argument("--ft-ablation", default="150,600", help="other F values, both sides, every seed")
-    f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3")
-    f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3")
+    f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3")
+    f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3")
     f.add_argument("--variants", default=None, help="levers: 'name:key=value ...;name2:...' (default: distill, "
                    "full1, mixed, nesterov, distill-full1)")
+    f.add_argument("--ablation-levers", default="", help="comma list of --variants names also run at every F of "
+                   "--ft-ablation, every seed")
     f.add_argument("--scratch-variants", default=None, help="levers of the scratch stage, the same form, no "
                    "distillation (default: full1)")
     f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
@@ -462,6 +464,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            if args.ft_ablation.strip() else [],
                            twist_lrs=_floats(args.twist_lrs, "--twist-lrs"), ddp_lrs=_floats(args.ddp_lrs, "--ddp-lrs"),
                            variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
+                           ablation_levers=[x.strip() for x in args.ablation_levers.split(",") if x.strip()],
                            scratch_variants=DEFAULT_SCRATCH_VARIANTS if args.scratch_variants is None
                            else args.scratch_variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
