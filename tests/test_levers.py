@@ -113,7 +113,7 @@ def test_global_distillation_moves_the_update_on_masked_nodes(tmp_path, dense_ru
     ({"distill-weight": 0.5}, "needs a teacher"),
     ({"distill-from": "init", "distill-weight": 0.5}, "init-from is empty"),
     ({"distill-from": "global", "distill-weight": 0.5}, "needs mode='masked'"),
-    ({"distill-from": "teacher"}, "distill-from='teacher' is not allowed"),
+    ({"distill-from": "teacher"}, "distill-from='teacher' is neither one of"),
     ({"distill-weight": 1.5}, r"distill-weight=1.5 must be in \[0, 1\]"),
     ({"distill-temperature": 0}, "distill-temperature=0.0 must be a positive"),
     ({"server-optimizer": "sgd"}, "server-optimizer='sgd' is not allowed"),
@@ -326,7 +326,8 @@ def test_the_table_states_the_command_that_reruns_every_stage():
     from twist_fl.tools.finetune import DEFAULT_VARIANTS, plan_command
 
     plan = {"seeds": 3, "nodes": 4, "dense_steps": 900, "dense_lr": 1.5e-3, "F": 300, "ablation": [150, 600],
-            "twist_lrs": [2.5e-4, 5e-4, 1e-3], "ddp_lrs": [2.5e-4, 5e-4, 1e-3], "variants": DEFAULT_VARIANTS,
+            "twist_lrs": [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3], "ddp_lrs": [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3],
+            "variants": DEFAULT_VARIANTS,
             "scratch_variants": "full1:full-nodes=1", "equal_compute": True, "run_config": {}}
     assert plan_command(plan, "runs/ft") == "twist-fl tune finetune --out runs/ft"  # every default
     cmd = plan_command({**plan, "F": 8, "ablation": [4], "variants": "kd:distill-from=init",

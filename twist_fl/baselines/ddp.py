@@ -42,6 +42,7 @@ from ..core.data import check_split, eval_windows, load_tokens, random_batches
 from ..core.io import fsync_dir
 from ..core.model import initial_model
 from ..core.node import node_tokens, partition_stats
+from ..core.objective import fixed_distillation
 from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
@@ -70,9 +71,6 @@ NOT_FOR_DDP = {
     "full-nodes": "every worker trains the full model",
     "subnet-policy": "every worker trains the full model",
     "self-distill-weight": "every worker trains the full model",
-    "distill-from": "the levers of subnet training do not apply to the dense model",
-    "distill-weight": "the levers of subnet training do not apply to the dense model",
-    "distill-temperature": "the levers of subnet training do not apply to the dense model",
     "server-optimizer": "one optimizer steps on the all-reduced gradients",
     "server-lr": "one optimizer steps on the all-reduced gradients",
     "server-momentum": "one optimizer steps on the all-reduced gradients",
@@ -164,7 +162,8 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
         raise ValueError(f"--timeout={timeout!r} is not allowed; allowed: a positive number of seconds")
     backend = pick_backend(backend, nproc, run.device)
     resolve_precision(run.precision, torch.device("cuda" if backend == "nccl" else "cpu"))  # fp16 on CPUs: refused
-    cfg = initial_model(run).cfg if run.init_from else run.model_config()  # no model built just for its shape
+    model = initial_model(run, allow_pruned=True) if run.init_from else None  # no model built just for its shape
+    cfg = model.cfg if model is not None else run.model_config()
     run.check_model(cfg)
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
     check_split(splits["valid"], run.seq_len, "valid")
@@ -245,7 +244,9 @@ def _worker(rank: int, spec: WorkerSpec) -> None:
 
 def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) -> None:
     n = spec.nproc
-    model = initial_model(run).to(device)  # the same seeded init everywhere; DDP broadcasts rank 0's anyway
+    # The same seeded init everywhere (DDP broadcasts rank 0's anyway); a pruned init-from is
+    # trained as the dense model it is (a recovery fine-tune).
+    model = initial_model(run, allow_pruned=True).to(device)
     cfg = model.cfg
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     counter = {"bytes": 0, "buckets": 0}
@@ -258,7 +259,9 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
         folder = RunFolder(Path(spec.folder))
         curves = ScalarLog(folder.path, run.local_steps) if run.tensorboard else None
         splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
-        evaluator = Evaluator(cfg, run, eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None))
+        evaluator = Evaluator(cfg, run, eval_windows(splits["valid"].tokens, run.seq_len, run.eval_tokens or None),
+                              blueprint=model.blueprint)
+    distill = fixed_distillation(run, cfg, device)  # distill-from: init, or a model folder (the dense model)
     all_times: list[float] = []
     last = run.num_server_rounds
     for rnd in range(1, last + 1):
@@ -271,7 +274,8 @@ def _train(rank: int, spec: WorkerSpec, run: RunConfig, device: torch.device) ->
         sent0 = counter["bytes"]
         t0 = time.monotonic()
         with precision_scope(precision):
-            stats = train_steps(ddp, batches, run.local_steps, opt, grad_clip=run.grad_clip, step_times=times)
+            stats = train_steps(ddp, batches, run.local_steps, opt, grad_clip=run.grad_clip, step_times=times,
+                                distill=distill)
         wall = time.monotonic() - t0
         all_times += times
         loss = torch.tensor([stats["train_loss"]], dtype=torch.float64, device=device)
@@ -324,6 +328,6 @@ def _finish(spec: WorkerSpec, run: RunConfig, model, folder: RunFolder, splits, 
     model.cpu().save(tmp, extra={"run": run.to_flat()})
     os.replace(tmp, folder.path / "model")
     fsync_dir(folder.path)
-    summarize(folder, run, model.cfg, splits, time.time() - spec.t_start, extra=extra)
+    summarize(folder, run, model.cfg, splits, time.time() - spec.t_start, extra=extra, blueprint=model.blueprint)
     log.info("DDP: median step %.1f ms over %d workers, %.0f gradient bytes per worker and step",
              extra["ddp"]["step_s_median"] * 1e3, n, per_step)

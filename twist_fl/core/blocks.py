@@ -149,6 +149,31 @@ def slice_state(full_state: Mapping[str, Any], cfg: GPTConfig, bp: Blueprint) ->
     return out
 
 
+def permute_state(full_state: Mapping[str, Any], cfg: GPTConfig,
+                  orders: Mapping[tuple[str, int], Iterable[int]]) -> dict[str, Any]:
+    """A full state with the blocks of each (kind, layer) in `orders` relabelled: the block at
+    position j becomes `orders[kind, layer][j]` of `full_state`. Every fused q/k/v group of a
+    head and every tensor of a block moves together, so the model computes the same function.
+    Layers and kinds not in `orders` are returned as they are."""
+    _check_state(full_state, cfg, None, "full state")
+    for (kind, layer), order in orders.items():
+        if sorted(order) != list(range(cfg.blocks_of(kind))):
+            raise ValueError(f"order of the {kind} of layer {layer} must be a permutation of "
+                             f"0..{cfg.blocks_of(kind) - 1}, got {list(order)}")
+    out = {}
+    for name, x in full_state.items():
+        spec = slice_spec(name)
+        if spec is None or (spec.kind, spec.layer) not in orders:
+            out[name] = x
+            continue
+        idx = block_indices(cfg, spec, orders[(spec.kind, spec.layer)])
+        if isinstance(x, torch.Tensor):
+            out[name] = x.index_select(spec.axis, torch.as_tensor(idx, device=x.device))
+        else:
+            out[name] = np.take(x, idx, axis=spec.axis)
+    return out
+
+
 def scatter_state(full_state: Mapping[str, Any], cfg: GPTConfig, bp: Blueprint,
                   sub_state: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `full_state` with `bp`'s blocks (and the shared tensors) replaced by

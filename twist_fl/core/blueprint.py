@@ -114,6 +114,7 @@ def sample_blueprints(
     shared_layers: Sequence[int] | None = None,
     allow_partial: bool = False,
     stream: Stream = Stream.BLUEPRINTS,
+    core: int = 0,
 ) -> list[Blueprint]:
     """Sample one blueprint per subnet for a round, deterministically from (seed, round).
 
@@ -125,6 +126,10 @@ def sample_blueprints(
     of different capacity). Fewer than N in total raises, unless `allow_partial` (as when
     deployment draws a single subnet). `stream` names the random stream (`twist_fl.core.rng`):
     training rounds use BLUEPRINTS; evaluation and deployment draws their own, keyed by draw.
+
+    `core` > 0 (run-config `core-blocks`) makes the first `core` blocks of every non-shared layer
+    common to all subnets (a subnet smaller than the core keeps its first `keep` blocks); the rules
+    above then apply to the blocks beyond the core. `core = 0` is exactly the draw above.
     """
     if isinstance(n_subnets, bool) or not isinstance(n_subnets, (int, np.integer)) or n_subnets < 1:
         raise ValueError(f"n_subnets must be a positive integer, got {n_subnets!r}")
@@ -138,13 +143,17 @@ def sample_blueprints(
         for i in shared_layers:
             if not -cfg.n_layer <= int(i) < cfg.n_layer:
                 raise ValueError(f"shared layer {i} is outside 0..{cfg.n_layer - 1}")
+    if isinstance(core, bool) or not isinstance(core, (int, np.integer)) or not 0 <= core < cfg.n_blocks:
+        raise ValueError(f"core={core!r} is not allowed; allowed: 0..{cfg.n_blocks - 1} blocks common to every subnet")
     for kind in KINDS:
         n = cfg.blocks_of(kind)
-        if sum(keeps) < n and not allow_partial and len(shared) < cfg.n_layer:
+        beyond = sum(max(0, k - core) for k in keeps)
+        if beyond < n - core and not allow_partial and len(shared) < cfg.n_layer:
             raise ValueError(
                 f"coverage impossible: {n_subnets} subnets keeping {keeps} {kind} cannot cover all "
-                f"{n} {kind} of a layer (need a total keep >= {n}); pass allow_partial=True to "
-                f"accept partial coverage"
+                f"{n} {kind} of a layer (need a total keep >= {n}"
+                + (f", {n - core} of them beyond the core of {core}" if core else "")
+                + "); pass allow_partial=True to accept partial coverage"
             )
     rng = generator(int(seed), stream, int(round))
     per_subnet: dict[str, list[list[tuple[int, ...]]]] = {k: [[] for _ in range(n_subnets)] for k in KINDS}
@@ -155,10 +164,11 @@ def sample_blueprints(
                 for s in range(n_subnets):
                     per_subnet[kind][s].append(tuple(range(n)))
                 continue
-            held: list[set[int]] = [set() for _ in range(n_subnets)]
-            # Deal a random permutation round-robin to the subnets that still have room.
+            held: list[set[int]] = [set(range(min(core, keeps[s]))) for s in range(n_subnets)]
+            # Deal a random permutation (of the blocks beyond the core) round-robin to the subnets
+            # that still have room.
             s = 0
-            for block in rng.permutation(n):
+            for block in (rng.permutation(n) if not core else core + rng.permutation(n - core)):
                 for _ in range(n_subnets):
                     if len(held[s]) < keeps[s]:
                         break

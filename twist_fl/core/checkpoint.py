@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,12 @@ def _read(ckpt: Path) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
     return int(state["round"]), load_file(str(wpath)), state
 
 
-def load_checkpoint(run_dir: str | os.PathLike) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
-    """(round, weights, state) of the newest complete checkpoint of a run folder."""
+def load_checkpoint(run_dir: str | os.PathLike, accept: Callable[[int, dict[str, np.ndarray]], str | None] | None = None
+                    ) -> tuple[int, dict[str, np.ndarray], dict[str, Any]]:
+    """(round, weights, state) of the newest complete checkpoint of a run folder: its hash
+    verifies, and `accept(round, weights)` (when given) returns None, or else the reason it does
+    not fit (e.g. wrong shapes, a round the run's records do not reach). A checkpoint skipped
+    for an older one is named in a warning line with its reason."""
     root = Path(run_dir).expanduser() / "checkpoints"
     if not root.is_dir():
         raise ValueError(f"resume-from={str(run_dir)!r} has no checkpoints/ folder: is it a twist-fl run folder?")
@@ -122,9 +127,16 @@ def load_checkpoint(run_dir: str | os.PathLike) -> tuple[int, dict[str, np.ndarr
     if latest.is_file():
         named = root / latest.read_text().strip()
         candidates = [named] + [c for c in candidates if c != named]
+    skipped = []
     for ckpt in candidates:
         try:
-            return _read(ckpt)
+            rnd, weights, state = _read(ckpt)
+            why = accept(rnd, weights) if accept is not None else None
+            if why is None:
+                return rnd, weights, state
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-            log.warning("skipping checkpoint %s: %s", ckpt, e)
-    raise ValueError(f"resume-from={str(run_dir)!r} has no complete checkpoint")
+            why = str(e)
+        log.warning("skipping checkpoint %s: %s", ckpt, why)
+        skipped.append(f"{ckpt.name} ({why})")
+    raise ValueError(f"resume-from={str(run_dir)!r} has no complete checkpoint"
+                     + (": " + "; ".join(skipped) if skipped else ""))

@@ -24,6 +24,7 @@ NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense su
 RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
 DISTILL_SOURCES = ("", "init", "global")  # teacher of the local distillation loss ("" = none), see core/objective.py
 SERVER_OPTIMIZERS = ("avg", "momentum", "nesterov", "adam")  # the outer step, see core/outer.py
+INIT_ORDERS = ("", "flap")  # init-order: "" keeps the init-from model's block order, see core/importance.py
 
 
 def parse_mode(value: Any, key: str, allowed: tuple[str, ...] = NODE_MODES) -> str:
@@ -163,9 +164,14 @@ class RunConfig:
     # FjORD) | rolling (FedRolex: a cyclic window advancing one block a round); deployment cuts the same kind
     self_distill_weight: float = 0.0  # FjORD's self-distillation (subnet-policy ordered): each step also trains one
     # smaller nested prefix toward the node's own outputs, with this weight; 0 = off
+    core_blocks: int = 0  # subnet-policy random: every subnet keeps blocks 0..core-blocks-1 of each non-shared layer
+    # (with init-order, the most important), the rest drawn at random; 0 = TwIST's fully random subnets
+    init_order: str = ""  # "" | flap: before round 1, sort each layer's blocks of the init-from model by FLAP's
+    # calibration score, most important first (the same function; its nested prefixes become FLAP's choice)
     # levers of the local objective (core/objective.py)
     distill_from: str = ""  # "" (off) | init (the init-from model, loaded once on each node) | global (the round's
-    # full model; masked nodes only, which receive it anyway)
+    # full model; masked nodes only, which receive it anyway) | a model folder (e.g. the dense model a pruned
+    # init-from was cut from: a recovery fine-tune)
     distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = off
     distill_temperature: float = 1.0  # T of the distillation softmax
     # the server's outer step (core/outer.py)
@@ -314,7 +320,12 @@ class RunConfig:
         _choice("device", self.device, ("auto", "cpu", "cuda"))
         _choice("precision", self.precision, PRECISIONS)
         _choice("wire-dtype", self.wire_dtype, ("float32", "float16", "bfloat16"))
-        _choice("distill-from", self.distill_from, DISTILL_SOURCES)
+        if self.distill_from not in DISTILL_SOURCES:
+            from pathlib import Path
+
+            if not Path(self.distill_from).expanduser().is_dir():
+                raise ValueError(f"run-config distill-from={self.distill_from!r} is neither one of "
+                                 f"{[s for s in DISTILL_SOURCES if s]} nor a readable model folder (the teacher)")
         _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         for key in ("num_server_rounds", "local_steps", "min_nodes", "seq_len", "batch_size", "eval_every",
                     "eval_draws"):
@@ -376,8 +387,8 @@ class RunConfig:
         if self.distill_from == "global" and self.mode != "masked":
             raise ValueError(f"run-config distill-from='global' needs mode='masked' (only masked nodes receive the "
                              f"round's full model); mode={self.mode!r}. Use distill-from='init' for true nodes")
-        if self.distill_from and self.strategy != "twist":
-            raise ValueError(f"run-config distill-from={self.distill_from!r} distils subnets; strategy="
+        if self.distill_from == "global" and self.strategy != "twist":
+            raise ValueError(f"run-config distill-from='global' distils subnets from the round's full model; strategy="
                              f"{self.strategy!r} trains the full model (allowed with strategy 'twist')")
         if not 0 <= self.server_momentum < 1:
             raise ValueError(f"run-config server-momentum={self.server_momentum!r} must be in [0, 1)")
@@ -393,6 +404,16 @@ class RunConfig:
         if self.self_distill_weight and self.subnet_policy != "ordered":
             raise ValueError(f"run-config self-distill-weight={self.self_distill_weight!r} trains smaller nested "
                              f"prefixes (FjORD); it needs subnet-policy='ordered', not {self.subnet_policy!r}")
+        if self.core_blocks < 0:
+            raise ValueError(f"run-config core-blocks={self.core_blocks!r} must be >= 0")
+        if self.core_blocks and (self.strategy != "twist" or self.subnet_policy != "random"):
+            raise ValueError(f"run-config core-blocks={self.core_blocks!r} fixes the first blocks of TwIST's random "
+                             f"subnets; it needs strategy='twist' and subnet-policy='random' (got strategy="
+                             f"{self.strategy!r}, subnet-policy={self.subnet_policy!r})")
+        _choice("init-order", self.init_order, INIT_ORDERS)
+        if self.init_order and not self.init_from:
+            raise ValueError(f"run-config init-order={self.init_order!r} orders the blocks of a trained model by "
+                             "importance; init-from is empty (a random init has no order to find): set init-from")
         if self.strategy != "twist" and (self.full_nodes or self.keep_choices.strip()):
             raise ValueError(f"run-config full-nodes and keep-choices choose subnet sizes; strategy={self.strategy!r} "
                              "trains the full model on every node (allowed with strategy 'twist')")
@@ -409,6 +430,11 @@ class RunConfig:
         for k in self.keep_choice_list:
             cfg.check_keep(k, "run-config keep-choices entry", name)
         cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
+        most = min(*(self.keep_choice_list or (self.keep_for(cfg),)), cfg.n_blocks - 1)
+        if self.core_blocks > most:
+            raise ValueError(f"run-config core-blocks={self.core_blocks} must leave every subnet it fixes room to "
+                             f"draw: allowed 0..{most} (the smallest keep a node trains, and fewer than the "
+                             f"{cfg.n_blocks} blocks of {name})")
         for k in self.eval_keeps_for(cfg):
             cfg.check_keep(k, "run-config eval-keeps entry", name)
         for i in self.shared_layer_list:

@@ -535,6 +535,16 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None = None
     return t[idx].astype(np.int64)
 
 
+CALIB_TOKENS = 16384  # calibration tokens of the pruning methods and of init-order
+
+
+def calibration_windows(train_tokens: np.ndarray, seq_len: int, tokens: int = CALIB_TOKENS) -> np.ndarray:
+    """Calibration windows: `tokens` tokens from the middle of the training split (the data a
+    user prunes with; never the validation or test split)."""
+    start = len(train_tokens) // 2
+    return eval_windows(train_tokens[start:start + tokens + 1], seq_len, tokens or None)
+
+
 def unigram_perplexity(train: np.ndarray, test: np.ndarray, vocab_size: int) -> float:
     """Perplexity on `test` of the add-one-smoothed unigram distribution of `train`."""
     counts = np.bincount(train.astype(np.int64), minlength=vocab_size).astype(np.float64) + 1.0

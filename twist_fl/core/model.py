@@ -421,13 +421,42 @@ def load_state_strict(model: nn.Module, state: Mapping[str, Any]) -> None:
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
 
 
-def initial_model(run: RunConfig) -> GPT:
+def initial_model(run: RunConfig, allow_pruned: bool = False) -> GPT:
     """The model of round 0: `init-from` (a Hugging Face GPT-2 or twist-fl model folder, or a
-    twist-fl run folder, whose `model/` it takes) or a random init seeded by the run's seed."""
+    twist-fl run folder, whose `model/` it takes) or a random init seeded by the run's seed.
+    With `allow_pruned` (data-parallel training: a recovery fine-tune), `init-from` may also be
+    a pruned subnet (`twist-fl prune`), trained as the dense model it is."""
     torch.manual_seed(run.seed)
     if not run.init_from:
         return GPT(run.model_config())
-    return load_dense(run.init_from, run.alpha, run.shared_layer_list, f"run-config init-from={run.init_from!r}")
+    key = f"run-config init-from={run.init_from!r}"
+    if allow_pruned:
+        pruned = load_pruned(run.init_from, key)
+        if pruned is not None:
+            if pruned.cfg.alpha != run.alpha or pruned.cfg.shared_layer_ids != tuple(
+                    sorted({i % pruned.cfg.n_layer for i in run.shared_layer_list})):
+                raise ValueError(f"{key} is a pruned subnet made with alpha={pruned.cfg.alpha:g} and shared layers "
+                                 f"{list(pruned.cfg.shared_layer_ids)}; its weights (FLAP's bias compensation) hold "
+                                 f"for those, so the run must set the same (got alpha={run.alpha:g}, shared-layers="
+                                 f"{run.shared_layers!r})")
+            return pruned
+    return load_dense(run.init_from, run.alpha, run.shared_layer_list, key)
+
+
+def load_pruned(path: str | os.PathLike, key: str) -> GPT | None:
+    """The pruned subnet a twist-fl model or run folder holds, or None when it holds a full model
+    (or is not a twist-fl folder)."""
+    d = dense_model_dir(path)
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not meta.get("blueprint"):
+        return None
+    try:
+        return GPT.load(d)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None
 
 
 def dense_model_dir(path: str | os.PathLike) -> Path:

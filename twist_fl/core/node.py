@@ -34,7 +34,7 @@ from .data import (
 )
 from .io import atomic_write
 from .model import GPT, load_state_strict
-from .objective import Distillation, SelfDistillation, init_teacher
+from .objective import Distillation, SelfDistillation, fixed_distillation
 from .precision import precision_scope, resolve_precision
 from .rng import Stream, generator
 from .train import (
@@ -200,24 +200,18 @@ def node_self_distillation(run: RunConfig, cfg: GPTConfig, bp: Blueprint, partit
 
 def node_distillation(run: RunConfig, cfg: GPTConfig, arrays: Mapping[str, Any], masked: bool,
                       device: torch.device) -> Distillation | None:
-    """The node's distillation lever (`distill-from`), or None when it is off. `init`: the
-    init-from model, loaded once per process (`objective.init_teacher`); `global`: the round's
-    full model, which a masked node has just received in `arrays`."""
+    """The node's distillation lever (`distill-from`), or None when it is off. `init` or a model
+    folder: a fixed teacher, loaded once per process (`objective.fixed_distillation`); `global`: the
+    round's full model, which a masked node has just received in `arrays`."""
     if not run.distill_from or run.distill_weight <= 0:
         return None
-    if run.distill_from == "init":
-        teacher = init_teacher(str(Path(run.init_from).expanduser().resolve()), run.alpha, run.shared_layer_list)
-        if teacher.cfg.vocab_size != cfg.vocab_size or teacher.cfg.n_embd != cfg.n_embd:
-            raise ValueError(f"the distillation teacher (init-from={run.init_from!r}) does not fit the model: "
-                             f"vocab {teacher.cfg.vocab_size} / width {teacher.cfg.n_embd} against "
-                             f"{cfg.vocab_size} / {cfg.n_embd}")
-        teacher = teacher.to(device)
-    else:
-        if not masked:
-            raise ValueError("distill-from='global' needs a masked node (it distils from the full model it "
-                             "received); this node trains in true mode")
-        teacher = GPT.from_state(cfg, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}).to(device)
-        teacher.eval().requires_grad_(False)
+    if run.distill_from != "global":
+        return fixed_distillation(run, cfg, device)
+    if not masked:
+        raise ValueError("distill-from='global' needs a masked node (it distils from the full model it "
+                         "received); this node trains in true mode")
+    teacher = GPT.from_state(cfg, {k: torch.as_tensor(np.asarray(v)) for k, v in arrays.items()}).to(device)
+    teacher.eval().requires_grad_(False)
     return Distillation(teacher, run.distill_weight, run.distill_temperature)
 
 

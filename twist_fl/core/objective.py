@@ -9,8 +9,9 @@ US-Nets / MatFormer:
 
 KL is summed over the vocabulary and averaged over tokens, as CE is. The teacher is a full
 model run without gradients: the dense model the run started from (`init`, loaded once per
-node process by `init_teacher`, never sent), or the round's full model (`global`, which masked
-nodes receive anyway). With no distillation the step is exactly the plain one.
+process by `init_teacher`, never sent), another model folder named by `distill-from` itself
+(e.g. the dense model a pruned model was cut from, for a recovery fine-tune), or the round's
+full model (`global`, which masked nodes receive anyway). With no distillation the step is exactly the plain one.
 
 FjORD's self-distillation (`self-distill-weight`, with `subnet-policy = "ordered"`) adds, each
 step, one smaller nested prefix of the node's own subnet trained toward the subnet's outputs
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .blueprint import Blueprint
+from .config import GPTConfig, RunConfig
 from .model import GPT, load_dense
 
 log = logging.getLogger(__name__)
@@ -93,3 +95,22 @@ def init_teacher(path: str, alpha: float, shared_layers: tuple[int, ...]) -> GPT
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def teacher_path(run: RunConfig) -> str:
+    """The folder of a run's fixed teacher: `init-from` for distill-from 'init', else the folder
+    distill-from names."""
+    return str(Path(run.init_from if run.distill_from == "init" else run.distill_from).expanduser().resolve())
+
+
+def fixed_distillation(run: RunConfig, cfg: GPTConfig, device: torch.device) -> Distillation | None:
+    """The distillation toward a fixed teacher (distill-from 'init' or a model folder), loaded once
+    per process; None when the run does not distil or distils from the round's model ('global')."""
+    if not run.distill_from or run.distill_weight <= 0 or run.distill_from == "global":
+        return None
+    teacher = init_teacher(teacher_path(run), run.alpha, run.shared_layer_list)
+    if teacher.cfg.vocab_size != cfg.vocab_size or teacher.cfg.n_embd != cfg.n_embd:
+        raise ValueError(f"the distillation teacher ({teacher_path(run)}) does not fit the model: vocab "
+                         f"{teacher.cfg.vocab_size} / width {teacher.cfg.n_embd} against {cfg.vocab_size} / "
+                         f"{cfg.n_embd}")
+    return Distillation(teacher.to(device), run.distill_weight, run.distill_temperature)

@@ -11,7 +11,11 @@ for one blueprint per selected node and never draws blocks itself. The policy he
 - `keep-choices`: each node draws its keep per round (seeded) from the choices its capacity
   allows (the smallest choice when none fits).
 
-With neither lever the blueprints are exactly today's `sample_blueprints` draw.
+- `core-blocks = c`: every subnet keeps the first c blocks of each non-shared layer (after
+  `init-order`, the most important ones) and draws the rest at random: a nested core under
+  TwIST's random subnets.
+
+With none of these levers the blueprints are exactly today's `sample_blueprints` draw.
 
 `subnet-policy` chooses the kind of subnet instead of TwIST's random one (the same round loop,
 coverage averaging and levers; only the blueprints differ):
@@ -89,7 +93,7 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
                          [i in full for i in range(n)], False)
     if rest:
         drawn = sample_blueprints(cfg, len(rest), [keeps[i] for i in rest], run.seed, round_,
-                                  allow_partial=partial or bool(full))
+                                  allow_partial=partial or bool(full), core=run.core_blocks)
         for i, bp in zip(rest, drawn, strict=True):
             bps[i] = bp
     return RoundPlan(bps, [cfg.n_blocks if i in full else keeps[i] for i in range(n)],
@@ -97,10 +101,11 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
 
 
 def deploy_blueprints(cfg: GPTConfig, policy: str, keep: int, seed: int, draws: int,
-                      stream: Stream = Stream.DEPLOY_DRAWS) -> list[Blueprint]:
+                      stream: Stream = Stream.DEPLOY_DRAWS, core: int = 0) -> list[Blueprint]:
     """The subnets of size `keep` a model trained with `policy` is deployed as: the one nested
-    prefix for `ordered`; `draws` random subnets (seeded, draw d from `stream` at `d`) otherwise."""
+    prefix for `ordered`; `draws` random subnets (seeded, draw d from `stream` at `d`) otherwise,
+    each holding the first `core` blocks of every layer (run-config core-blocks)."""
     if policy == "ordered":
         return [prefix_blueprint(cfg, keep)]
-    return [sample_blueprints(cfg, 1, keep, seed=seed, round=d, allow_partial=True, stream=stream)[0]
-            for d in range(draws)]
+    return [sample_blueprints(cfg, 1, keep, seed=seed, round=d, allow_partial=True, stream=stream,
+                              core=min(core, cfg.n_blocks - 1))[0] for d in range(draws)]

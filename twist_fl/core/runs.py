@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .blocks import param_counts, slice_state
-from .blueprint import sample_blueprints
+from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
 from .io import WriteError, atomic_write_text, json_line, write_json
@@ -33,16 +33,18 @@ log = logging.getLogger(__name__)
 
 
 class Evaluator:
-    """Validation perplexity of the full model and of random subnets at each eval keep."""
+    """Validation perplexity of the full model and of random subnets at each eval keep; of the
+    model alone when it is a pruned subnet (`blueprint`: a recovery fine-tune)."""
 
-    def __init__(self, cfg: GPTConfig, run: RunConfig, windows: np.ndarray):
-        self.cfg, self.run, self.windows = cfg, run, windows
+    def __init__(self, cfg: GPTConfig, run: RunConfig, windows: np.ndarray, blueprint: Blueprint | None = None):
+        self.cfg, self.run, self.windows, self.blueprint = cfg, run, windows, blueprint
         self.device = pick_device(run.device)
         self.precision = resolve_precision(run.precision, self.device)  # fp16 on a CPU is refused here
         # The same draws at every evaluation, so curves over rounds compare like with like; the
         # subnets the run's policy deploys (the nested prefix for `ordered`, random draws otherwise).
-        self.draws = {k: deploy_blueprints(cfg, run.subnet_policy, k, run.seed, run.eval_draws, Stream.EVAL_DRAWS)
-                      for k in run.eval_keeps_for(cfg)}
+        self.draws = {k: deploy_blueprints(cfg, run.subnet_policy, k, run.seed, run.eval_draws, Stream.EVAL_DRAWS,
+                                           core=run.core_blocks)
+                      for k in run.eval_keeps_for(cfg)} if blueprint is None else {}
 
     def __call__(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         with precision_scope(self.precision):
@@ -50,7 +52,7 @@ class Evaluator:
 
     def _evaluate(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
         torch_state = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items()}
-        full = GPT.from_state(self.cfg, torch_state)
+        full = GPT.from_state(self.cfg, torch_state, blueprint=self.blueprint)
         out: dict[str, Any] = {"full": evaluate(full.to(self.device), self.windows)}
         for k, bps in self.draws.items():
             ppl = []
@@ -59,6 +61,12 @@ class Evaluator:
                 ppl.append(evaluate(sub.to(self.device), self.windows)["ppl"])
             out[f"keep-{k}"] = {"mean": float(np.mean(ppl)), "std": float(np.std(ppl)), "draws": ppl}
         return out
+
+
+def blueprint_keep(cfg: GPTConfig, bp: Blueprint) -> int:
+    """The blocks of each kind a pruned subnet keeps per non-shared layer (its largest count)."""
+    layers = [i for i in range(cfg.n_layer) if i not in cfg.shared_layer_ids] or list(range(cfg.n_layer))
+    return max(len(bp.heads[i]) for i in layers)
 
 
 def describe(valid: dict[str, Any]) -> str:
@@ -144,14 +152,14 @@ class RunFolder:
         folder.clean_leftovers()
         return folder
 
-    def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "",
-                     partitions: dict[str, list[dict[str, Any]]] | None = None) -> None:
-        """config.json: the run and model config, the run's uid, and each node's share of the data
-        (by number of partitions) once the nodes have reported it."""
+    def write_config(self, run: RunConfig, cfg: GPTConfig, run_uid: str = "", **extra: Any) -> None:
+        """config.json: the run and model config, the run's uid, where it started, and `extra`
+        entries (each node's share of the data by number of partitions, once the nodes have
+        reported it; the block order `init-order` applied)."""
         write_json(self.path / "config.json", {"run": run.to_flat(), "model": cfg.to_dict(),
                                                **({"run_uid": run_uid} if run_uid else {}),
                                                **started_from(run),
-                                               **({"partitions": partitions} if partitions else {})})
+                                               **{k: v for k, v in extra.items() if v}})
         log.info("run folder: %s", self.path)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -169,6 +177,34 @@ class RunFolder:
                     raise ValueError(f"{self.metrics} line {i} is not valid JSON ({e}); the file is damaged") from None
                 log.warning("%s: dropping its last line, cut off before it was complete (%s)", self.metrics, e)
         return rows
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json of an existing run; ValueError naming the file when it cannot be read."""
+        f = self.path / "config.json"
+        try:
+            meta = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{f} cannot be read ({e}); the run's record is damaged, so it is not resumed") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("run"), dict):
+            raise ValueError(f"{f} holds no run config (its 'run' entry); the run's record is damaged, so it is not "
+                             "resumed")
+        return meta
+
+    def recorded_rounds(self) -> int:
+        """The rounds metrics.jsonl records without a gap from round 1 (a damaged line before the
+        last is refused by `rows`)."""
+        n = 0
+        for r in self.rows():
+            if r.get("round") != n + 1:
+                break
+            n += 1
+        return n
+
+    def newest_checkpoint_round(self) -> int | None:
+        """The round of the newest checkpoint folder, complete or not (None when there is none)."""
+        rounds = [int(p.name.split("-")[1]) for p in (self.path / "checkpoints").glob("round-*")
+                  if p.name.split("-")[1].isdigit()]
+        return max(rounds) if rounds else None
 
     def truncate_after(self, round_: int) -> None:
         """Drop metric lines of rounds after the checkpoint a resumed run starts from."""
@@ -228,23 +264,27 @@ def started_from(run: RunConfig) -> dict[str, Any]:
     if run.distill_from:
         out["teacher"] = {"from": run.distill_from, "weight": run.distill_weight,
                           "temperature": run.distill_temperature,
-                          "model": origin["path"] if run.distill_from == "init" else "the round's full model"}
+                          "model": origin["path"] if run.distill_from == "init" else "the round's full model"
+                          if run.distill_from == "global" else str(Path(run.distill_from).expanduser().resolve())}
     return out
 
 
 def summarize(folder: RunFolder, run: RunConfig, cfg: GPTConfig, splits, wall_s: float,
-              extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write summary.json, rounds.png and keeps.png from metrics.jsonl; log the final table."""
+              extra: dict[str, Any] | None = None, blueprint: Blueprint | None = None) -> dict[str, Any]:
+    """Write summary.json, rounds.png and keeps.png from metrics.jsonl; log the final table.
+    `blueprint`: the run trained a pruned subnet (its "full" entries are that subnet's)."""
     rows = folder.rows()
     evals = [r for r in rows if r.get("valid")]
     final = evals[-1]["valid"] if evals else {}
     n_total = cfg.n_blocks
-    params = {"full": param_counts(cfg)["params"]}
-    for k in run.eval_keeps_for(cfg):
+    params = {"full": param_counts(cfg, blueprint)["params"]}
+    for k in (run.eval_keeps_for(cfg) if blueprint is None else ()):
         bp = sample_blueprints(cfg, 1, k, seed=0, round=0, allow_partial=True)[0]
         params[f"keep-{k}"] = param_counts(cfg, bp)["params"]
     summary = {
-        "run_folder": str(folder.path), "strategy": run.strategy, "keep": run.trained_keep(cfg), "n_blocks": n_total,
+        "run_folder": str(folder.path), "strategy": run.strategy, "n_blocks": n_total,
+        "keep": run.trained_keep(cfg) if blueprint is None else blueprint_keep(cfg, blueprint),
+        **({"blueprint": blueprint.to_dict()} if blueprint is not None else {}),
         "rounds": len(rows), "wall_s_this_process": round(wall_s, 1),
         "round_wall_s_total": round(sum(r["wall_s"] or 0 for r in rows), 1),
         "unigram_ppl_valid": unigram_perplexity(splits["train"].tokens, splits["valid"].tokens, cfg.vocab_size),

@@ -25,6 +25,7 @@ from ..core.report import comparison_plot
 from ..core.train import evaluate
 from .loading import UsageError, data_settings, load_model, parse_keeps, windows_for
 from .prune import (
+    core_of,
     deployed_subnet_ppl,
     policy_of,
     prune_structured,
@@ -152,17 +153,20 @@ def compare_pair(twist_path: str, dense_path: str, args: ReportOptions) -> dict[
 
 def test_ppl(run_folder: str, keeps: list[int], draws: int, tokens: int) -> dict[str, float]:
     """Test perplexity of a run's final model: the full model, random subnets at `keeps`
-    (`keep-k`, mean over draws) and the subnets its policy deploys (`deployed-k`: the nested
-    prefix for `ordered`, the same random subnets otherwise)."""
+    (`keep-k`, mean over draws; with core-blocks, each holding the core) and the nested prefix
+    (`deployed-k`) for `ordered` and core-blocks runs, the same random subnets otherwise. A pruned
+    model (a recovery fine-tune) has the full entry only."""
     model, meta = load_model(run_folder)
     windows = windows_for(model, data_settings(meta), "test", tokens)
-    seed = int(meta.get("run", {}).get("seed", 0))
-    policy = policy_of(meta)
     out = {"full": evaluate(model, windows)["ppl"]}
+    if model.blueprint is not None:  # a pruned model trained on (a recovery fine-tune): no subnets to cut
+        return out
+    seed = int(meta.get("run", {}).get("seed", 0))
+    policy, core = policy_of(meta), core_of(meta)
     for k in keeps:
-        out[f"keep-{k}"] = float(np.mean(random_subnet_ppl(model, k, seed, draws, windows)))
-        out[f"deployed-{k}"] = float(np.mean(deployed_subnet_ppl(model, policy, k, seed, draws, windows))) \
-            if policy == "ordered" else out[f"keep-{k}"]
+        out[f"keep-{k}"] = float(np.mean(random_subnet_ppl(model, k, seed, draws, windows, core)))
+        out[f"deployed-{k}"] = float(np.mean(deployed_subnet_ppl(model, "ordered", k, seed, draws, windows))) \
+            if policy == "ordered" or core else out[f"keep-{k}"]
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..core.blocks import sparsity
 from ..core.blueprint import Blueprint
 from ..core.config import DATASETS, TOKENIZER_VOCAB, TOKENIZERS, GPTConfig
-from ..core.data import eval_windows, load_tokens
+from ..core.data import calibration_windows, eval_windows, load_tokens
 from ..core.model import CONFIG_FILE, GPT, WEIGHTS_FILE
 
 
@@ -88,11 +88,9 @@ def windows_for(model: GPT, d: dict[str, Any], split: str, tokens: int) -> np.nd
         raise UsageError(f"--seq-len {d['seq_len']} is not allowed for this model: allowed 1..{model.cfg.block_size} "
                          "(its block_size, the positions it has)")
     splits = load_tokens(d["dataset"], d["tokenizer"], d["data_path"])
-    src = splits["train"].tokens if split == "calib" else splits[split].tokens
     if split == "calib":  # calibration: windows from the middle of the training split
-        start = len(src) // 2
-        src = src[start:start + tokens + 1]
-    return eval_windows(src, d["seq_len"], tokens or None)
+        return calibration_windows(splits["train"].tokens, d["seq_len"], tokens)
+    return eval_windows(splits[split].tokens, d["seq_len"], tokens or None)
 
 
 def parse_keeps(text: str, cfg: GPTConfig, what: str = "--keeps") -> list[int]:

@@ -34,6 +34,7 @@ import torch.nn as nn
 from ..core.blocks import block_indices, slice_spec, slice_state
 from ..core.blueprint import Blueprint, prefix_blueprint, sample_blueprints
 from ..core.config import KINDS, GPTConfig
+from ..core.importance import PROJECTIONS, flap_scores, projection_input_moments
 from ..core.model import GPT
 from ..core.progress import progress
 from ..core.rng import Stream
@@ -46,10 +47,12 @@ UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")
 MATRICES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def random_blueprint(cfg: GPTConfig, keep: int, seed: int, draw: int = 0) -> Blueprint:
+def random_blueprint(cfg: GPTConfig, keep: int, seed: int, draw: int = 0, core: int = 0) -> Blueprint:
+    """A random subnet at `keep` (deployment draw `draw`), holding the first `core` blocks of every
+    layer when the model was trained with run-config core-blocks."""
     cfg.check_keep(keep)
     return sample_blueprints(cfg, 1, keep, seed=seed, round=draw, allow_partial=True,
-                             stream=Stream.DEPLOY_DRAWS)[0]
+                             stream=Stream.DEPLOY_DRAWS, core=core)[0]
 
 
 def subnet(model: GPT, bp: Blueprint) -> GPT:
@@ -65,18 +68,25 @@ def policy_of(meta: dict) -> str:
     return str((meta or {}).get("run", {}).get("subnet-policy") or "random")
 
 
+def core_of(meta: dict) -> int:
+    """The blocks every random subnet of a model keeps (its run's `core-blocks`; 0 when absent)."""
+    return int((meta or {}).get("run", {}).get("core-blocks") or 0)
+
+
 def deployed_subnet_ppl(model: GPT, policy: str, keep: int, seed: int, draws: int,
-                        windows: np.ndarray) -> list[float]:
+                        windows: np.ndarray, core: int = 0) -> list[float]:
     """Perplexity of the subnets at `keep` a model trained with `policy` is deployed as: its
     nested prefix (one) for `ordered`, `draws` random subnets otherwise (`random_subnet_ppl`)."""
     if policy == "ordered":
         return [evaluate(subnet(model, prefix_blueprint(model.cfg, keep)), windows)["ppl"]]
-    return random_subnet_ppl(model, keep, seed, draws, windows)
+    return random_subnet_ppl(model, keep, seed, draws, windows, core)
 
 
-def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray) -> list[float]:
-    """Perplexity of `draws` random subnets of a full model at `keep` (draw r uses round r)."""
-    return [evaluate(subnet(model, random_blueprint(model.cfg, keep, seed, r)), windows)["ppl"]
+def random_subnet_ppl(model: GPT, keep: int, seed: int, draws: int, windows: np.ndarray,
+                      core: int = 0) -> list[float]:
+    """Perplexity of `draws` random subnets of a full model at `keep` (draw r uses round r), each
+    holding the first `core` blocks of every layer."""
+    return [evaluate(subnet(model, random_blueprint(model.cfg, keep, seed, r, core)), windows)["ppl"]
             for r in progress(range(draws), f"keep {keep}: random subnets")]
 
 
@@ -170,53 +180,6 @@ def taylor_scores(model: GPT, calib: np.ndarray, batch_size: int = 16) -> dict[t
                            for b in range(n)])
         key = (spec.kind, spec.layer)
         scores[key] = scores.get(key, 0) + per
-    return scores
-
-
-PROJECTIONS = {"heads": "attn.c_proj", "ffn": "mlp.c_proj"}  # the matrix whose input channels are a kind's blocks
-
-
-def projection_input_moments(model: GPT, calib: np.ndarray, batch_size: int = 16) -> dict[str, tuple]:
-    """{module name: (mean, variance)} of each input channel of every output projection
-    (attn.c_proj, mlp.c_proj), over calibration tokens."""
-    mods = {name: mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.Linear) and name.endswith(tuple(PROJECTIONS.values()))}
-    acc: dict[str, list] = {}
-    hooks = []
-    for name, mod in mods.items():
-        def hook(m, inp, out, name=name):
-            x = inp[0].reshape(-1, inp[0].shape[-1]).double()
-            a = acc.setdefault(name, [0, 0, 0])
-            a[0], a[1], a[2] = a[0] + x.sum(0), a[1] + (x * x).sum(0), a[2] + x.shape[0]
-        hooks.append(mod.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in progress(range(0, len(calib), batch_size), "FLAP: calibration statistics"):
-                model(torch.from_numpy(calib[i:i + batch_size, :-1]))
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for name, (s1, s2, n) in acc.items():
-        mean = s1 / n
-        out[name] = (mean.float(), (s2 / n - mean * mean).clamp_min(0).float())
-    return out
-
-
-def flap_scores(model: GPT, moments: dict[str, tuple]) -> dict[tuple[str, int], torch.Tensor]:
-    """{(kind, layer): FLAP fluctuation of each block}: sum over its projection input channels
-    of Var(X_j) x ||W[:, j]||^2."""
-    cfg = model.cfg
-    state = model.state_dict()
-    scores = {}
-    for layer in range(cfg.n_layer):
-        for kind, proj in PROJECTIONS.items():
-            name = f"h.{layer}.{proj}"
-            w = state[f"{name}.weight"].float()
-            channel = moments[name][1] * (w * w).sum(0)
-            spec = slice_spec(f"{name}.weight")
-            scores[(kind, layer)] = torch.stack([
-                channel[torch.as_tensor(block_indices(cfg, spec, [b]))].sum() for b in range(cfg.blocks_of(kind))])
     return scores
 
 

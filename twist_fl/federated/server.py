@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,10 +69,32 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
 
     start_round = 0
     resumed_state: dict[str, Any] | None = None
+    recorded: dict[str, Any] = {}  # config.json's entries beyond the run config
     if run.resume_from:  # every check before anything is written: a refused resume changes nothing
         folder = RunFolder.existing(run.resume_from)
         folders.append(folder)
-        start_round, weights, state = load_checkpoint(folder.path)
+        previous = folder.read_config()  # refused when it cannot be read
+        named = run.run_name and run.run_name != folder.path.name
+        placed = run.out_dir != RunConfig().out_dir and Path(run.out_dir).expanduser().resolve() != folder.path.parent
+        if named or placed:
+            log.warning("resume: out-dir=%r run-name=%r are ignored; the run keeps its folder %s", run.out_dir,
+                        run.run_name, folder.path)
+        run = run.replace(out_dir=str(folder.path.parent), run_name=folder.path.name)
+        recorded_rounds = folder.recorded_rounds()  # a damaged metrics.jsonl is refused here
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+        def fits(rnd: int, weights: dict[str, Any]) -> str | None:
+            if rnd > recorded_rounds:
+                return f"metrics.jsonl records rounds 1..{recorded_rounds} only, not round {rnd}"
+            got = {k: tuple(v.shape) for k, v in weights.items()}
+            return None if got == shapes else "its tensors do not fit the model (names or shapes differ)"
+
+        start_round, weights, state = load_checkpoint(folder.path, fits)
+        newest = folder.newest_checkpoint_round()
+        if start_round != newest:
+            log.warning("resume: %s resumes from round %d, its newest checkpoint that verifies and that metrics.jsonl "
+                        "records (the newest, round %s, does not); rounds after %d are trained again", folder.path,
+                        start_round, newest, start_round)
         # A key newer than the checkpoint is read as its default there (it did not exist, so the
         # run behaved as its default does): runs checkpointed by an earlier version still resume.
         new = _config_fingerprint(run)
@@ -86,7 +109,6 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
             raise ValueError(f"resume-from={run.resume_from!r} has finished round {start_round}, and "
                              f"num-server-rounds={run.num_server_rounds} asks for no round after it; raise "
                              "num-server-rounds to train on")
-        folder.rows()  # a damaged metrics.jsonl is refused here, before anything is rewritten
         run_uid = state.get("run_uid") or uuid.uuid4().hex
         if "run_uid" not in state:
             log.warning("the checkpoint records no run uid: nodes will not find optimizer moments they stored")
@@ -94,21 +116,30 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         restore_rng_states(state["rng"])
         resumed_state = state
         folder.truncate_after(start_round)
-        log.info("resuming %s from round %d", folder.path, start_round)
+        if previous.get("init_order"):
+            recorded["init_order"] = previous["init_order"]
+        log.info("resuming %s from round %d of %d", folder.path, start_round, run.num_server_rounds)
     else:
         folder = RunFolder.new(run)
         folders.append(folder)
         run_uid = uuid.uuid4().hex  # nodes key the optimizer moments they store (twist-state-dir) by it
+    if run.init_order and not run.resume_from:  # a resumed run's checkpoint holds the ordered weights
+        from ..core.data import calibration_windows
+        from ..core.importance import order_blocks
+
+        model, order = order_blocks(model, run.init_order, calibration_windows(splits["train"].tokens, run.seq_len))
+        recorded["init_order"] = {"method": run.init_order, "order": order}
+        log.info("init-order %s: each layer's blocks sorted by importance, most important first (heads of layer 1: "
+                 "%s)", run.init_order, order["heads"][min(1, cfg.n_layer - 1)])
     # A resumed run records its config once its first checkpoint is written: a resume that fails
     # before that (a full disk, a refused node) leaves every file of the run folder as it was.
-    config_pending: dict[str, Any] | None = {} if run.resume_from else None
+    config_pending = run.resume_from != ""
 
     def record_config(**extra: Any) -> None:
         nonlocal config_pending
-        if config_pending is not None:
-            config_pending.update(extra)
-            return
-        folder.write_config(run, cfg, run_uid, **extra)
+        recorded.update(extra)
+        if not config_pending:
+            folder.write_config(run, cfg, run_uid, **recorded)
 
     record_config()
 
@@ -169,9 +200,9 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
             folder.truncate_to(size)  # no row without its checkpoint
             raise
         nonlocal config_pending
-        if config_pending is not None:
-            pending, config_pending = config_pending, None
-            record_config(**pending)
+        if config_pending:
+            config_pending = False
+            record_config()
         if curves is not None:  # the row is final: its checkpoint is written
             curves.row(row)
         if strategy.stop_reason:

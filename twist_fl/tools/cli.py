@@ -45,6 +45,7 @@ from ..evaluation.loading import (
 from ..evaluation.prune import (
     CALIBRATED,
     STRUCTURED,
+    core_of,
     deployed_subnet_ppl,
     policy_of,
     prune_structured,
@@ -124,18 +125,18 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{args.model}: {res['params']:,} parameters, perplexity {res['ppl']:.3f} on {args.split}")
     for k in keeps:
         draws = [_finite_ppl(x, f"a random subnet at keep {k} of {args.model}")
-                 for x in random_subnet_ppl(model, k, args.seed, args.draws, windows)]
+                 for x in random_subnet_ppl(model, k, args.seed, args.draws, windows, core_of(meta))]
         s = sparsity(model.cfg, random_blueprint(model.cfg, k, args.seed))
         res["keeps"][str(k)] = {"mean": float(np.mean(draws)), "std": float(np.std(draws)), "draws": draws,
                                 "params": s["params_kept"], "removed_of_block_params": s["removed_of_block_params"],
                                 "removed_of_all_params": s["removed_of_all_params"]}
         print(f"  keep {k}: perplexity {np.mean(draws):.3f} ± {np.std(draws):.3f} over {args.draws} random "
               f"subnets ({s['removed_of_block_params']:.1%} of block weights removed)")
-        if policy_of(meta) == "ordered":  # the subnet an ordered run (HeteroFL, FjORD) is deployed as
+        if policy_of(meta) == "ordered" or core_of(meta):  # the nested prefix (HeteroFL, FjORD, core-blocks)
             prefix = _finite_ppl(deployed_subnet_ppl(model, "ordered", k, args.seed, 1, windows)[0],
                                  f"the prefix subnet at keep {k} of {args.model}")
             res["keeps"][str(k)]["prefix"] = prefix
-            print(f"  keep {k}: perplexity {prefix:.3f}, the nested prefix (the run's subnet-policy 'ordered')")
+            print(f"  keep {k}: perplexity {prefix:.3f}, the nested prefix (the first {k} blocks of each layer)")
     if args.json:
         write_json(Path(args.json), res)
     return res

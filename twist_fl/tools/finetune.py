@@ -185,6 +185,7 @@ class Finetune:
         share a folder (`--reverse`, `--seed-list`): a job another process is running (its run
         folder is locked) is waited for, never run twice; an interrupted Flower job resumes from its
         newest checkpoint that verifies (`resumable_round`), one with none (or a DDP job) is run afresh."""
+        import shutil
         import time
 
         from .sweep import clear_interrupted, run_job
@@ -210,7 +211,9 @@ class Finetune:
             log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, run["strategy"], run["lr"], run["seed"],
                      run["num-server-rounds"])
             try:
-                return run_job(run, self.o.nodes, "local")
+                summary = run_job(run, self.o.nodes, "local", state_dir=d.parent / "node-state")
+                shutil.rmtree(d.parent / "node-state", ignore_errors=True)  # the nodes' moments: for a resume only
+                return summary
             except ValueError as e:
                 if "another" not in str(e) and "already exists" not in str(e):
                     raise

@@ -58,11 +58,14 @@ def clear_interrupted(run_dir: Path, who: str) -> None:
 
 
 def run_job(flat: dict[str, Any], num_supernodes: int, engine: str,
-            capacities: list[float] | None = None) -> dict[str, Any]:
+            capacities: list[float] | None = None, state_dir: Path | None = None) -> dict[str, Any]:
     """Run one job; `capacities` (local engine only) gives node i the capacity
-    `capacities[i % len(capacities)]` (node config `twist-capacity`; DDP workers have none)."""
-    if capacities and engine != "local":
-        raise ValueError(f"node capacities need engine 'local', not {engine!r}")
+    `capacities[i % len(capacities)]` (node config `twist-capacity`; DDP workers have none);
+    `state_dir` (local engine only) gives node i the folder `state_dir/i` for its optimizer
+    moments (node config `twist-state-dir`), so that a resumed job continues them as the
+    uninterrupted one would (without it, a resumed job's nodes start fresh moments)."""
+    if (capacities or state_dir) and engine != "local":
+        raise ValueError(f"node capacities and state folders need engine 'local', not {engine!r}")
     if flat["strategy"] == "ddp":
         from ..baselines.ddp import ddp_from_flat, run_ddp
 
@@ -73,8 +76,9 @@ def run_job(flat: dict[str, Any], num_supernodes: int, engine: str,
     if engine == "local":
         from ..federated.localgrid import LocalGrid
 
-        node_configs = [{"twist-capacity": float(capacities[i % len(capacities)])} for i in range(num_supernodes)] \
-            if capacities else None
+        node_configs = [{**({"twist-capacity": float(capacities[i % len(capacities)])} if capacities else {}),
+                         **({"twist-state-dir": str(Path(state_dir) / str(i))} if state_dir else {})}
+                        for i in range(num_supernodes)] if capacities or state_dir else None
         return run_server(LocalGrid(make_client_app(flat), num_supernodes, node_configs=node_configs),
                           RunConfig.from_flat(flat))
     if engine == "ray":

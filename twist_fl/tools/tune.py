@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "jobs (e.g. '2'), so that several processes can share the stages; default: every seed")
     f.add_argument("--reverse", action="store_true", help="take the jobs in reverse order: a second process on the "
                    "same --out shares the work (a job one process runs, the other waits for)")
+    f.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: torch's default, "
+                   "every core); with several processes sharing the machine, cores / processes")
     f.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
     g = sub.add_parser("finetune-table", help="FINETUNE.md and finetune.json from a finetune folder")
     g.add_argument("root")
@@ -470,6 +472,12 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
                            stages=args.stages, argv=argv,
                            seed_list=_seeds(args.seed_list), reverse=args.reverse)
+    if args.threads < 0:
+        raise ValueError(f"--threads={args.threads} must be >= 0 (0: torch's default)")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(json.dumps({"best_lr": Finetune(opts).run()}))
     return 0
 
