@@ -4,7 +4,6 @@ pipeline built on them (a dense run, then TwIST from it, then the comparison tab
 
 import json
 import math
-import shlex
 
 import numpy as np
 import pytest
@@ -279,66 +278,96 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
           "lr-schedule='constant'")
     argv = ["finetune", "--out", str(out), "--seeds", "2", "--nodes", "2", "--dense-steps", "4", "--ft-steps", "8",
             "--ft-ablation", "4", "--twist-lrs", "1e-3", "--ddp-lrs", "1e-3,2e-3",
-            "--variants", "kd:distill-from=init distill-weight=0.5", "--stages",
-            "dense,grid,pairs,levers,eqc,ablation", "--run-config", rc]
+            "--variants", "kd:distill-from=init distill-weight=0.5;ls1:local-steps=1;"
+                          "ord:init-order=flap subnet-policy=ordered keep-choices=1,2,3,4",
+            "--ablation-levers", "ls1", "--eqb-levers", "ls1", "--recovery-lrs", "1e-3,2e-3", "--recovery-keeps", "2",
+            "--stages", "dense,grid,pairs,levers,eqc,ablation,recovery,eqb", "--run-config", rc]
     assert main(argv) == 0
     best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_lr"]
+    rec = json.loads((out / "recovery.json").read_text())
 
     names = sorted(p.name for p in out.iterdir() if (p / "run" / "summary.json").is_file())
+    recovery = [f"recovery{kd}-lr{rec['lr']:g}-k2-F8-s{s}" for kd in ("", "-kd") for s in (0, 1)]
+    other_rec = [f"recovery-lr{lr:g}-k2-F8-s0" for lr in (1e-3, 2e-3) if lr != rec["lr"]]
     assert names == sorted(["dense-s0", "dense-s1", "twist-lr0.001-F8-s0", "twist-lr0.001-F8-s1", "ddp-lr0.001-F8-s0",
                             "ddp-lr0.002-F8-s0", f"ddp-lr{best['ddp']:g}-F8-s1", "lever-kd-s0", "lever-kd-s1",
-                            "twist-lr0.001-F4-s0", "twist-lr0.001-F4-s1", f"ddp-lr{best['ddp']:g}-F4-s0",
-                            f"ddp-lr{best['ddp']:g}-F4-s1", "twist-eqc-F8-s0", "twist-eqc-F8-s1"])
+                            "lever-ls1-s0", "lever-ls1-s1", "lever-ord-s0", "lever-ord-s1", "lever-ls1-F4-s0",
+                            "lever-ls1-F4-s1", "twist-lr0.001-F4-s0", "twist-lr0.001-F4-s1",
+                            f"ddp-lr{best['ddp']:g}-F4-s0", f"ddp-lr{best['ddp']:g}-F4-s1", "twist-eqc-F8-s0",
+                            "twist-eqc-F8-s1", "ddp-eqb-base-s0", "ddp-eqb-base-s1", "ddp-eqb-ls1-s0",
+                            "ddp-eqb-ls1-s1", *recovery, *other_rec])
     for seed in (0, 1):  # each fine-tune starts from its seed's dense model, and says so
         conf = json.loads((out / f"lever-kd-s{seed}" / "run" / "config.json").read_text())
         assert conf["init_from"]["path"] == str((out / f"dense-s{seed}" / "run" / "model").resolve())
         assert conf["init_from"]["strategy"] == "ddp" and conf["teacher"]["from"] == "init"
         summ = json.loads((out / f"twist-eqc-F8-s{seed}" / "run" / "summary.json").read_text())
         assert summ["rounds"] > 4  # equal compute: more TwIST steps than the dense side's 8
+        ls1 = json.loads((out / f"lever-ls1-s{seed}" / "run" / "summary.json").read_text())
+        assert (ls1["rounds"], ls1["run"]["local-steps"]) == (8, 1)  # the same 8 steps, a sync after each
+        conf = json.loads((out / f"lever-ord-s{seed}" / "run" / "config.json").read_text())
+        assert conf["init_order"]["method"] == "flap"
+        # the recovery baseline: the FLAP-pruned dense model at keep 2, fine-tuned by DDP, distilled from the dense
+        kd = json.loads((out / recovery[2 + seed] / "run" / "summary.json").read_text())
+        assert kd["strategy"] == "ddp" and kd["keep"] == 2 and kd["blueprint"]
+        assert kd["run"]["distill-from"] == str((out / f"dense-s{seed}" / "run").resolve())
+        pruned = json.loads((out / recovery[2 + seed] / "run" / "config.json").read_text())["init_from"]["path"]
+        assert pruned == str((out / f"flap-a{rec['alpha']:g}-k2-s{seed}" / "model").resolve())
+    eqb = json.loads((out / "ddp-eqb-base-s0" / "run" / "summary.json").read_text())
+    assert 1 <= eqb["rounds"] < 8  # DDP at TwIST's bytes: fewer steps than F
 
     assert main(["finetune-table", str(out), "--out", str(tmp_path / "t"), "--test-tokens", "256", "--draws", "1",
                  "--keeps", "2"]) == 0
     res = json.loads((tmp_path / "t" / "finetune.json").read_text())
     md = (tmp_path / "t" / "FINETUNE.md").read_text()
     assert res["seeds"] == [0, 1] and res["F"] == 8 and res["best_lrs"] == best
-    assert res["comparison"]["seeds"] == 2 and "dense FLAP" in res["comparison"]["structured"]
-    assert set(res["levers"]) == {"TwIST (as today)", "TwIST + kd", "TwIST at equal compute"}
-    assert set(res["ablation"]) == {"4", "8"}
-    for label in ("| TwIST fine-tuned, random subnets |", "| DDP fine-tuned, FLAP (structured) |",
-                  "| TwIST + kd (2 seeds) |", "TwIST / best structured", "twist-fl tune finetune --out"):
+    assert set(res["test"]) == {"TwIST (as today)", "TwIST + kd", "TwIST + ls1", "TwIST + ord",
+                                "TwIST at equal compute"}
+    assert res["recipe"] in res["test"] and "FLAP a0" in res["baselines"]["0"]["structured"]
+    assert set(res["length"]) == {"4", "8"} and set(res["equal_bytes"]) == {"TwIST (as today)", "TwIST + ls1"}
+    r = res["ratios"]["TwIST + ls1"]["vs_today"]
+    assert r["seeds"] == [0, 1] and r["ci95"][0] < r["mean"] < r["ci95"][1]
+    for label in ("keep 2/4: TwIST", "/ best structured (", "TwIST / recovery (", "| FLAP + recovery fine-tune",
+                  "## Local steps between syncs", "**Equal bytes.**", "## Fine-tune length F",
+                  "## The pruning baselines at alpha 0 and 0.5", "twist-fl tune finetune --out"):
         assert label in md, label
+    assert main(["finetune-table", str(out), "--out", str(tmp_path / "t"), "--test-tokens", "256"]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err
     # a second build reads every evaluation back from the cache: nothing is evaluated again
     import twist_fl.evaluation.compare as compare
-    import twist_fl.tools.finetune as finetune
 
     def no(*a, **k):
         raise AssertionError("evaluated again")
 
     monkeypatch.setattr(compare, "test_ppl", no)
-    monkeypatch.setattr(compare, "compare_pair", no)
-    monkeypatch.setattr(finetune, "_flap_ppl", no)
+    monkeypatch.setattr(compare, "prune_baselines", no)
     assert main(["finetune-table", str(out), "--out", str(tmp_path / "t2"), "--test-tokens", "256", "--draws", "1",
                  "--keeps", "2"]) == 0
-    assert json.loads((tmp_path / "t2" / "finetune.json").read_text())["levers"] == res["levers"]
+    assert json.loads((tmp_path / "t2" / "finetune.json").read_text())["ratios"] == res["ratios"]
 
 
-def test_the_table_states_the_command_that_reruns_every_stage():
-    from twist_fl.tools.finetune import DEFAULT_VARIANTS, plan_command
+def test_a_finetune_folder_refuses_a_command_of_another_setting(tmp_path):
+    from twist_fl.core.io import write_json
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
 
-    plan = {"seeds": 3, "nodes": 4, "dense_steps": 900, "dense_lr": 1.5e-3, "F": 300, "ablation": [150, 600],
-            "twist_lrs": [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3], "ddp_lrs": [2.5e-4, 5e-4, 1e-3, 1.5e-3, 2e-3],
-            "variants": DEFAULT_VARIANTS,
-            "scratch_variants": "full1:full-nodes=1", "equal_compute": True, "run_config": {}}
-    assert plan_command(plan, "runs/ft") == "twist-fl tune finetune --out runs/ft"  # every default
-    cmd = plan_command({**plan, "F": 8, "ablation": [4], "variants": "kd:distill-from=init",
-                        "run_config": {"model": "tiny"}}, "x")
-    assert cmd == "twist-fl tune finetune --out x --ft-steps 8 --ft-ablation 4 --variants kd:distill-from=init " \
-                  "--run-config 'model=\"tiny\"'"
-    from tests.test_commands import dry_parse
-    from twist_fl.baselines.ddp import parse_overrides
+    write_json(tmp_path / "plan.json", {"F": 300, "dense_steps": 900, "dense_lr": 1.5e-3, "nodes": 4,
+                                        "twist_lrs": [1e-3], "ddp_lrs": [1e-3], "run_config": {}, "best_lrs": {}})
+    ft = Finetune(FinetuneOptions(out=str(tmp_path), twist_lrs=[1e-3], ddp_lrs=[1e-3],
+                                  run_config={"lr-min-ratio": 0.5}))
+    with pytest.raises(ValueError, match=r"holds the jobs of another setting: \{'run_config'"):
+        ft.check_plan()
+    Finetune(FinetuneOptions(out=str(tmp_path), twist_lrs=[1e-3], ddp_lrs=[1e-3])).check_plan()  # the same: fine
 
-    dry_parse(cmd)
-    assert parse_overrides(shlex.split(cmd)[-1]) == {"model": "tiny"}
+
+def test_a_lever_with_its_own_local_steps_trains_the_same_tokens(tmp_path):
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    ft = Finetune(FinetuneOptions(out=str(tmp_path), variants="ls1:local-steps=1;ls5:local-steps=5"))
+    for name, ls in (("ls1", 1), ("ls5", 5)):
+        flat = ft.ft("twist", 1e-3, 300, 0, ft.variants[name])
+        assert (flat["local-steps"], flat["num-server-rounds"], flat["eval-every"]) == (ls, 300 // ls, 300 // ls)
+    assert ft.ft("twist", 1e-3, 300, 0)["num-server-rounds"] == 20  # local-steps 15
+    with pytest.raises(ValueError, match="must be a positive multiple of local-steps=7"):
+        Finetune(FinetuneOptions(out=str(tmp_path), variants="ls7:local-steps=7"))
 
 
 def test_scratch_levers_cannot_distil(tmp_path):

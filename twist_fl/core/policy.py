@@ -83,7 +83,8 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
     eligible = [i for i, cap in enumerate(caps) if cap >= cfg.n_blocks]
     full = set(full_node_turns(run.seed, n, eligible, run.full_nodes, round_))
     rest = [i for i in range(n) if i not in full]
-    partial = bool(rest) and sum(keeps[i] for i in rest) < max(cfg.n_head, cfg.n_ffn_blocks)
+    core = run.core_blocks
+    partial = bool(rest) and sum(max(0, keeps[i] - core) for i in rest) < max(cfg.n_head, cfg.n_ffn_blocks) - core
     bps: list[Blueprint] = [Blueprint.full(cfg)] * n
     if run.subnet_policy != "random":  # nested or rolling subnets leave blocks out by design: no warning
         for i in rest:

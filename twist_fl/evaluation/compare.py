@@ -9,6 +9,7 @@ weights of the same matrices, with no recovery training — as in the paper's co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shlex
 from dataclasses import dataclass, field
@@ -289,3 +290,45 @@ def train_command(run: dict[str, Any], nodes: int | None = None) -> str:
     head = f"twist-fl ddp --nproc {n}" if ddp else f'flwr run . --stream --federation-config "num-supernodes={n}"'
     return head + (
         f' --run-config "{" ".join(parts)}"' if parts else "")
+
+
+STRUCTURED_LABELS = {"random": "random", "best-of-k": "best-of-k", "magnitude": "magnitude", "wanda": "Wanda",
+                     "taylor": "Taylor", "flap": "FLAP"}
+
+
+def prune_baselines(dense_path: str, keeps: list[int], alphas: tuple[float, ...] = (0.5, 0.0), draws: int = 3,
+                    k: int = 8, seed: int = 0, split: str = "test", tokens: int = 32768,
+                    calib_tokens: int = 16384, methods: tuple[str, ...] = tuple(STRUCTURED_LABELS),
+                    unstructured: tuple[str, ...] = ("magnitude", "Wanda", "SparseGPT")) -> dict[str, Any]:
+    """A dense model and its post-training prunings at `keeps`: {"full": ppl, "structured":
+    {"<method> a<alpha>": {keep: ppl}}, "unstructured": {"<method>": {keep: ppl}}}. Structured
+    `methods` run at each `alpha` (the subnet's (N/n)**alpha output scale; FLAP's bias compensation
+    follows it); a random subnet's entry is the mean over `draws`."""
+    from ..core.model import GPT
+
+    dense, meta = load_model(dense_path)
+    if dense.blueprint is not None:
+        raise UsageError(f"{dense_path} is a pruned subnet; the baselines prune a full model")
+    d = data_settings(meta)
+    windows = windows_for(dense, d, split, tokens)
+    calib = windows_for(dense, d, "calib", calib_tokens)
+    n = dense.cfg.n_blocks
+    out: dict[str, Any] = {"full": _ppl(dense, windows), "structured": {}, "unstructured": {}}
+    for alpha in alphas:
+        model = GPT.from_state(dataclasses.replace(dense.cfg, alpha=alpha), dense.state_dict()).eval()
+        for method in progress(methods, f"structured pruning at alpha {alpha:g}"):
+            label = STRUCTURED_LABELS[method]
+            row = {}
+            for keep in keeps:
+                if method == "random":
+                    row[str(keep)] = float(np.mean(random_subnet_ppl(model, keep, seed, draws, windows)))
+                else:
+                    row[str(keep)] = _ppl(prune_structured(model, keep, method, seed, calib, k), windows)
+            out["structured"][f"{label} a{alpha:g}"] = row
+    for label, method in UNSTRUCTURED.items():
+        if label[len("dense "):] not in unstructured:
+            continue
+        out["unstructured"][label[len("dense "):]] = {str(keep): _ppl(unstructured_prune(dense, method, 1 - keep / n,
+                                                                                         calib), windows)
+                                                      for keep in keeps}
+    return out

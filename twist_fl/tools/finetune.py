@@ -36,10 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..core.config import RunConfig
-from ..core.io import atomic_write_text, write_json
+from ..core.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,7 @@ DEFAULT_VARIANTS = ("distill:distill-from=init distill-weight=0.5 distill-temper
 DEFAULT_SCRATCH_VARIANTS = "full1:full-nodes=1"
 
 
-STAGES = ("dense", "grid", "pairs", "levers", "eqc", "ablation", "scratch")
+STAGES = ("dense", "grid", "pairs", "levers", "eqc", "ablation", "recovery", "eqb", "scratch")
 
 
 @dataclass
@@ -73,6 +71,10 @@ class FinetuneOptions:
     run_config: dict[str, Any] = field(default_factory=dict)  # on top of the defaults, for every job
     stages: str = "dense,grid,pairs,levers,eqc,ablation,scratch"
     argv: list[str] = field(default_factory=list)  # the command line, quoted in the table's Commands
+    recovery_lrs: list[float] = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])  # the recovery fine-tune's grid
+    recovery_distill: str = "distill-weight=0.8 distill-temperature=2.0"  # its distillation from the dense model
+    recovery_keeps: list[int] = field(default_factory=list)  # sizes of the recovery stage; [] = N/4, N/2, 3N/4
+    eqb_levers: list[str] = field(default_factory=list)  # the eqb stage: DDP at the bytes of TwIST and these levers
     seed_list: list[int] | None = None  # run only these seeds' jobs after the grid (parallel lanes); None: all
     reverse: bool = False  # take the jobs in reverse order (a second process sharing the folder)
 
@@ -93,6 +95,13 @@ def parse_variants(text: str) -> dict[str, dict[str, Any]]:
             raise ValueError(f"--variants names {name!r} twice")
         out[name] = parse_overrides(body)
     return out
+
+
+def n_blocks_of(run_dir: Path) -> int:
+    """N of a run folder's model: the blocks of each kind per layer."""
+    from ..core.config import GPTConfig
+
+    return GPTConfig.from_dict(json.loads((run_dir / "model" / "config.json").read_text())["gpt"]).n_blocks
 
 
 def resumable_round(run_dir: Path, flat: dict[str, Any]) -> int | None:
@@ -131,10 +140,16 @@ class Finetune:
                                  "(init-from); leave distill-from out there")
         for f in (opts.dense_steps, opts.ft_steps, *opts.ft_ablation):
             _steps_to_rounds(f, self.local_steps, "a step count")
-        unknown = [n for n in opts.ablation_levers if n not in self.variants]
-        if unknown:
-            raise ValueError(f"--ablation-levers names {unknown}, which --variants does not define; allowed: "
-                             f"{sorted(self.variants)}")
+        for flag, names in (("--ablation-levers", opts.ablation_levers), ("--eqb-levers", opts.eqb_levers)):
+            unknown = [n for n in names if n not in self.variants]
+            if unknown:
+                raise ValueError(f"{flag} names {unknown}, which --variants does not define; allowed: "
+                                 f"{sorted(self.variants)}")
+        self.recovery_distill = parse_variants(f"kd:{opts.recovery_distill}")["kd"]
+        unknown = set(self.recovery_distill) - {"distill-weight", "distill-temperature"}
+        if unknown or not 0 < float(self.recovery_distill.get("distill-weight", 0)) <= 1:
+            raise ValueError(f"--recovery-distill={opts.recovery_distill!r} must set distill-weight in (0, 1] and may "
+                             "set distill-temperature, nothing else")
         if opts.seeds < 1 or opts.nodes < 1:
             raise ValueError(f"--seeds={opts.seeds} and --nodes={opts.nodes} must be >= 1")
         for flat in self._all_configs():  # every job's config is checked before the first one trains
@@ -254,6 +269,7 @@ class Finetune:
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"--stages has {sorted(unknown)}; allowed: {list(STAGES)}")
+        self.check_plan()
         seeds = list(range(o.seeds)) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds]
         if o.reverse:
             seeds.reverse()
@@ -266,12 +282,7 @@ class Finetune:
         if set(stages) <= {"dense"}:
             return {}
         best = self.best_lrs()
-        write_json(self.out / "plan.json", {"best_lrs": best, "F": o.ft_steps, "dense_steps": o.dense_steps,
-                                            "dense_lr": o.dense_lr, "ablation": o.ft_ablation, "seeds": o.seeds,
-                                            "nodes": o.nodes, "twist_lrs": o.twist_lrs, "ddp_lrs": o.ddp_lrs,
-                                            "variants": o.variants, "scratch_variants": o.scratch_variants,
-                                            "equal_compute": o.equal_compute, "run_config": o.run_config,
-                                            "argv": o.argv})
+        self.record_plan(best)
         for stage in stages:
             for seed in seeds:
                 if stage == "pairs":
@@ -291,9 +302,137 @@ class Finetune:
                         for name in o.ablation_levers:
                             self.job(f"lever-{name}-F{f}-s{seed}",
                                      self.ft("twist", best["twist"], f, seed, self.variants[name]))
+                elif stage == "recovery":
+                    rec = self.recovery_plan()
+                    for keep in self.recovery_keeps():
+                        for kd in (False, True):
+                            self.job(self.recovery_name(keep, o.ft_steps, seed, kd, rec["lr"]),
+                                     self.recovery(seed, keep, rec, kd))
+                elif stage == "eqb":
+                    for name in ("", *o.eqb_levers):
+                        steps = self.eqb_steps(best, name)
+                        self.job(f"ddp-eqb-{name or 'base'}-s{seed}",
+                                 self.ft("ddp", best["ddp"], steps, seed, {"local-steps": 1}))
                 elif stage == "scratch":
                     self._scratch(seed)
         return best
+
+    # --- the recovery baseline: prune the dense model with FLAP, then fine-tune that size -------
+
+    def recovery_keeps(self) -> list[int]:
+        """The recovery stage's sizes: --recovery-keeps, or N/4, N/2 and 3N/4."""
+        n = n_blocks_of(self.folder("dense-s0"))
+        return self.o.recovery_keeps or sorted({max(1, round(n * f)) for f in (.25, .5, .75)} - {n})
+
+    def pruned(self, seed: int, keep: int, alpha: float) -> Path:
+        """`<out>/flap-a<alpha>-k<keep>-s<seed>/model`: dense-s<seed> pruned to `keep` by FLAP (with
+        its bias compensation) at `alpha`, made once (calibration: the training split's middle)."""
+        from ..core.io import staged_folder
+        from ..core.model import GPT, WEIGHTS_FILE
+        from ..evaluation.loading import data_settings, load_model, windows_for
+        from ..evaluation.prune import prune_structured
+
+        d = self.out / f"flap-a{alpha:g}-k{keep}-s{seed}" / "model"
+        if (d / WEIGHTS_FILE).is_file():
+            return d
+        model, meta = load_model(str(self.folder(f"dense-s{seed}")))
+        model = GPT.from_state(dataclasses.replace(model.cfg, alpha=alpha), model.state_dict())
+        calib = windows_for(model, data_settings(meta), "calib", 16384)
+        pruned = prune_structured(model, keep, "flap", 0, calib)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        with staged_folder(d) as tmp:
+            pruned.save(tmp, extra={"run": {**meta.get("run", {}), "alpha": alpha},
+                                    "pruned_from": str(self.folder(f"dense-s{seed}").resolve()),
+                                    "pruning": {"method": "flap", "keep": keep, "alpha": alpha}})
+        log.info("finetune: %s: FLAP at keep %d, alpha %g, from dense-s%d", d, keep, alpha, seed)
+        return d
+
+    def recovery_plan(self) -> dict[str, Any]:
+        """The recovery baseline's alpha (FLAP at N/2 on dense-s0's validation split, alpha 0 against
+        the run's) and learning rate (its grid at N/2, seed 0, no distillation, by the validation
+        perplexity of the recovered model), each chosen once and kept in recovery.json."""
+        from ..core.model import GPT
+        from ..core.train import evaluate
+        from ..evaluation.loading import data_settings, load_model, windows_for
+
+        f = self.out / "recovery.json"
+        if f.is_file():
+            return json.loads(f.read_text())
+        keep = min(self.recovery_keeps(), key=lambda k: abs(2 * k - n_blocks_of(self.folder("dense-s0"))))
+        model, meta = load_model(str(self.folder("dense-s0")))
+        windows = windows_for(model, data_settings(meta), "valid", int(self.base["eval-tokens"]))
+        valid = {a: evaluate(GPT.load(self.pruned(0, keep, a)), windows)["ppl"]
+                 for a in sorted({0.0, float(self.base["alpha"])})}
+        alpha = min(valid, key=valid.get)
+        scores = {}
+        for lr in (reversed(self.o.recovery_lrs) if self.o.reverse else self.o.recovery_lrs):
+            summary = self.job(self.recovery_name(keep, self.o.ft_steps, 0, False, lr),
+                               self.recovery(0, keep, {"alpha": alpha, "lr": lr}, False))
+            scores[lr] = summary["final"]["full"]["ppl"]
+        plan = {"alpha": alpha, "lr": min(scores, key=scores.get), "keep": keep, "valid_flap_by_alpha": valid,
+                "valid_by_lr": scores}
+        write_json(f, plan)
+        log.info("finetune: recovery baseline at alpha %g (FLAP at %d, validation %s), lr %g (validation %s)",
+                 plan["alpha"], keep, valid, plan["lr"], scores)
+        return plan
+
+    @staticmethod
+    def recovery_name(keep: int, steps: int, seed: int, kd: bool, lr: float) -> str:
+        return f"recovery{'-kd' if kd else ''}-lr{lr:g}-k{keep}-F{steps}-s{seed}"
+
+    def recovery(self, seed: int, keep: int, rec: dict[str, Any], kd: bool) -> dict[str, Any]:
+        """DDP fine-tuning of the FLAP-pruned dense model at `keep` for F steps (the fine-tune's
+        tokens), with distillation from the dense model it was cut from when `kd`."""
+        extra = {"alpha": rec["alpha"], **({"distill-from": str(self.folder(f"dense-s{seed}").resolve()),
+                                             **self.recovery_distill} if kd else {})}
+        flat = self.ft("ddp", rec["lr"], self.o.ft_steps, seed, extra)
+        flat["init-from"] = str(self.pruned(seed, keep, rec["alpha"]).resolve())
+        return flat
+
+    # --- equal bytes -----------------------------------------------------------------------
+
+    def eqb_steps(self, best: dict[str, float], lever: str) -> int:
+        """DDP steps whose all-reduced bytes per worker equal what a TwIST node sends and receives
+        in F steps (TwIST as today, or `lever`), both measured from the seed-0 runs."""
+        tw = self.folder(self.pair_name("twist", best["twist"], self.o.ft_steps, 0) if not lever
+                         else f"lever-{lever}-s0")
+        dd = self.folder(self.pair_name("ddp", best["ddp"], self.o.ft_steps, 0))
+        for d in (tw, dd):
+            if not (d / "summary.json").is_file():
+                raise ValueError(f"the eqb stage measures bytes from {d}, which has not finished: run the pairs and "
+                                 "levers stages first")
+        per_node = [json.loads((d / "summary.json").read_text()) for d in (tw, dd)]
+        tw_bytes = (per_node[0]["bytes_down_total"] + per_node[0]["bytes_up_total"]) / self.o.nodes
+        dd_bytes = (per_node[1]["bytes_down_total"] + per_node[1]["bytes_up_total"]) / self.o.nodes
+        return max(1, round(self.o.ft_steps * tw_bytes / dd_bytes))
+
+    def check_plan(self) -> None:
+        """A folder holds the jobs of one setting: a command whose F, dense stage, nodes or run config
+        differ from those recorded in its plan.json is refused (its jobs would not be comparable)."""
+        f = self.out / "plan.json"
+        if not f.is_file():
+            return
+        plan = json.loads(f.read_text())
+        mine = self._plan_settings()
+        differ = {k: (plan.get(k), v) for k, v in mine.items() if k in plan and plan[k] != v}
+        if differ:
+            raise ValueError(f"{self.out} holds the jobs of another setting: {differ} (key: (recorded, now)); use "
+                             "another --out, or --ft-ablation for other fine-tune lengths")
+
+    def _plan_settings(self) -> dict[str, Any]:
+        o = self.o
+        return {"F": o.ft_steps, "dense_steps": o.dense_steps, "dense_lr": o.dense_lr, "nodes": o.nodes,
+                "twist_lrs": o.twist_lrs, "ddp_lrs": o.ddp_lrs, "run_config": o.run_config}
+
+    def record_plan(self, best: dict[str, float]) -> None:
+        """plan.json: the setting, the fine-tune rates, and every command run into the folder."""
+        f = self.out / "plan.json"
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        command = "twist-fl tune " + " ".join(shlex.quote(a) for a in self.o.argv) if self.o.argv else ""
+        before = old.get("commands") or (["twist-fl tune " + " ".join(shlex.quote(a) for a in old["argv"])]
+                                         if old.get("argv") else [])
+        commands = [c for c in before if c != command] + ([command] if command else [])
+        write_json(f, {**self._plan_settings(), "best_lrs": best, "commands": commands})
 
     def _scratch(self, seed: int) -> None:
         self.job(f"scratch-base-s{seed}", self.scratch(seed))
@@ -305,18 +444,7 @@ class Finetune:
         return f"{side}-lr{lr:g}-F{steps}-s{seed}"
 
 
-# --- the table ---------------------------------------------------------------------------
-
-
-def _ms(values: list[float]) -> str:
-    if not values:
-        return ""
-    return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
-def _summary(folder: Path) -> dict[str, Any] | None:
-    f = folder / "summary.json"
-    return json.loads(f.read_text()) if f.is_file() and (folder / "model").is_dir() else None
+# --- evaluations of finished runs, cached (the tables: finetune_table.py, tune.py) ---------
 
 
 CACHE = ".table-cache"
@@ -343,263 +471,3 @@ def cached_eval(root: Path, what: str, runs: list[Path], params: dict[str, Any],
     f.parent.mkdir(exist_ok=True)
     write_json(f, {"what": what, "runs": [s[0] for s in stamp], "value": value})
     return value
-
-
-def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
-                   argv: list[str] | None = None) -> dict[str, Any]:
-    """FINETUNE.md and finetune.json from a `tune finetune` folder. Each run's evaluation is
-    cached in `<root>/.table-cache/` (see `cached_eval`)."""
-    from ..core.precision import machine
-    from ..evaluation.compare import ReportOptions, aggregate, compare_pair, test_ppl
-    from ..evaluation.loading import load_model, parse_keeps
-
-    root = Path(root)
-    plan_file = root / "plan.json"
-    if not plan_file.is_file():
-        raise ValueError(f"{root} has no plan.json: run `tune finetune --out {root}` first")
-    plan = json.loads(plan_file.read_text())
-    best, f_main = plan["best_lrs"], int(plan["F"])
-    dense_runs = sorted(root.glob("dense-s*/run"), key=lambda p: int(p.parent.name.split("-s")[1]))
-    seeds = [int(p.parent.name.split("-s")[1]) for p in dense_runs if _summary(p)]
-    if not seeds:
-        raise ValueError(f"{root} holds no finished dense run (dense-s<seed>/run)")
-    model, _ = load_model(str(dense_runs[0]))
-    n = model.cfg.n_blocks
-    keep_list = parse_keeps(keeps, model.cfg) if keeps else sorted({max(1, round(n * f)) for f in (.25, .5, .75)})
-    half = min(keep_list, key=lambda k: (abs(2 * k - n), k))
-    fs = sorted({f_main, *plan["ablation"]})
-
-    def tests(name_of) -> dict[int, dict[str, float]]:
-        res = {}
-        for s in seeds:
-            d = root / name_of(s) / "run"
-            if _summary(d):
-                res[s] = cached_eval(root, "test_ppl", [d], {"keeps": keep_list, "draws": draws, "tokens": tokens},
-                                 lambda d=d: test_ppl(str(d), keep_list, draws, tokens))
-        return res
-
-    result: dict[str, Any] = {"best_lrs": best, "seeds": seeds, "keeps": keep_list, "n_blocks": n, "F": f_main,
-                              "command": plan_command(plan, str(root)), "machine": machine(),
-                              "dense_steps": plan["dense_steps"], "dense_lr": plan["dense_lr"], "split": "test",
-                              "tokens": tokens, "draws": draws}
-    # The main comparison: TwIST fine-tuned vs DDP fine-tuned plus every post-training pruning.
-    opts = ReportOptions(twist=[], dense=[], out=str(out), keeps=",".join(map(str, keep_list)), draws=draws,
-                         split="test", eval_tokens=tokens)
-    per_seed, pair_seeds = [], []
-    for s in seeds:
-        t = root / Finetune.pair_name("twist", best["twist"], f_main, s) / "run"
-        d = root / Finetune.pair_name("ddp", best["ddp"], f_main, s) / "run"
-        if _summary(t) and _summary(d):
-            pair_seeds.append(s)
-            log.info("finetune-table: seed %d: TwIST against DDP and every pruning of it", s)
-            per_seed.append(cached_eval(root, "compare_pair", [t, d], {"opts": dataclasses.asdict(opts) | {"out": ""}},
-                                    lambda t=t, d=d: compare_pair(str(t), str(d), opts)))
-    if not per_seed:
-        raise ValueError(f"{root} holds no finished TwIST/DDP pair at F={f_main}")
-    main = per_seed[0] if len(per_seed) == 1 else aggregate(per_seed)
-    result["comparison"] = main
-    result["pair_seeds"] = pair_seeds
-    # Per seed, the references every TwIST row is held against: the budget-matched DDP model's full
-    # perplexity, and its best structured pruning (by mean) at N/2.
-    best_label = min((lbl for lbl in main["structured"] if not lbl.startswith("TwIST")),
-                     key=lambda lbl: main["structured"][lbl][main["keeps"].index(half)]["ppl"])
-    refs = {"best_label": best_label[len("dense "):],
-            "structured_half": {s: r["structured"][best_label][r["keeps"].index(half)]["ppl"]
-                                for s, r in zip(pair_seeds, per_seed, strict=True)},
-            "dense_full": {s: r["dense_full_ppl"] for s, r in zip(pair_seeds, per_seed, strict=True)}}
-    result["references"] = {k: ({str(s): v for s, v in x.items()} if isinstance(x, dict) else x)
-                            for k, x in refs.items()}
-    # Levers, the equal-compute run and the F ablation.
-    base = tests(lambda s: Finetune.pair_name("twist", best["twist"], f_main, s))
-    rows = {"TwIST (as today)": base}
-    for d in sorted(root.glob("lever-*-s0")):
-        name = d.name[len("lever-"):-len("-s0")]
-        rows[f"TwIST + {name}"] = tests(lambda s, name=name: f"lever-{name}-s{s}")
-    eqc = tests(lambda s: f"twist-eqc-F{f_main}-s{s}")
-    if eqc:
-        rows["TwIST at equal compute"] = eqc
-    result["levers"] = {k: {str(s): v for s, v in r.items()} for k, r in rows.items()}
-    ablation = {}
-    for f in fs:
-        tw = tests(lambda s, f=f: Finetune.pair_name("twist", best["twist"], f, s))
-        dd = tests(lambda s, f=f: Finetune.pair_name("ddp", best["ddp"], f, s))
-        flap = {}
-        for s in seeds:
-            d = root / Finetune.pair_name("ddp", best["ddp"], f, s) / "run"
-            if _summary(d):
-                flap[s] = cached_eval(root, "flap", [d], {"keep": half, "tokens": tokens},
-                                  lambda d=d: _flap_ppl(str(d), half, tokens))
-        ablation[f] = {"twist": tw, "ddp": dd, "ddp_flap_half": flap}
-    result["ablation"] = {str(f): {k: {str(s): v for s, v in r.items()} for k, r in a.items()}
-                          for f, a in ablation.items()}
-    scratch = {}
-    for d in sorted(root.glob("scratch-*-s0")):
-        name = d.name[len("scratch-"):-len("-s0")]
-        scratch["TwIST (as today)" if name == "base" else f"TwIST + {name}"] = \
-            tests(lambda s, name=name: f"scratch-{name}-s{s}")
-    if scratch:
-        scratch = {"DDP (the dense stage)": tests(lambda s: f"dense-s{s}"), **scratch}
-    result["scratch"] = {k: {str(s): v for s, v in r.items()} for k, r in scratch.items()}
-    md = _markdown(result, rows, ablation, half, argv or [], scratch, refs)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "FINETUNE.md", md)
-    write_json(out / "finetune.json", result)
-    return {"markdown": md, **result}
-
-
-def _flap_ppl(run_folder: str, keep: int, tokens: int) -> float:
-    from ..core.train import evaluate
-    from ..evaluation.loading import data_settings, load_model, windows_for
-    from ..evaluation.prune import prune_structured
-
-    model, meta = load_model(run_folder)
-    d = data_settings(meta)
-    windows = windows_for(model, d, "test", tokens)
-    calib = windows_for(model, d, "calib", 16384)
-    return evaluate(prune_structured(model, keep, "flap", 0, calib), windows)["ppl"]
-
-
-def _lever_rows(rows: dict[str, dict[int, dict[str, float]]], base_label: str, keeps: list[int],
-                half: int, refs: dict[str, Any] | None = None) -> list[str]:
-    """One table row per entry: full and keeps (mean ± std over its seeds), the ratio at `half`
-    paired by seed against `rows[base_label]`, and with `refs` the ratios paired by seed against
-    the DDP model's best structured pruning at `half` (`structured_half`, when given) and against
-    its full model (`dense_full`)."""
-    out = []
-    base = rows.get(base_label, {})
-
-    def paired(r: dict[int, dict[str, float]], key: str, ref: dict[int, float]) -> str:
-        common = [s for s in sorted(r) if s in ref and key in r[s]]
-        return _ms([r[s][key] / ref[s] for s in common]) if common else ""
-
-    for label, r in rows.items():
-        ss = sorted(r)
-        if not ss:
-            continue
-        cells = [_ms([r[s]["full"] for s in ss])] + [_ms([r[s][f"keep-{k}"] for s in ss]) for k in keeps]
-        cells.append(paired(r, f"keep-{half}", {s: v[f"keep-{half}"] for s, v in base.items()
-                                                   if f"keep-{half}" in v}))
-        if refs is not None:
-            if refs.get("structured_half") is not None:
-                cells.append(paired(r, f"keep-{half}", refs["structured_half"]))
-            cells.append(paired(r, "full", refs["dense_full"]))
-        out.append(f"| {label} ({len(ss)} seeds) | " + " | ".join(cells) + " |")
-    return out
-
-
-def _markdown(res: dict[str, Any], rows: dict[str, dict[int, dict[str, float]]], ablation: dict, half: int,
-              argv: list[str], scratch: dict[str, dict[int, dict[str, float]]] | None = None,
-              refs: dict[str, Any] | None = None) -> str:
-    n, keeps, main = res["n_blocks"], res["keeps"], res["comparison"]
-    seeds = res["seeds"]
-    st, un = main["structured"], main["unstructured"]
-    idx = {k: i for i, k in enumerate(main["keeps"])}
-
-    def cell(p: dict[str, Any]) -> str:
-        return f"{p['ppl']:.3f} ± {p['std']:.3f}" if "std" in p and "per_seed" in p else f"{p['ppl']:.3f}"
-
-    def per_seed(label: str, kind: str, k: int) -> list[float]:
-        p = main[kind][label][idx[k]]
-        return p.get("per_seed", [p["ppl"]])
-
-    head = "| | full | " + " | ".join(f"{k}/{n}" for k in keeps) + " |"
-    sep = "|---|---|" + "---|" * len(keeps)
-    tw_full = [r["twist_full_ppl"] for r in main.get("per_seed", [main])]
-    dd_full = [r["dense_full_ppl"] for r in main.get("per_seed", [main])]
-    lines = [f"# Fine-tuning a dense model with TwIST, budget-matched ({len(seeds)} seeds, paired)", "",
-             f"A dense model (DDP, {res['dense_steps']} steps at lr {res['dense_lr']:g}) is fine-tuned for F = "
-             f"{res['F']} more steps either with TwIST (lr {res['best_lrs']['twist']:g}) or with DDP (lr "
-             f"{res['best_lrs']['ddp']:g}), the same data and tokens; the DDP model is then pruned after training "
-             "with every post-training method (no recovery training). Test perplexity "
-             f"({res['tokens']:,} tokens), mean ± std over seeds {seeds}; random subnets are a mean over "
-             f"{res['draws']} draws per model. **View: equal tokens.** Machine: {res['machine']['cpu']} "
-             f"({res['machine']['vector']}), torch {res['machine']['torch']}; the figures are deterministic for "
-             "the same command on the same CPU kind and differ between kinds (by about 1% on the main job).", "",
-             head, sep,
-             f"| TwIST fine-tuned, random subnets | {_ms(tw_full)} | "
-             + " | ".join(cell(st["TwIST random"][idx[k]]) for k in keeps) + " |"]
-    for label in st:
-        if label.startswith("TwIST"):
-            continue
-        lines.append(f"| DDP fine-tuned, {label[len('dense '):]} (structured) | "
-                     + (f"{_ms(dd_full)} | " if label == "dense random" else " | ")
-                     + " | ".join(cell(st[label][idx[k]]) for k in keeps) + " |")
-    for label in un:
-        lines.append(f"| DDP fine-tuned, {label[len('dense '):]} (unstructured, same share) | | "
-                     + " | ".join(cell(un[label][idx[k]]) for k in keeps) + " |")
-    lines += ["", "Paired ratios (per seed, then mean ± std over seeds):", ""]
-    for k in keeps:
-        tw = np.array(per_seed("TwIST random", "structured", k))
-        best_label = min((lbl for lbl in st if not lbl.startswith("TwIST")),
-                         key=lambda lbl: np.mean(per_seed(lbl, "structured", k)))
-        sg = np.array(per_seed("dense SparseGPT", "unstructured", k)) if "dense SparseGPT" in un else None
-        line = (f"- keep {k}/{n}: TwIST / best structured ({best_label[len('dense '):]}) = "
-                f"**{_ms(list(tw / np.array(per_seed(best_label, 'structured', k))))}**")
-        if sg is not None:
-            line += f"; TwIST / SparseGPT = {_ms(list(tw / sg))}"
-        lines.append(line + ".")
-    lines.append(f"- full: TwIST / DDP = {_ms(list(np.array(tw_full) / np.array(dd_full)))}.")
-    best = refs["best_label"] if refs else ""
-    lines += ["", f"## Levers (F = {res['F']}, TwIST's lr, the same seeds; test perplexity)", "",
-              "Each lever is one run-config key set on top of TwIST as it is today. Ratios, paired by seed (below 1 "
-              f"is better): against TwIST as today at {half}/{n}; against the budget-matched DDP model pruned with "
-              f"its best structured method ({best}) at {half}/{n}; and the full model against DDP's. The random "
-              "subnets here are drawn with each run's seed, those of the comparison above with seed 0, so the "
-              "TwIST-as-today row differs from the comparison's first row by the draws.", "",
-              head.rstrip() + f" vs today at {half}/{n} | vs DDP + {best} at {half}/{n} | full vs DDP full |",
-              sep + "---|---|---|"]
-    lines += _lever_rows(rows, "TwIST (as today)", keeps, half, refs)
-    lines += ["", "\"At equal compute\": TwIST trained for as many steps as F dense steps' training FLOPs buy at its "
-              "keep (counted from the shapes), against the DDP model of F steps. **View: equal compute.**", "",
-              f"## Fine-tune length F (equal tokens; test; TwIST random subnets and DDP + FLAP at {half}/{n})", "",
-              f"| F | TwIST full | DDP full | TwIST {half}/{n} | DDP + FLAP {half}/{n} | ratio (paired) |",
-              "|---|---|---|---|---|---|"]
-    for f, a in sorted(ablation.items()):
-        common = sorted(set(a["twist"]) & set(a["ddp_flap_half"]))
-        lines.append(f"| {f} ({len(a['twist'])} seeds) | {_ms([a['twist'][s]['full'] for s in sorted(a['twist'])])} | "
-                     f"{_ms([a['ddp'][s]['full'] for s in sorted(a['ddp'])])} | "
-                     f"{_ms([a['twist'][s][f'keep-{half}'] for s in sorted(a['twist'])])} | "
-                     f"{_ms([a['ddp_flap_half'][s] for s in sorted(a['ddp_flap_half'])])} | "
-                     f"{_ms([a['twist'][s][f'keep-{half}'] / a['ddp_flap_half'][s] for s in common])} |")
-    if scratch:
-        lines += ["", f"## From scratch ({res['dense_steps']} steps, the main job's budget; test perplexity)", "",
-                  "TwIST from a random init, as today and with each `--scratch-variants` lever (no distillation: "
-                  "there is no teacher), against DDP trained from scratch with the same tokens (the dense stage "
-                  "above; its subnets are random draws). Ratios, paired by seed: against TwIST as today at "
-                  f"{half}/{n}, and the full model against DDP's.", "",
-                  head.rstrip() + f" vs today at {half}/{n} | full vs DDP full |", sep + "---|---|"]
-        ddp_full = {s: v["full"] for s, v in scratch.get("DDP (the dense stage)", {}).items()}
-        lines += _lever_rows(scratch, "TwIST (as today)", keeps, half, {"dense_full": ddp_full})
-    lines += ["", "## Commands", "", "Every stage (resumable; a second process with `--reverse` on the same folder "
-              "shares the jobs), then this table:", "", "```", res["command"]]
-    if argv:
-        lines.append("twist-fl tune " + " ".join(shlex.quote(a) for a in argv))
-    lines += ["```", ""]
-    return "\n".join(lines)
-
-
-def plan_command(plan: dict[str, Any], root: str) -> str:
-    """The `twist-fl tune finetune` command that runs every stage of `plan` (plan.json)."""
-    def floats(xs: list[float]) -> str:
-        return ",".join(f"{x:g}" for x in xs)
-
-    o = FinetuneOptions(out=root)
-    parts = ["twist-fl tune finetune --out", shlex.quote(root)]
-    for flag, value, default in (
-            ("--seeds", plan.get("seeds", o.seeds), o.seeds), ("--nodes", plan.get("nodes", o.nodes), o.nodes),
-            ("--dense-steps", plan["dense_steps"], o.dense_steps), ("--dense-lr", f"{plan['dense_lr']:g}",
-                                                                     f"{o.dense_lr:g}"),
-            ("--ft-steps", plan["F"], o.ft_steps), ("--ft-ablation", ",".join(map(str, plan["ablation"])),
-                                                    ",".join(map(str, o.ft_ablation))),
-            ("--twist-lrs", floats(plan.get("twist_lrs", o.twist_lrs)), floats(o.twist_lrs)),
-            ("--ddp-lrs", floats(plan.get("ddp_lrs", o.ddp_lrs)), floats(o.ddp_lrs)),
-            ("--variants", plan.get("variants", o.variants), o.variants),
-            ("--scratch-variants", plan.get("scratch_variants", o.scratch_variants), o.scratch_variants)):
-        if value != default:
-            parts += [flag, shlex.quote(str(value))]
-    if not plan.get("equal_compute", True):
-        parts.append("--no-equal-compute")
-    if plan.get("run_config"):
-        parts += ["--run-config", shlex.quote(" ".join(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}"
-                                                       for k, v in plan["run_config"].items()))]
-    return " ".join(parts)

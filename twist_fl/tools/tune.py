@@ -360,6 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "full1, mixed, nesterov, distill-full1)")
     f.add_argument("--ablation-levers", default="", help="comma list of --variants names also run at every F of "
                    "--ft-ablation, every seed")
+    f.add_argument("--recovery-lrs", default="5e-4,1e-3,2e-3", help="the recovery baseline's learning-rate grid "
+                   "(FLAP-pruned dense model fine-tuned at one size; seed 0, N/2, chosen on validation)")
+    f.add_argument("--recovery-distill", default="distill-weight=0.8 distill-temperature=2.0",
+                   help="the recovery baseline's distillation from the dense model (its second variant)")
+    f.add_argument("--recovery-keeps", default="", help="sizes of the recovery stage (comma list; default N/4, N/2, "
+                   "3N/4)")
+    f.add_argument("--eqb-levers", default="", help="comma list of --variants names: the eqb stage trains DDP for as "
+                   "many steps as the bytes of TwIST (as today, and of each of these levers) buy")
     f.add_argument("--scratch-variants", default=None, help="levers of the scratch stage, the same form, no "
                    "distillation (default: full1)")
     f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
@@ -378,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draws", type=int, default=3)
     g.add_argument("--test-tokens", type=int, default=32768)
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
+    g.add_argument("--recipe", default="", help="the lever the table's headline is about (default: the one whose "
+                   "deployed N/2 subnets have the lowest validation perplexity)")
+    g.add_argument("--force", action="store_true", help="replace an existing FINETUNE.md and finetune.json")
     return ap
 
 
@@ -450,13 +461,14 @@ def _seeds(text: str) -> list[int] | None:
 
 
 def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
-    from .finetune import DEFAULT_SCRATCH_VARIANTS, DEFAULT_VARIANTS, Finetune, FinetuneOptions, finetune_table
+    from .finetune import DEFAULT_SCRATCH_VARIANTS, DEFAULT_VARIANTS, Finetune, FinetuneOptions
+    from .finetune_table import finetune_table
 
     if args.verb == "finetune-table":
         if args.draws < 1 or args.test_tokens < 1:
             raise ValueError(f"--draws={args.draws} and --test-tokens={args.test_tokens} must be >= 1")
         print(finetune_table(Path(args.root), Path(args.out), args.draws, args.test_tokens, args.keeps,
-                             argv)["markdown"])
+                             argv, recipe=args.recipe, force=args.force)["markdown"])
         return 0
     from ..baselines.ddp import parse_overrides
 
@@ -467,6 +479,11 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            twist_lrs=_floats(args.twist_lrs, "--twist-lrs"), ddp_lrs=_floats(args.ddp_lrs, "--ddp-lrs"),
                            variants=DEFAULT_VARIANTS if args.variants is None else args.variants,
                            ablation_levers=[x.strip() for x in args.ablation_levers.split(",") if x.strip()],
+                           recovery_lrs=_floats(args.recovery_lrs, "--recovery-lrs"),
+                           recovery_distill=args.recovery_distill,
+                           recovery_keeps=[int(x) for x in _floats(args.recovery_keeps, "--recovery-keeps")]
+                           if args.recovery_keeps.strip() else [],
+                           eqb_levers=[x.strip() for x in args.eqb_levers.split(",") if x.strip()],
                            scratch_variants=DEFAULT_SCRATCH_VARIANTS if args.scratch_variants is None
                            else args.scratch_variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),

@@ -1,0 +1,255 @@
+"""The recipe's levers and baselines: blocks ordered by importance (init-order), a nested core
+under random subnets (core-blocks), the recovery baseline (DDP on a pruned model, distilled from
+the dense one), paired ratios with t intervals, and resumes that say what they recovered."""
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from twist_fl.core.blueprint import prefix_blueprint, sample_blueprints
+from twist_fl.core.config import RunConfig, preset
+from twist_fl.core.importance import flap_scores, order_blocks, projection_input_moments
+from twist_fl.core.model import GPT
+from twist_fl.core.policy import deploy_blueprints, round_plan
+from twist_fl.evaluation.prune import importance_blueprint, prune_structured
+from twist_fl.evaluation.stats import paired_ratio, t975
+
+from .helpers import TINY, final_weights, run_local
+
+CFG8 = preset("cpu-small", vocab_size=257)  # 8 heads and 8 FFN blocks per layer, shared layers 0 and 5
+
+
+def _calib(n: int = 8, seq: int = 33) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 257, size=(n, seq)).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A tiny dense model: a 2-round FedAvg run, the starting point of fine-tuning."""
+    tmp = tmp_path_factory.mktemp("dense")
+    _, _, run_dir = run_local(tmp, "dense", num_nodes=2, strategy="fedavg")
+    return run_dir
+
+
+# --- init-order ---------------------------------------------------------------------------------
+
+
+def test_ordering_blocks_by_importance_keeps_the_function_and_puts_flaps_choice_first():
+    torch.manual_seed(0)
+    model = GPT(CFG8).eval()
+    calib = _calib()
+    x = torch.from_numpy(calib[:, :-1])
+
+    ordered, order = order_blocks(model, "flap", calib)
+
+    with torch.no_grad():
+        torch.testing.assert_close(ordered.eval()(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+    scores = flap_scores(model, projection_input_moments(model, calib))
+    for keep in (2, 4, 6):
+        flap = importance_blueprint(model, keep, "flap", scores=scores)  # FLAP's choice on the original ids
+        prefix = prefix_blueprint(CFG8, keep)
+        for layer in range(CFG8.n_layer):
+            if layer in CFG8.shared_layer_ids:
+                assert order["heads"][layer] == list(range(8))  # shared layers are never reordered
+                continue
+            assert sorted(order["heads"][layer][:keep]) == list(flap.heads[layer])
+            assert sorted(order["ffn"][layer][:keep]) == list(flap.ffn[layer])
+        # the ordered model's prefix is FLAP's subnet (without its bias compensation)
+        a = prune_structured(ordered, keep, "prefix")
+        b = prune_structured(model, keep, "flap", 0, calib)
+        with torch.no_grad():
+            assert a.blueprint == prefix and b.blueprint == flap
+            assert a(x)[0].shape == b(x)[0].shape
+
+
+def test_init_order_needs_a_trained_model_and_is_recorded(tmp_path, dense_run):
+    with pytest.raises(ValueError, match="init-order='flap' orders the blocks of a trained model"):
+        RunConfig.from_flat({**TINY, "init-order": "flap"})
+    with pytest.raises(ValueError, match="init-order='magnitude' is not allowed"):
+        RunConfig.from_flat({**TINY, "init-order": "magnitude", "init-from": str(dense_run)})
+
+    _, _, run = run_local(tmp_path, "ordered", init_from=str(dense_run), init_order="flap", num_server_rounds=1)
+
+    conf = json.loads((run / "config.json").read_text())
+    assert conf["init_order"]["method"] == "flap"
+    assert all(sorted(o) == list(range(4)) for o in conf["init_order"]["order"]["heads"])
+
+
+# --- core-blocks --------------------------------------------------------------------------------
+
+
+def test_every_subnet_keeps_the_core_and_the_rest_is_covered():
+    for rnd in range(20):
+        bps = sample_blueprints(CFG8, 4, 4, seed=3, round=rnd, core=2)
+        for layer in range(CFG8.n_layer):
+            for kind in ("heads", "ffn"):
+                held = [set(bp.ids(kind, layer)) for bp in bps]
+                assert all(len(h) == (8 if layer in CFG8.shared_layer_ids else 4) for h in held)
+                assert all({0, 1} <= h for h in held)  # the core, in every subnet
+                assert set().union(*held) == set(range(8))  # every block beyond it, by some subnet
+    assert sample_blueprints(CFG8, 4, 4, seed=3, round=1, core=0) == sample_blueprints(CFG8, 4, 4, seed=3, round=1)
+    with pytest.raises(ValueError, match="6 of them beyond the core of 2"):
+        sample_blueprints(CFG8, 2, 4, seed=0, round=1, core=2)
+
+
+def test_core_blocks_reach_the_round_plan_and_deployment():
+    run = RunConfig.from_flat({"core-blocks": 2})
+    plan = round_plan(CFG8, run, 1, [1.0] * 4)
+    assert all(set(bp.heads[2]) >= {0, 1} and len(bp.heads[2]) == 4 for bp in plan.blueprints)
+    draws = deploy_blueprints(CFG8, "random", 3, seed=0, draws=5, core=2)
+    assert all(set(bp.ffn[1]) >= {0, 1} for bp in draws) and len({bp.ffn[1] for bp in draws}) > 1
+    for bad, match in (({"core-blocks": 5}, r"core-blocks=5 must leave every subnet it fixes room to draw: "
+                                            r"allowed 0..4"),
+                       ({"core-blocks": 1, "subnet-policy": "ordered"}, "needs strategy='twist' and "
+                                                                       "subnet-policy='random'"),
+                       ({"core-blocks": -1}, "core-blocks=-1 must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            RunConfig.from_flat(bad)
+
+
+# --- the recovery baseline: DDP on a pruned model, distilled from a model folder -------------------
+
+
+@pytest.mark.slow
+def test_ddp_fine_tunes_a_pruned_model_with_distillation_from_the_dense_one(tmp_path, dense_run):
+    from twist_fl.baselines.ddp import ddp_run_config, run_ddp
+    from twist_fl.evaluation.compare import test_ppl
+
+    dense = GPT.load(dense_run / "model")
+    pruned = prune_structured(dense, 2, "flap", 0, _calib(seq=33))
+    pruned.save(tmp_path / "pruned")
+    run = ddp_run_config({**TINY, "init-from": str(tmp_path / "pruned"), "distill-from": str(dense_run),
+                          "distill-weight": 0.8, "distill-temperature": 2.0, "out-dir": str(tmp_path),
+                          "run-name": "recovery", "eval-every": 1})
+
+    summary = run_ddp(run, 2)
+
+    assert summary["keep"] == 2 and summary["blueprint"] == pruned.blueprint.to_dict()
+    assert set(summary["final"]) == {"full"}  # the pruned model itself; it has no subnets to cut
+    trained = GPT.load(tmp_path / "recovery" / "model")
+    assert trained.blueprint == pruned.blueprint
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), pruned.state_dict().values(),
+                                                         strict=True))
+    conf = json.loads((tmp_path / "recovery" / "config.json").read_text())
+    assert conf["teacher"]["model"] == str(dense_run.resolve()) and conf["teacher"]["weight"] == 0.8
+    assert set(test_ppl(str(tmp_path / "recovery"), [1, 2], 1, 256)) == {"full"}
+    with pytest.raises(ValueError, match="is a pruned subnet made with alpha=0.5"):
+        run_ddp(ddp_run_config({**TINY, "init-from": str(tmp_path / "pruned"), "alpha": 0.0,
+                                "out-dir": str(tmp_path), "run-name": "other"}), 2)
+
+
+def test_a_distillation_teacher_may_be_a_model_folder_but_not_anything_else(tmp_path, dense_run):
+    run = RunConfig.from_flat({**TINY, "distill-from": str(dense_run), "distill-weight": 0.5})
+    assert run.distill_from == str(dense_run)
+    with pytest.raises(ValueError, match="distill-from='nowhere' is neither one of"):
+        RunConfig.from_flat({**TINY, "distill-from": "nowhere", "distill-weight": 0.5})
+    with pytest.raises(ValueError, match="distill-from='global' distils subnets from the round's full model"):
+        RunConfig.from_flat({**TINY, "strategy": "fedavg", "distill-from": "global", "distill-weight": 0.5,
+                             "mode": "masked"})
+
+
+# --- paired ratios ------------------------------------------------------------------------------
+
+
+def test_a_paired_ratio_is_its_hand_computed_mean_sd_and_t_interval():
+    r = paired_ratio({0: 2.0, 1: 3.0, 2: 4.0, 7: 1.0}, {0: 2.0, 1: 2.0, 2: 2.0})  # seed 7 has no partner
+
+    # ratios 1, 1.5, 2: mean 1.5, sample sd 0.5, t(0.975, 2) = 4.303, half width 4.303 * 0.5 / sqrt(3)
+    assert r.seeds == (0, 1, 2) and r.mean == pytest.approx(1.5) and r.sd == pytest.approx(0.5)
+    assert (r.lo, r.hi) == pytest.approx((1.5 - 1.2422, 1.5 + 1.2422), abs=1e-4)
+    assert r.crosses(1.0) and not r.crosses(3.0)
+    assert r.text() == "1.500 ± 0.500 [0.258, 2.742]"
+    one = paired_ratio({0: 3.0}, {0: 2.0})
+    assert one.text() == "1.500 (1 seed)" and one.crosses(1.0)
+    assert paired_ratio({0: 1.0}, {1: 1.0}) is None
+    assert t975(4) == 2.776 and t975(60) == pytest.approx(2.000, abs=1e-3)  # the table, and the expansion
+
+
+# --- resumes that say what they recovered ---------------------------------------------------------
+
+
+class Crash(BaseException):
+    pass
+
+
+def _crash_in(round_):
+    def hook(sent, reply, node):
+        if sent.metadata.message_type == "train" and sent.content["config"]["server-round"] == round_:
+            raise Crash()
+        return reply
+    return hook
+
+
+def test_a_resume_falls_back_to_the_checkpoint_its_records_reach_and_says_so(tmp_path, caplog):
+    overrides = dict(num_nodes=2, num_server_rounds=4, optimizer_state="reset")
+    _, _, straight = run_local(tmp_path, "straight", **overrides)
+    with pytest.raises(Crash):
+        run_local(tmp_path, "cut", reply_hook=_crash_in(4), **overrides)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:2]) + "\n" + lines[2][:10])  # round 3's line cut: its checkpoint is newest
+
+    summary, _, _ = run_local(tmp_path, "renamed", resume_from=str(tmp_path / "cut"), **overrides)
+
+    assert "resumes from round 2, its newest checkpoint that verifies and that metrics.jsonl records" in caplog.text
+    assert summary["rounds"] == 4 and [json.loads(x)["round"] for x in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    assert summary["run"]["run-name"] == "cut" and not (tmp_path / "renamed").exists()  # it keeps its own name
+    a, b = final_weights(straight), final_weights(tmp_path / "cut")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_resume_without_its_records_or_config_is_refused_and_changes_nothing(tmp_path):
+    overrides = dict(num_nodes=2, num_server_rounds=3, optimizer_state="reset")
+    with pytest.raises(Crash):
+        run_local(tmp_path, "run", reply_hook=_crash_in(3), **overrides)
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match=r"has no complete checkpoint: round-00002 \(metrics.jsonl records rounds "
+                                         r"1..0 only, not round 2\)"):
+        run_local(tmp_path, "x", resume_from=str(run), **overrides)
+    (run / "metrics.jsonl").write_text("")
+    (run / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json cannot be read .*the run's record is damaged"):
+        run_local(tmp_path, "x", resume_from=str(run), **overrides)
+    assert (run / "config.json").read_text() == "{not json" and not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_path, dense_run, monkeypatch, caplog):
+    import twist_fl.federated.server as server
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    caplog.set_level(logging.INFO, logger="twist_fl")
+    rc = {k: v for k, v in TINY.items() if k not in ("num-server-rounds", "eval-every")}
+    for name in ("straight", "cut"):
+        (tmp_path / name / "dense-s0").mkdir(parents=True)
+        (tmp_path / name / "dense-s0" / "run").symlink_to(dense_run)
+    straight = Finetune(FinetuneOptions(out=str(tmp_path / "straight"), nodes=2, run_config=rc))
+    flat = straight.ft("twist", 1e-3, 8, 0)  # 4 rounds of 2 local steps, node moments kept (the default)
+    straight.job("job", flat)
+
+    real = server.save_checkpoint
+
+    def dies_after_round_2(run_dir, round_, *a, **k):
+        out = real(run_dir, round_, *a, **k)
+        if round_ == 2:
+            raise Crash()
+        return out
+
+    monkeypatch.setattr(server, "save_checkpoint", dies_after_round_2)
+    cut = Finetune(FinetuneOptions(out=str(tmp_path / "cut"), nodes=2, run_config=rc))
+    with pytest.raises(Crash):
+        cut.job("job", cut.ft("twist", 1e-3, 8, 0))
+    monkeypatch.setattr(server, "save_checkpoint", real)
+    summary = cut.job("job", cut.ft("twist", 1e-3, 8, 0))
+
+    assert "job was interrupted after round 2 of 4; resuming it" in caplog.text
+    assert summary["rounds"] == 4
+    a, b = final_weights(tmp_path / "straight" / "job" / "run"), final_weights(tmp_path / "cut" / "job" / "run")
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # the nodes' moments came back from node-state/
+    assert not (tmp_path / "cut" / "job" / "node-state").exists()
+    assert math.isfinite(summary["final"]["full"]["ppl"])
