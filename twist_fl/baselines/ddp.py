@@ -47,7 +47,7 @@ from ..core.precision import precision_scope, resolve_precision
 from ..core.rng import Stream, generator
 from ..core.runs import Evaluator, RunFolder, describe, summarize
 from ..core.scalars import ScalarLog
-from ..core.train import OptimConfig, make_optimizer, reuse_freed_memory, train_steps
+from ..core.train import OptimConfig, die_with_parent, make_optimizer, reuse_freed_memory, train_steps
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def run_ddp(run: RunConfig, nproc: int, *, threads: int = 0, backend: str = "aut
     resolve_precision(run.precision, torch.device("cuda" if backend == "nccl" else "cpu"))  # fp16 on CPUs: refused
     model = initial_model(run, allow_pruned=True) if run.init_from else None  # no model built just for its shape
     cfg = model.cfg if model is not None else run.model_config()
+    run = run.as_trained(cfg)
     run.check_model(cfg)
     splits = load_tokens(run.dataset, run.tokenizer, run.data_path or None)
     check_split(splits["valid"], run.seq_len, "valid")
@@ -226,6 +227,7 @@ def _counting_allreduce(counter, bucket):  # no annotations: DDP checks them aga
 
 
 def _worker(rank: int, spec: WorkerSpec) -> None:
+    die_with_parent()  # a killed launcher takes its workers with it
     run = RunConfig.from_flat(spec.run)
     n = spec.nproc
     torch.set_num_threads(spec.threads)

@@ -130,6 +130,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_of(cfg: GPTConfig) -> str | None:
+    """The preset whose architecture `cfg` has (vocab, alpha and shared layers aside), or None."""
+    return next((name for name, fields_ in PRESETS.items()
+                 if all(getattr(cfg, k) == v for k, v in fields_.items())), None)
+
+
 def preset(name: str, **overrides: Any) -> GPTConfig:
     """A GPTConfig from a named preset, with field overrides (e.g. vocab_size)."""
     if name not in PRESETS:
@@ -404,6 +410,10 @@ class RunConfig:
         if self.self_distill_weight and self.subnet_policy != "ordered":
             raise ValueError(f"run-config self-distill-weight={self.self_distill_weight!r} trains smaller nested "
                              f"prefixes (FjORD); it needs subnet-policy='ordered', not {self.subnet_policy!r}")
+        if self.num_nodes and self.full_nodes >= self.num_nodes and self.strategy == "twist":
+            raise ValueError(f"run-config full-nodes={self.full_nodes} would have every one of the num-nodes="
+                             f"{self.num_nodes} nodes of a round train the full model (FedAvg, not TwIST); allowed: "
+                             f"0..{self.num_nodes - 1}")
         if self.core_blocks < 0:
             raise ValueError(f"run-config core-blocks={self.core_blocks!r} must be >= 0")
         if self.core_blocks and (self.strategy != "twist" or self.subnet_policy != "random"):
@@ -423,6 +433,36 @@ class RunConfig:
                                  "mixed keeps take the choices only (keep=0)")
             if not self.keep_choice_list or min(self.keep_choice_list) < 1:
                 raise ValueError(f"run-config keep-choices={self.keep_choices!r} must list keeps >= 1, e.g. '2,4,6,8'")
+
+    def as_trained(self, cfg: GPTConfig) -> RunConfig:
+        """This config with `model` naming the architecture actually trained: an init-from model
+        brings its own, so `model` then records the preset it matches (a warning line says so when
+        that is not the one the config named)."""
+        name = preset_of(cfg) if self.init_from else None
+        if name is None or name == self.model:
+            return self
+        import logging
+
+        logging.getLogger(__name__).warning("init-from %s is a %r model (its own architecture); model=%r is not "
+                                            "used, and the run records model=%r", self.init_from, name, self.model,
+                                            name)
+        return self.replace(model=name)
+
+    def check_nodes(self, nodes: int) -> None:
+        """Checks that need the number of nodes a round trains (`nodes` connected or simulated):
+        min-nodes must be reachable, and full-nodes must leave some node a subnet."""
+        if self.strategy == "ddp":
+            return
+        if nodes < 1:
+            raise ValueError(f"{nodes} nodes would train nothing; allowed: 1 or more (and at least min-nodes="
+                             f"{self.min_nodes})")
+        if self.min_nodes > nodes:
+            raise ValueError(f"run-config min-nodes={self.min_nodes} waits for more nodes than the {nodes} there are; "
+                             f"allowed: 1..{nodes}")
+        per_round = min(self.num_nodes or nodes, nodes)
+        if self.strategy == "twist" and self.full_nodes >= per_round:
+            raise ValueError(f"run-config full-nodes={self.full_nodes} would have every one of the {per_round} nodes "
+                             f"of a round train the full model (FedAvg, not TwIST); allowed: 0..{per_round - 1}")
 
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""

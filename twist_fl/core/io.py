@@ -174,6 +174,46 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def checked_path(out: str | os.PathLike, what: str = "--out") -> Path:
+    """`out` resolved (symlinks followed), or ValueError when the file system cannot hold that
+    name (a part longer than its limit, a NUL byte)."""
+    text = os.fspath(out)
+    if "\0" in text:
+        raise ValueError(f"{what} {text!r} holds a NUL byte; no file system takes it")
+    p = Path(text).expanduser()
+    limit = 255
+    try:
+        limit = os.pathconf(next(d for d in (p, *p.parents) if d.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError, StopIteration):
+        pass
+    long = [part for part in p.parts if len(os.fsencode(part)) > limit]
+    if long:
+        raise ValueError(f"{what}: the name {long[0][:40]!r}... is {len(os.fsencode(long[0]))} bytes long; the file "
+                         f"system allows {limit}")
+    try:
+        return p.resolve()
+    except OSError as e:
+        raise ValueError(f"{what} {text!r} cannot be used: {e.strerror or e}") from None
+
+
+def check_not_input(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...], what: str = "--out") -> Path:
+    """The resolved `out`, unless it is, is inside, or contains one of `inputs` (symlinks resolved):
+    then ValueError naming both."""
+    p = checked_path(out, what)
+    for i in inputs:
+        src = Path(i).expanduser().resolve()
+        if _within(p, src) or _within(src, p):
+            raise ValueError(f"{what} {str(out)!r} is, is inside, or contains the input {str(i)!r}; "
+                             "choose an output outside it")
+    return p
+
+
+def is_result_folder(path: Path) -> bool:
+    """Whether `path` holds a model or a run (a trained result, never a place for new outputs)."""
+    return (path / "config.json").is_file() and any((path / n).exists() for n in (
+        "model.safetensors", "metrics.jsonl", "summary.json", "checkpoints", "model.onnx"))
+
+
 def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False,
                  what: str = "--out", kind: str = "folder") -> Path:
     """The one rule for where a command may write, checked before any work starts.
@@ -183,12 +223,7 @@ def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
     or `force` is given, and even with `force` when it is not of `kind` (`folder` or `file`):
     --force replaces a folder's or a file's content, never one kind with the other. The parent
     folder must exist and be writable. Returns the resolved output path."""
-    p = Path(out).expanduser().resolve()
-    for i in inputs:
-        src = Path(i).expanduser().resolve()
-        if _within(p, src) or _within(src, p):
-            raise ValueError(f"{what} {str(out)!r} is, is inside, or contains the input {str(i)!r}; "
-                             "choose an output outside it")
+    p = check_not_input(out, inputs, what)
     if not p.parent.is_dir():
         raise ValueError(f"{what} {str(out)!r}: its folder {str(p.parent)!r} does not exist")
     if p.exists() and kind == "folder" and not p.is_dir():
@@ -200,3 +235,109 @@ def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] =
     if not os.access(p.parent, os.W_OK):
         raise ValueError(f"{what} {str(out)!r}: its folder {str(p.parent)!r} is not writable")
     return p
+
+
+# --- one writer per output: locks that know their holder ---------------------------------------------
+
+
+class HolderLock:
+    """An exclusive flock on `path` that records its holder: PID, host, start time and command.
+
+    The flock is the one truth of who writes: taken without waiting (a second writer is refused
+    at once, with one line naming the holder), and dropped by the kernel when the holder's
+    process ends, however it ends, so whether a lock is free never depends on timing. The record
+    only explains: it is cleared on release, so a record found by the next writer means its
+    holder ended without releasing (a crash, kill -9), which that writer says in a warning line."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), what
+        self._fd: int | None = None
+
+    @staticmethod
+    def _record(fd: int) -> dict:
+        try:
+            data = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            rec = json.loads(data) if data else {}
+            return rec if isinstance(rec, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    @staticmethod
+    def describe(rec: dict) -> str:
+        if not rec.get("pid"):
+            return "a process that left no record"
+        return (f"PID {rec['pid']} on {rec.get('host', '?')}, started {rec.get('started', '?')}"
+                + (f": {rec['command']}" if rec.get("command") else ""))
+
+    def acquire(self) -> HolderLock:
+        import fcntl
+        import logging
+        import socket
+        import sys
+        import time
+
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            rec = self._record(fd)
+            os.close(fd)
+            raise ValueError(f"{self.what} is being written by another process ({self.describe(rec)}); wait for it "
+                             "to end, or choose another output") from None
+        previous = self._record(fd)
+        if previous.get("pid") and previous.get("pid") != os.getpid():
+            state = "has ended" if not _alive(int(previous["pid"])) else "no longer holds it"
+            logging.getLogger(__name__).warning("%s: taking over the lock of %s, which %s without releasing it",
+                                                self.what, self.describe(previous), state)
+        rec = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                os.ftruncate(self._fd, 0)  # released cleanly: no record for the next writer to warn about
+            except OSError:
+                pass
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+_claims: list[HolderLock] = []
+
+
+def lock_path(out: Path) -> Path:
+    """Where the lock of an output path lives: a file named by the path's hash in the cache's
+    locks/ folder (the output itself may not exist yet, and no lock file is left in it)."""
+    import hashlib
+
+    root = Path(os.environ.get("TWIST_FL_CACHE", Path.home() / ".cache" / "twist-fl")) / "locks"
+    root.mkdir(parents=True, exist_ok=True)
+    return root / (hashlib.sha256(str(out).encode()).hexdigest()[:32] + ".lock")
+
+
+def claim_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False,
+                 what: str = "--out", kind: str = "folder") -> Path:
+    """`check_output`, with the output locked for the rest of the command (`release_claims`): a
+    second writer of any kind to the same path is refused while this one runs, naming it."""
+    p = checked_path(out, what)
+    lock = HolderLock(lock_path(p), f"{what} {str(out)!r}").acquire()
+    try:
+        check_output(out, inputs, force, what, kind)
+    except BaseException:
+        lock.release()
+        raise
+    _claims.append(lock)
+    return p
+
+
+def release_claims() -> None:
+    """Drop every output lock this process took (the end of a command)."""
+    while _claims:
+        _claims.pop().release()

@@ -270,8 +270,8 @@ class GPT(nn.Module):
             logits = logits[:, -1, :]
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
+            else:  # shifted by the max first: a temperature so small that exp underflows is greedy, not NaN
+                logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
                 if top_k:
                     v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                     logits[logits < v[:, [-1]]] = -float("inf")

@@ -21,7 +21,16 @@ from .blocks import param_counts, slice_state
 from .blueprint import Blueprint, sample_blueprints
 from .config import GPTConfig, RunConfig
 from .data import unigram_perplexity
-from .io import WriteError, atomic_write_text, json_line, write_json
+from .io import (
+    HolderLock,
+    WriteError,
+    atomic_write_text,
+    check_not_input,
+    is_result_folder,
+    json_line,
+    lock_path,
+    write_json,
+)
 from .model import GPT
 from .policy import deploy_blueprints
 from .precision import precision_scope, resolve_precision
@@ -78,38 +87,30 @@ def describe(valid: dict[str, Any]) -> str:
 class RunFolder:
     """A run folder. `new` makes the folder of a new run; `existing` opens one to resume.
 
-    Both take the folder's writer lock (`lock`): an exclusive `flock` on `<folder>/.lock`, held
+    Both take the folder's writer lock (`lock`): an exclusive `flock` that records its holder
+    (`io.HolderLock`; its file is kept outside the run folder, which it never changes), held
     until `release` or the process ends, so a second writer (a concurrent resume, a second run
-    of the same name) is refused at once, and a crashed writer never blocks the next one (the
-    kernel drops its lock with the process)."""
+    of the same name) is refused at once with the holder's PID, and a crashed writer never blocks
+    the next one (the kernel drops its lock with the process; the next writer says whose lock it
+    took over)."""
 
-    LOCK_FILE = ".lock"
+    LOCK_FILE = ".lock"  # where runs of earlier versions kept their lock: ignored, never written
 
     def __init__(self, path: Path):
         self.path = path
         self.metrics = path / "metrics.jsonl"
-        self._lock_fd: int | None = None
+        self._lock: HolderLock | None = None
 
     def lock(self) -> RunFolder:
-        import fcntl
-        import os
-
-        fd = os.open(self.path / self.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(f"run folder {self.path} is being written by another process (a run or resume of it "
-                             "is still going); wait for it to end, or choose another run folder") from None
-        self._lock_fd = fd
+        """Take the folder's writer lock (`io.HolderLock`, its file in the cache's locks/ folder:
+        `io.lock_path`); ValueError naming the holder when another process has it."""
+        self._lock = HolderLock(lock_path(self.path), f"run folder {self.path}").acquire()
         return self
 
     def release(self) -> None:
-        import os
-
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the only descriptor drops the flock
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def clean_leftovers(self) -> None:
         """Remove what a crashed writer left half-made: temporary checkpoint folders and files of
@@ -125,7 +126,18 @@ class RunFolder:
     def new(cls, run: RunConfig, resumable: bool = True) -> RunFolder:
         """The folder of a new run, `out-dir/run-name`, created here; refused when it exists
         and is not empty (a run's files are never overwritten: resume it, or choose a name)."""
-        folder = cls(Path(run.out_dir).expanduser().resolve() / (run.run_name or run.default_run_name()))
+        out_dir = Path(run.out_dir).expanduser()
+        folder = cls(out_dir.resolve() / (run.run_name or run.default_run_name()))
+        check_not_input(folder.path, run_inputs(run), "the run folder (out-dir/run-name)")
+        for d in (out_dir, *out_dir.parents):
+            if d.exists():
+                if not d.is_dir():
+                    raise ValueError(f"run-config out-dir={run.out_dir!r}: {str(d)!r} is a file, not a folder; choose "
+                                     "an out-dir that is a folder or does not exist yet")
+                if is_result_folder(d.resolve()):
+                    raise ValueError(f"run-config out-dir={run.out_dir!r} is inside the model or run folder "
+                                     f"{str(d)!r}; a trained result is never a place for new runs: choose another "
+                                     "out-dir")
         def taken() -> bool:
             return folder.path.exists() and (not folder.path.is_dir() or any(
                 f.name != cls.LOCK_FILE for f in folder.path.iterdir()))
@@ -134,7 +146,10 @@ class RunFolder:
             raise ValueError(f"run folder {folder.path} already exists and is not empty; choose another run-name"
                              + (f", or continue it with resume-from={str(folder.path)!r} (a Flower run)"
                                 if resumable else " (a DDP run is not resumed: start a new one)"))
-        folder.path.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"run folder {folder.path} cannot be made: {e.strerror or e}") from None
         folder.lock()
         if taken():  # another run of the same name got there between the check and the lock
             folder.release()
@@ -231,6 +246,13 @@ class RunFolder:
                 f.truncate(size)
                 raise WriteError(f"cannot write {self.metrics}: {e.strerror or e}") from None
         return size
+
+
+def run_inputs(run: RunConfig) -> tuple[str, ...]:
+    """The folders a run reads (init-from, data-path, a distillation teacher's folder): its run
+    folder may not be, be inside or contain any of them."""
+    teacher = () if run.distill_from in ("", "init", "global") else (run.distill_from,)
+    return tuple(p for p in (run.init_from, run.data_path, *teacher) if p)
 
 
 def started_from(run: RunConfig) -> dict[str, Any]:

@@ -68,6 +68,20 @@ def reuse_freed_memory() -> bool:
     return _freed_memory_kept
 
 
+def die_with_parent() -> bool:
+    """Have the kernel end this process (SIGTERM) when the process that started it ends: a worker
+    of a killed command must not live on holding a run folder's lock or a collective. Linux only
+    (prctl PR_SET_PDEATHSIG); returns whether it applies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import signal
+
+    try:
+        return ctypes.CDLL(None).prctl(1, int(signal.SIGTERM), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
 def freed_memory_reused() -> bool:
     """Whether `reuse_freed_memory` has applied in this process (it cannot be undone)."""
     return bool(_freed_memory_kept)

@@ -398,7 +398,14 @@ def deploy_local(root: Path, app: Path, nodes: int = 2, modes: list[str] | None 
         if not 0 < c <= 1:
             raise ValueError(f"--capacities entry {c} is not allowed; allowed: numbers in (0, 1]")
     app = check_app(app)
+    from ..core.io import claim_output, is_result_folder
+
     root = Path(root).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--dir {str(root)!r} is a file; it takes a folder for the deployment (a new one)")
+    if any(d.exists() and is_result_folder(d) for d in (root, *root.parents)):
+        raise ValueError(f"--dir {str(root)!r} is inside a model or run folder; choose another folder")
+    claim_output(root, inputs=(app,), force=True, what="--dir")  # one deployment per folder, for this command
     if (root / "superlink.db").exists():
         raise ValueError(f"--dir {str(root)!r} already holds a deployment (superlink.db); choose another --dir or "
                          f"remove it")

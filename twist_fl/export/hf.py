@@ -38,8 +38,61 @@ def gpt2_expressible(model: GPT) -> bool:
     return model.blueprint is None and c.n_head * c.head_dim == c.n_embd and c.bias and c.dropout == 0.0
 
 
-def export_hf(model: GPT, out: Path, tokenizer: str) -> dict[str, Any]:
-    """Write `model` (and its tokenizer) to the folder `out`, which the caller made new."""
+def model_card(model: GPT, meta: dict[str, Any], source: Path, kind: str, command: str) -> str:
+    """README.md of an exported folder: what the model is, where it came from (the source run or
+    model folder, and the model a pruned subnet was cut from), how it was trained (data, steps,
+    keeps), its validation perplexities as its run recorded them, and the command that exported it."""
+    import json
+
+    from ..core.blocks import sparsity
+    from ..core.blueprint import Blueprint
+
+    run = meta.get("run", {}) if isinstance(meta.get("run"), dict) else {}
+    run_dir = source.parent if source.name == "model" else source
+    summary = {}
+    for f in (run_dir / "summary.json", source / "summary.json"):
+        if f.is_file():
+            summary = json.loads(f.read_text())
+            break
+    sp = sparsity(model.cfg, model.blueprint or Blueprint.full(model.cfg))
+    load = "AutoModelForCausalLM.from_pretrained(DIR" + (")" if kind == "gpt2" else ", trust_remote_code=True)")
+    lines = ["---", "library_name: transformers", "tags: [twist-fl, twist, subnetwork-training"
+             + (", pruned" if model.blueprint is not None else "") + "]", "---", "",
+             f"# {'A pruned subnet of a' if model.blueprint is not None else 'A'} twist-fl model", "",
+             f"Exported by twist-fl from `{source}`" + (f", a subnet cut from `{meta['pruned_from']}` ("
+                                                       f"{json.dumps(meta.get('prune') or meta.get('pruning'))})"
+                                                       if meta.get("pruned_from") else "") + ".", "",
+             f"- Load: `transformers.{load}` and `AutoTokenizer.from_pretrained(DIR)`.",
+             f"- Parameters: {model.num_params():,} ({sp['removed_of_all_params']:.1%} of the full model's removed, "
+             f"{sp['removed_of_block_params']:.1%} of its block weights).",
+             f"- Architecture: {model.cfg.n_layer} layers, width {model.cfg.n_embd}, "
+             f"{model.cfg.n_head} heads of {model.cfg.head_dim} and {model.cfg.n_ffn_blocks} FFN blocks of "
+             f"{model.cfg.ffn_block_size} per full layer; activation scaling alpha {model.cfg.alpha:g}."]
+    if run:
+        steps = int(run.get("num-server-rounds", 0)) * int(run.get("local-steps", 0))
+        lines += ["", "## Training", "",
+                  f"- Strategy: {run.get('strategy')}" + (f", subnets of {run.get('keep') or 'N/2'} blocks per layer "
+                                                          f"(policy {run.get('subnet-policy', 'random')})"
+                                                          if run.get("strategy") == "twist" else "") + ".",
+                  f"- Data: {run.get('dataset')} ({run.get('tokenizer')} tokenizer, partitioning "
+                  f"{run.get('partitioning')}), sequences of {run.get('seq-len')} tokens, batch "
+                  f"{run.get('batch-size')} per node.",
+                  f"- Steps: {run.get('num-server-rounds')} rounds x {run.get('local-steps')} local steps = {steps:,}; "
+                  f"lr {run.get('lr')} ({run.get('lr-schedule')}); seed {run.get('seed')}.",
+                  *([f"- Started from: `{run['init-from']}`."] if run.get("init-from") else [])]
+    final = summary.get("final") or {}
+    if final:
+        lines += ["", "## Validation perplexity (as the run recorded it)", "", "| subnet | perplexity |", "|---|---|",
+                  f"| full model | {final['full']['ppl']:.3f} |"]
+        lines += [f"| {k.split('-')[1]} of {summary.get('n_blocks', '?')} blocks (mean ± std over draws) | "
+                  f"{v['mean']:.3f} ± {v['std']:.3f} |" for k, v in final.items() if k != "full"]
+    lines += ["", "## Command", "", "```", command, "```", ""]
+    return "\n".join(lines)
+
+
+def export_hf(model: GPT, out: Path, tokenizer: str, card: str = "") -> dict[str, Any]:
+    """Write `model` (and its tokenizer) to the folder `out`, which the caller made new, with
+    `card` as its README.md (`model_card`)."""
     c = model.cfg
     eot = get_tokenizer(tokenizer).eot_id
     if TOKENIZER_VOCAB[tokenizer] != c.vocab_size:
@@ -80,7 +133,9 @@ def export_hf(model: GPT, out: Path, tokenizer: str) -> dict[str, Any]:
     hf.generation_config.pad_token_id = eot
     hf.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
-    log.info("exported %s to %s (%s)", model.num_params(), out, kind)
+    if card:
+        (out / "README.md").write_text(card, encoding="utf-8")
+    log.info("exported %s parameters (%s)", f"{model.num_params():,}", kind)
     return {"out": str(out), "kind": kind, "params": model.num_params(), "tokenizer": tokenizer}
 
 

@@ -57,6 +57,7 @@ def _run_server(grid: Grid, run: RunConfig, folders: list[RunFolder]) -> dict[st
         reuse_freed_memory()
     model = initial_model(run)
     cfg = model.cfg
+    run = run.as_trained(cfg)
     run.check_model(cfg)
     if cfg.vocab_size != TOKENIZER_VOCAB[run.tokenizer]:
         raise ValueError(f"run-config tokenizer={run.tokenizer!r} has {TOKENIZER_VOCAB[run.tokenizer]} tokens but the "

@@ -211,6 +211,8 @@ class TwistStrategy(Strategy):
         record = self.records[rnd] = RoundRecord(round=rnd, lr=self.run.lr_at(rnd))
         ready = self._ready_nodes(grid, rnd)
         nodes = sorted((self.nodes[n] for n in ready), key=lambda n: (n.partition_id, n.node_id))
+        if self.run.strategy == "twist" and self.run.full_nodes >= min(self.run.num_nodes or len(nodes), len(nodes)):
+            self.run.check_nodes(len(nodes))  # full-nodes leaves no node a subnet: refused before it trains
         if self.run.num_nodes and len(nodes) < self.run.num_nodes and not self._warned_num_nodes:
             self._warned_num_nodes = True
             log.warning("num-nodes=%d but only %d node(s) are ready: each round trains the %d there are (the "

@@ -494,11 +494,32 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp32", help="step, memory: comma list of fp32, bf16, fp16, auto "
                     "(step compares them in one process; memory measures each in its own)")
     ap.add_argument("--masked", action="store_true", help="step: also the full model masked to each keep")
-    ap.add_argument("--keeps", default="3,6,9", help="step: the subnet sizes (of 12; of 8 for --shape default)")
+    ap.add_argument("--keeps", default="", help="step: the subnet sizes (default: 3,6,9 of GPT-2's 12; 2,4,6 of 8 "
+                    "for --shape default)")
     ap.add_argument("--shape", choices=("gpt2", "default"), default="gpt2", help="step: GPT-2 124M or the app's "
                     "default model")
     ap.add_argument("--json")
     return ap
+
+
+def _step_keeps(ap: argparse.ArgumentParser, text: str, shape: str) -> tuple[int, ...]:
+    """--keeps checked against the shape's blocks per layer (a usage error otherwise)."""
+    from ..core.config import RunConfig
+
+    cfg = gpt2_cfg((0, -1)) if shape == "gpt2" else RunConfig().model_config()
+    if not text.strip():
+        return (3, 6, 9) if shape == "gpt2" else (2, 4, 6)
+    try:
+        keeps = tuple(int(k) for k in text.split(",") if k.strip())
+        if not keeps:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--keeps {text!r} must be a comma list of integers, e.g. '3,6,9'")
+    for k in keeps:
+        if not 1 <= k < cfg.n_blocks:
+            ap.error(f"--keeps entry {k} is out of range for --shape {shape}: allowed 1..{cfg.n_blocks - 1} of its "
+                     f"{cfg.n_blocks} blocks per layer")
+    return keeps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,6 +530,14 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(f"{__package__}.bench_{argv[0]}").main(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.json:
+        from ..core.io import claim_output
+
+        try:
+            claim_output(args.json, force=True, what="--json", kind="file")  # a benchmark's result is replaced
+        except (ValueError, OSError) as e:
+            ap.error(str(e))
+    keeps = _step_keeps(ap, args.keeps, args.shape)
     reuse = not args.return_freed_memory
     precisions = tuple(p.strip() for p in args.precision.split(",") if p.strip())
     for p in precisions:
@@ -520,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "bytes":
             results[name] = bench_bytes()
         elif name == "step":
-            results[name] = bench_step(keeps=tuple(int(k) for k in args.keeps.split(",")), repeats=args.repeats,
+            results[name] = bench_step(keeps=keeps, repeats=args.repeats,
                                        profile=args.profile, reuse=reuse, precisions=precisions, masked=args.masked,
                                        shape=args.shape)
         elif name == "memory":

@@ -26,7 +26,7 @@ from ..baselines.ddp import DDPError
 from ..core.blocks import sparsity
 from ..core.config import DATASETS, DENSE_STRATEGIES, PRECISIONS, TOKENIZERS
 from ..core.data import get_tokenizer
-from ..core.io import WriteError, atomic_write_text, check_output, staged_folder, write_json
+from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, staged_folder, write_json
 from ..core.model import GPT, WEIGHTS_FILE
 from ..core.precision import precision_scope, resolve_precision
 from ..core.progress import enable as enable_progress
@@ -78,7 +78,11 @@ def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
     from ..baselines.ddp import ddp_run_config, parse_overrides, run_ddp
     from ..core.config import app_defaults
 
-    run = ddp_run_config(parse_overrides(args.run_config), app_defaults(Path(args.app)))
+    app = Path(args.app).expanduser()
+    if not app.is_dir():
+        raise UsageError(f"--app {args.app!r} is not a folder; it takes an app folder whose pyproject.toml holds "
+                         "[tool.flwr.app.config] (default: the current folder)")
+    run = ddp_run_config(parse_overrides(args.run_config), app_defaults(app))
     summary = run_ddp(run, args.nproc, threads=args.threads, backend=args.backend, timeout=args.timeout)
     print(f"DDP over {args.nproc} workers: validation perplexity {summary['final']['full']['ppl']:.3f} (full), "
           f"median step {summary['ddp']['step_s_median'] * 1e3:.1f} ms, "
@@ -87,7 +91,7 @@ def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
-    out = check_output(args.out, inputs=(args.model,), force=args.force)
+    out = claim_output(args.out, inputs=(args.model,), force=args.force)
     model, meta = load_model(args.model)
     if model.blueprint is not None:
         raise UsageError(f"{args.model} is already a pruned subnet; prune the full model")
@@ -98,6 +102,11 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
         pruned = prune_structured(model, args.keep, args.method, args.seed, calib, args.k)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if args.method == "prefix" and policy_of(meta) != "ordered" and not core_of(meta):
+        logging.getLogger(__name__).warning(
+            "prune --method prefix: %s was trained with subnet-policy %r, whose subnets are not nested, so its first "
+            "%d blocks are no better than any other %d (use --method random, or a calibrated method)", args.model,
+            policy_of(meta), args.keep, args.keep)
     with staged_folder(out) as tmp:
         pruned.save(tmp, extra={"run": meta.get("run", {}), "pruned_from": str(Path(args.model).resolve()),
                                 "prune": {"keep": args.keep, "method": args.method, "seed": args.seed}})
@@ -110,7 +119,7 @@ def cmd_prune(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.json:
-        check_output(args.json, inputs=(args.model,), force=args.force, what="--json", kind="file")
+        claim_output(args.json, inputs=(args.model,), force=args.force, what="--json", kind="file")
     model, meta = load_model(args.model, allow_onnx=True)
     if args.keeps and model.blueprint is not None:
         raise UsageError("--keeps draws subnets of a full model; this model is already pruned")
@@ -173,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     if args.int8 and args.format != "onnx":
         raise UsageError("--int8 quantizes an ONNX export; use it with --format onnx")
-    out = check_output(args.out, inputs=(args.model,), force=args.force)
+    out = claim_output(args.out, inputs=(args.model,), force=args.force)
     model, meta = load_model(args.model)
     tokenizer = args.tokenizer or meta.get("run", {}).get("tokenizer", "bytes")
     check_tokenizer(model, tokenizer)
@@ -191,9 +200,14 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def _export(args: argparse.Namespace, model: GPT, meta: dict[str, Any], out: Path, tokenizer: str) -> dict[str, Any]:
     if args.format == "hf":
-        from ..export.hf import export_hf
+        import shlex
 
-        return export_hf(model, out, tokenizer)
+        from ..export.hf import export_hf, gpt2_expressible, model_card
+
+        source = Path(args.model).expanduser().resolve()
+        command = "twist-fl " + " ".join(shlex.quote(a) for a in args.argv)
+        card = model_card(model, meta, source, "gpt2" if gpt2_expressible(model) else "twist_gpt", command)
+        return export_hf(model, out, tokenizer, card)
     from ..export.onnx import export_onnx
 
     return export_onnx(model, out, {"run": meta.get("run", {}), "exported_from": str(Path(args.model).resolve())},
@@ -203,7 +217,7 @@ def _export(args: argparse.Namespace, model: GPT, meta: dict[str, Any], out: Pat
 def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
     from ..core.report import heatmap_plot
 
-    out = check_output(args.out, inputs=tuple(args.models), force=args.force)
+    out = claim_output(args.out, inputs=tuple(args.models), force=args.force)
     jobs = []
     for path in args.models:  # every model, its keeps and its data checked before any evaluation
         model, meta = load_model(path)
@@ -243,7 +257,7 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from ..evaluation.compare import ReportOptions, write_report
 
-    check_output(args.out, inputs=(*args.twist, *args.dense), force=args.force)
+    claim_output(args.out, inputs=(*args.twist, *args.dense), force=args.force)
     for flag, paths in (("--twist", args.twist), ("--dense", args.dense)):
         seen: dict[Path, str] = {}
         for path in paths:
@@ -313,6 +327,20 @@ def _count(text: str) -> int:
     return value
 
 
+def _upto(limit: int, what: str):
+    """An argparse type: an integer in 1..limit (a size that bounds the work a command does)."""
+    def parse(text: str) -> int:
+        value = _count(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: 1..{limit:,} {what}")
+        return value
+    return parse
+
+
+MAX_DRAWS = 100  # random subnets per size: beyond this the mean moves by far less than its own spread
+MAX_NEW_TOKENS = 100_000
+
+
 def _top_k(text: str) -> int:
     try:
         value = int(text)
@@ -373,6 +401,12 @@ def delegate(verb: str, argv: list[str]) -> int:
 
     module = importlib.import_module(f"{__package__}.{DELEGATED[verb][0]}")
     if verb == "sweep":  # Hydra reads sys.argv itself, and sets up logging for its job
+        argv = module.normalize_overrides(argv)
+        try:
+            module.precheck(argv)  # where it writes, before Hydra makes anything
+        except (ValueError, OSError) as e:
+            print(f"twist-fl sweep: error: {e}", file=sys.stderr)
+            return 2
         saved, root = sys.argv, logging.getLogger()
         handlers, level = root.handlers[:], root.level
         sys.argv = ["twist-fl sweep", *argv]
@@ -424,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--keeps", default="", help="comma list of subnet sizes to draw (full models)")
-    p.add_argument("--draws", type=_count, default=5)
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-tokens", type=_count, help="tokens to evaluate (default: the whole split)")
     p.add_argument("--json", help="write the results here (a new file)")
@@ -435,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text from a full or pruned model, printed as it comes")
     p.add_argument("model")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_count, default=200)
+    p.add_argument("--max-new-tokens", type=_upto(MAX_NEW_TOKENS, "tokens"), default=200)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_top_k, help="sample among the k likeliest tokens (0: no limit)")
     p.add_argument("--seed", type=int, default=0)
@@ -454,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("heatmap", help="models trained at keep X evaluated at keep Y")
     p.add_argument("models", nargs="+")
     p.add_argument("--keeps", required=True)
-    p.add_argument("--draws", type=_count, default=3)
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("valid", "test"), default="valid")
     p.add_argument("--eval-tokens", type=_count, default=16384)
@@ -469,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", required=True, nargs="+", help="run folders trained dense (strategy ddp or fedavg), "
                    "paired with --twist")
     p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
-    p.add_argument("--draws", type=_count, default=5)
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5)
     p.add_argument("--k", type=_count, default=8, help="draws for best-of-k")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split", choices=("valid", "test"), default="test")
@@ -532,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DeploymentError, DDPError) as e:
         print(f"twist-fl {args.verb}: {e}", file=sys.stderr)
         return 1
+    finally:
+        release_claims()
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ class Finetune:
                          "checkpoint", name, resume, flat["num-server-rounds"])
             run = {**flat, "out-dir": str(d.parent), "run-name": "run",
                    **({"resume-from": str(d)} if resume is not None else {})}
-            RunConfig.from_flat(run)
+            RunConfig.from_flat(run).check_nodes(self.o.nodes)
             log.info("finetune: %s (%s lr=%g seed=%s, %d rounds)", name, run["strategy"], run["lr"], run["seed"],
                      run["num-server-rounds"])
             try:

@@ -164,15 +164,13 @@ def _txt(p: Paired | None) -> str:
 
 
 def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
-                   argv: list[str] | None = None, recipe: str = "", force: bool = False) -> dict[str, Any]:
-    """Write FINETUNE.md and finetune.json into `out` (refused when they exist, unless `force`)."""
+                   argv: list[str] | None = None, recipe: str = "") -> dict[str, Any]:
+    """Write FINETUNE.md and finetune.json into `out` (the command line claims it first:
+    `io.claim_output`)."""
     from ..core.precision import machine
     from ..evaluation.loading import load_model, parse_keeps
 
     root, out = Path(root), Path(out)
-    for f in (out / "FINETUNE.md", out / "finetune.json"):
-        if f.exists() and not force:
-            raise ValueError(f"{f} exists; pass --force to replace it")
     keep_list = None
     if keeps:
         model, _ = load_model(str(next(root.glob("dense-s*/run"))))

@@ -40,8 +40,74 @@ def resolve(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
         flat["eval-every"] = total // steps
     flat["out-dir"] = str(job_dir)
     flat["run-name"] = flat.get("run-name") or "run"
-    RunConfig.from_flat(flat)  # fail before anything starts
+    run = RunConfig.from_flat(flat)  # fail before anything starts
+    if isinstance(cfg.num_supernodes, bool) or not isinstance(cfg.num_supernodes, int) or cfg.num_supernodes < 1:
+        raise ValueError(f"num_supernodes={cfg.num_supernodes!r} must be a whole number >= 1 (the simulated nodes)")
+    run.check_nodes(int(cfg.num_supernodes))
     return flat
+
+
+HYDRA_FLAGS_WITHOUT_RUN = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc")
+INPUT_KEYS = ("run.init_from", "run.data_path", "run.distill_from", "run.resume_from")
+
+
+def normalize_overrides(argv: list[str]) -> list[str]:
+    """The sweep's overrides with dashed keys (`run.local-steps=1`, `num-supernodes=4`, as every
+    other command spells them) rewritten to the config's snake_case; Hydra's own flags and
+    `hydra.*` overrides are left as they are."""
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        bare = key.lstrip("+~")
+        if eq and not a.startswith("-") and not bare.startswith("hydra."):
+            a = key[:len(key) - len(bare)] + bare.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+def precheck(argv: list[str]) -> None:
+    """Check where a sweep will write, before Hydra makes or writes anything: its job folder
+    (`hydra.run.dir`, or `hydra.sweep.dir` with --multirun) may not be, be inside or contain an
+    input (init-from, data-path, a teacher's folder), nor lie inside a model or run folder; an
+    existing one must be empty (or hold the run that run.resume_from continues); its nearest
+    existing folder must be writable. ValueError naming what is wrong."""
+    import os
+
+    from ..core.io import check_not_input, is_result_folder
+
+    if any(a in HYDRA_FLAGS_WITHOUT_RUN for a in argv):
+        return
+    values: dict[str, list[str]] = {}
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq:
+            values.setdefault(key.lstrip("+~"), []).extend(v for v in value.split(",") if v)
+    multi = "--multirun" in argv or "-m" in argv
+    key = "hydra.sweep.dir" if multi else "hydra.run.dir"
+    if key not in values:
+        return  # the default: a new folder named by the time
+    out = Path(values[key][0]).expanduser()
+    resumes = [Path(r).expanduser().resolve() for r in values.get("run.resume_from", [])]
+    inputs = [v for k in INPUT_KEYS if k != "run.resume_from" for v in values.get(k, [])
+              if k != "run.distill_from" or v not in ("init", "global")]
+    check_not_input(out, tuple(inputs), key)
+    existing = next(d for d in (out, *out.parents) if d.exists())  # "." or "/" at the latest
+    for d in (out, *out.parents):
+        if d.exists() and is_result_folder(d.resolve()):
+            raise ValueError(f"{key}={str(out)!r} is inside the model or run folder {str(d)!r}; a trained result is "
+                             "never a place for new runs: choose another folder")
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{key}={str(out)!r}: {str(existing)!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ValueError(f"{key}={str(out)!r}: {str(existing)!r} is not writable (a read-only file system, or no "
+                         "permission)")
+    if out.is_dir() and any(out.iterdir()) and not any(r.parent == out.resolve() for r in resumes):
+        raise ValueError(f"{key}={str(out)!r} already exists and is not empty; choose a new folder (or continue its "
+                         f"run with run.resume_from={str(out / 'run')!r})")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # as Hydra would: a folder that cannot be made is refused here
+    except OSError as e:
+        raise ValueError(f"{key}={str(out)!r} cannot be made: {e.strerror or e}") from None
 
 
 def clear_interrupted(run_dir: Path, who: str) -> None:

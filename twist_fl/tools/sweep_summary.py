@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ import yaml
 
 from ..core.io import atomic_write_text, write_json
 from ..core.report import save_figure
+
+log = logging.getLogger(__name__)
 
 
 def collect(root: Path) -> list[dict[str, Any]]:
@@ -62,7 +65,14 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
         dense_ppl = float(np.mean([j["summary"]["final"]["full"]["ppl"] for j in dense_jobs]))
     groups: dict[str, list[dict[str, Any]]] = {}
     for j in twist_jobs:
-        groups.setdefault(str(j["overrides"].get(x, "")), []).append(j)
+        group = groups.setdefault(str(j["overrides"].get(x, "")), [])
+        seed = j["summary"].get("run", {}).get("seed")
+        twin = next((g for g in group if g["summary"].get("run", {}).get("seed") == seed), None)
+        if twin is not None:  # one seed counts once: the same value of x and the same seed twice
+            log.warning("sweep-summary: job %s repeats %s=%s at seed %s (as job %s); it is counted once", j["job"], x,
+                        j["overrides"].get(x, ""), seed, twin["job"])
+            continue
+        group.append(j)
     seeds = max(len(g) for g in groups.values())
     rows = []
     for value in sorted(groups, key=_num):

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..core.config import RunConfig
-from ..core.io import atomic_write_text, write_json
+from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, write_json
 from ..evaluation.compare import test_ppl
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def _job(out: Path, method: str, lr: float, seed: int, nodes: int, overrides: di
         n_blocks = RunConfig.from_flat(base).model_config().n_blocks
         flat = {**base, **method_overrides(method, n_blocks), "lr": lr, "seed": seed,
                 "out-dir": str(d), "run-name": "run"}
-        RunConfig.from_flat(flat)
+        RunConfig.from_flat(flat).check_nodes(nodes)
         log.info("tune: %s lr=%g seed=%d -> %s", method, lr, seed, d)
         run_job(flat, nodes, "local", None if METHODS[method][0] == "ddp" else capacities)
     return float(json.loads(done.read_text())["final"]["full"]["ppl"])
@@ -125,7 +125,9 @@ def _executor(parallel: int):
     import multiprocessing as mp
     import os
 
-    return cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn")), \
+    from ..core.train import die_with_parent
+
+    return cf.ProcessPoolExecutor(parallel, mp_context=mp.get_context("spawn"), initializer=die_with_parent), \
         max(1, (os.cpu_count() or 1) // parallel)
 
 
@@ -258,7 +260,14 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     keys = sorted({k for r in runs for k in r["final"] if k != "full"}, key=lambda k: int(k.split("-")[1]))
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((method_of(r["run"], r["n_blocks"]), float(r["run"]["lr"])), []).append(r)
+        group = groups.setdefault((method_of(r["run"], r["n_blocks"]), float(r["run"]["lr"])), [])
+        twin = next((x for x in group if int(x["run"]["seed"]) == int(r["run"]["seed"])), None)
+        if twin is not None:  # one seed counts once: the same method, lr and seed in two folders
+            log.warning("tune table: %s is seed %s of %s at lr %g again (as %s); it is counted once", r["run_folder"],
+                        r["run"]["seed"], method_of(r["run"], r["n_blocks"]), float(r["run"]["lr"]),
+                        twin["run_folder"])
+            continue
+        group.append(r)
     names = list(METHODS)
     order = sorted(groups, key=lambda g: (names.index(g[0]) if g[0] in names else 99, g[1]))
     n = runs[0]["n_blocks"]
@@ -346,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.add_argument("--draws", type=int, default=3)
     q.add_argument("--test-tokens", type=int, default=32768)
+    q.add_argument("--force", action="store_true", help="write into an --out that holds files (TUNING.md and "
+                   "tuning.json are replaced, nothing else is touched)")
     f = sub.add_parser("finetune", help="dense model, then TwIST vs DDP fine-tuning, budget-matched, with levers")
     f.add_argument("--out", required=True)
     f.add_argument("--seeds", type=int, default=3)
@@ -388,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
     g.add_argument("--recipe", default="", help="the lever the table's headline is about (default: the one whose "
                    "deployed N/2 subnets have the lowest validation perplexity)")
-    g.add_argument("--force", action="store_true", help="replace an existing FINETUNE.md and finetune.json")
+    g.add_argument("--force", action="store_true", help="write into an --out that holds files (FINETUNE.md and "
+                   "finetune.json are replaced, nothing else is touched)")
     return ap
 
 
@@ -417,7 +429,20 @@ def main(argv: list[str] | None = None) -> int:
             RunConfig.from_flat({**RunConfig().to_flat(), **overrides})  # a bad key fails before any job
             fixed = lrs_from(Path(args.lrs_from), methods) if args.lrs_from.strip() else None
             out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--out {args.out!r} is a file; it takes a folder for the jobs")
+            claim_output(out, force=True)  # one `tune run` per folder at a time (its workers lock each job)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"--out {args.out!r} cannot be made: {e.strerror or e}") from None
+            for old in _plans([out]):  # a folder holds the jobs of one setting
+                theirs = {k: old.get(k) for k in ("run_config", "nodes", "capacities")}
+                mine = {"run_config": overrides, "nodes": args.nodes, "capacities": caps}
+                if theirs != mine:
+                    raise ValueError(f"--out {args.out!r} holds the jobs of another setting ({theirs}, by `"
+                                     f"{old.get('command')}`); their runs would be reused as if they were this one's: "
+                                     "choose another --out")
             plan = {"out": str(out), "methods": methods, "lrs": lrs, "seeds": args.seeds, "nodes": args.nodes,
                     "capacities": caps, "run_config": overrides,
                     "command": "twist-fl tune " + " ".join(shlex.quote(a) for a in
@@ -431,10 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.draws < 1 or args.test_tokens < 1:
                 raise ValueError(f"--draws={args.draws} and --test-tokens={args.test_tokens} must be >= 1")
+            claim_output(args.out, inputs=tuple(args.roots), force=args.force)
             print(table([Path(r) for r in args.roots], Path(args.out), args.draws, args.test_tokens)["markdown"])
-    except ValueError as e:
+    except (ValueError, WriteError) as e:
         print(f"tune: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        release_claims()
     return 0
 
 
@@ -467,8 +495,9 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
     if args.verb == "finetune-table":
         if args.draws < 1 or args.test_tokens < 1:
             raise ValueError(f"--draws={args.draws} and --test-tokens={args.test_tokens} must be >= 1")
+        claim_output(args.out, inputs=(args.root,), force=args.force)
         print(finetune_table(Path(args.root), Path(args.out), args.draws, args.test_tokens, args.keeps,
-                             argv, recipe=args.recipe, force=args.force)["markdown"])
+                             argv, recipe=args.recipe)["markdown"])
         return 0
     from ..baselines.ddp import parse_overrides
 
