@@ -104,9 +104,9 @@ def check_sweep_overrides(args: list[str]) -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from twist_fl.tools.sweep import CONF_DIR
+    from twist_fl.tools.sweep import CONF_DIR, normalize_overrides
 
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = [a for a in normalize_overrides(args) if not a.startswith("-")]
     parsed = OverridesParser.create().parse_overrides(overrides)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config")
@@ -202,3 +202,20 @@ def test_the_docs_site_builds_strictly(tmp_path):
     home = (tmp_path / "site" / "index.html").read_text()
     assert "What the main job gives" in home and 'href="getting-started/"' in home  # README, links made relative
     assert "sample_blueprints" in (tmp_path / "site" / "api" / "index.html").read_text()
+
+
+def test_every_results_page_is_in_the_nav():
+    """A results page left out of mkdocs.yml's nav is built but found by nobody."""
+    import yaml
+
+    nav = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]
+
+    def pages(items):
+        for item in items:
+            for value in (item.values() if isinstance(item, dict) else [item]):
+                yield from (pages(value) if isinstance(value, list) else [value])
+
+    listed = set(pages(nav))
+    docs = {str(f.relative_to(ROOT / "docs")) for f in (ROOT / "docs").rglob("*.md")}
+    assert docs - listed == set(), f"pages not in the nav: {sorted(docs - listed)}"
+    assert listed - docs == set(), f"nav entries with no page: {sorted(listed - docs)}"

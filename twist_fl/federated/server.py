@@ -240,6 +240,15 @@ class RunFailed(RuntimeError):
     """A run that ended without a trained model: its last round, or every round, had no update."""
 
 
+def flower_logs_once() -> None:
+    """Flower's log lines printed once: its logger has its own console handler and also passes
+    every line to the root logger, which a command line (logging.basicConfig) or Hydra gives a
+    handler too. Stops the second copy (importing Flower's logger first, which sets it up)."""
+    import flwr.common.logger  # noqa: F401 - configures the "flwr" logger on first import
+
+    logging.getLogger("flwr").propagate = False
+
+
 def route_logs_to_flower() -> None:
     """Send the library's INFO logs through Flower's handlers, so they reach `flwr run --stream`
     and `flwr log` without turning on every other library's INFO logs."""

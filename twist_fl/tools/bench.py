@@ -479,12 +479,14 @@ ELSEWHERE = ("ddp", "export", "inference")  # bench_<name>.py, with their own op
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl bench", description=__doc__.splitlines()[0])
+    from . import help as H
+
+    ap = H.parser("twist-fl bench", __doc__, "bench")
     ap.add_argument("which", nargs="?", default="all", choices=(*IN_PROCESS, "nodes", *ELSEWHERE, "all"),
                     help="all: " + ", ".join(IN_PROCESS) + "; ddp, export and inference take their own options "
                     "(twist-fl bench ddp --help)")
     ap.add_argument("--nodes", default="4,20,50", help="nodes: SuperNode counts to simulate")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="step: timed repeats (the median is reported)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds of the overhead benchmark (default: the app's num-server-rounds)")
     ap.add_argument("--profile", action="store_true", help="step: also print a torch.profiler table of one step "
@@ -498,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "for --shape default)")
     ap.add_argument("--shape", choices=("gpt2", "default"), default="gpt2", help="step: GPT-2 124M or the app's "
                     "default model")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="also write the results here (a file; replaced), with the machine they came from")
     return ap
 
 

@@ -174,14 +174,17 @@ def table(res: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl bench ddp", description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both")
-    ap.add_argument("--nproc", type=int, default=2, help="workers at once (default: one per core here)")
+    from . import help as H
+
+    ap = H.parser("twist-fl bench ddp", __doc__, "bench ddp")
+    ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both", help="the app's default model, "
+                    "GPT-2 124M, or both")
+    ap.add_argument("--nproc", type=int, default=2, help="workers at once")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per worker")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--repeats", type=int, default=3, help="repeats of each mode (the median is reported)")
+    ap.add_argument("--json", help="also write the results here (a file)")
     return ap
 
 

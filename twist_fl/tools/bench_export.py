@@ -181,12 +181,15 @@ def _print(shape: str, r: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl bench export", description=__doc__.splitlines()[0])
+    from . import help as H
+
+    ap = H.parser("twist-fl bench export", __doc__, "bench export")
     ap.add_argument("--model", help="a trained default-shape run or model folder (for the default shape)")
-    ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--json")
+    ap.add_argument("--shape", choices=("default", "gpt2", "both"), default="both", help="the app's default model, "
+                    "GPT-2 124M (random weights), or both")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    ap.add_argument("--decode", type=int, default=32, help="tokens generated per timed decode")
+    ap.add_argument("--json", help="also write the results here (a file)")
     return ap
 
 

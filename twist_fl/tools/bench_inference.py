@@ -90,15 +90,17 @@ def measure(models: dict[str, GPT], prompt: int, decode: int, repeats: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl bench inference", description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="gpt2")
-    ap.add_argument("--keep", type=int, default=6)
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--decode", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from . import help as H
+
+    ap = H.parser("twist-fl bench inference", __doc__, "bench inference")
+    ap.add_argument("--preset", default="gpt2", help="the model shape (a preset: gpt2, cpu-small, tiny)")
+    ap.add_argument("--keep", type=int, default=6, help="blocks of each kind per layer of the pruned subnet")
+    ap.add_argument("--prompt", type=int, default=256, help="prompt tokens (prefill)")
+    ap.add_argument("--decode", type=int, default=32, help="tokens generated one by one")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="forward passes (autocast for bf16)")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="also write the results here (a file)")
     return ap
 
 

@@ -52,6 +52,7 @@ from ..evaluation.prune import (
     random_blueprint,
     random_subnet_ppl,
 )
+from . import help as H
 
 
 def _data(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -72,6 +73,51 @@ def _finite_ppl(ppl: float, what: str) -> float:
 
 
 # --- verbs ---------------------------------------------------------------------------------------
+
+
+CHECK = {"model": "tiny", "keep": 2, "local-steps": 5, "batch-size": 16, "seq-len": 64, "eval-tokens": 8192,
+         "eval-draws": 2, "lr": 3e-3, "lr-schedule": "constant", "optimizer-state": "reset"}
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """A tiny TwIST run (4 simulated nodes on the embedded plays, keep 2 of 4 blocks) that shows,
+    in under a minute, that the install trains, averages and cuts subnets: exit 0 when every
+    subnet and the full model end well below the unigram baseline, 1 otherwise."""
+    import tempfile
+    import time
+
+    from ..core.config import RunConfig
+    from ..federated.server import flower_logs_once
+    from .sweep import run_job
+
+    if args.out:
+        claim_output(args.out)
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="twist-fl-check-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp)
+        flat = {**RunConfig().to_flat(), **CHECK, "num-server-rounds": args.rounds, "eval-every": args.rounds,
+                "out-dir": str(out.parent if args.out else out), "run-name": out.name if args.out else "run"}
+        flower_logs_once()  # (and configures Flower's logger before its level is set here)
+        quiet = [logging.getLogger(n) for n in ("flwr", "twist_fl")]
+        levels = [lg.level for lg in quiet]
+        for lg in quiet:
+            lg.setLevel(logging.WARNING)
+        try:
+            summary = run_job(flat, 4, "local")
+        finally:
+            for lg, level in zip(quiet, levels, strict=True):
+                lg.setLevel(level)
+    final, n, uni = summary["final"], summary["n_blocks"], summary["unigram_ppl_valid"]
+    print(f"twist-fl check: TwIST, tiny model ({summary['params']['full']:,} parameters), 4 nodes, {args.rounds} "
+          f"rounds x 5 local steps, keep 2 of {n} blocks, the embedded plays")
+    print("validation perplexity: full " + f"{final['full']['ppl']:.1f}" + "".join(
+        f" | {k.split('-')[1]}/{n} {v['mean']:.1f}" for k, v in sorted(final.items(), reverse=True) if k != "full")
+        + f" (unigram baseline {uni:.1f})")
+    worst = max([final["full"]["ppl"]] + [v["mean"] for k, v in final.items() if k != "full"])
+    ok = worst < 0.8 * uni
+    print(f"{'OK' if ok else 'NOT OK'}: every subnet {'is' if ok else 'is not'} well below the unigram baseline "
+          f"({time.monotonic() - t0:.0f} s)")
+    return 0 if ok else 1
 
 
 def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
@@ -378,9 +424,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="forward passes: fp32, or bf16 under autocast; auto: bf16 where the CPU has fast bf16")
     g = p.add_argument_group("data (default: what the model was trained with)")
-    g.add_argument("--dataset", choices=DATASETS)
-    g.add_argument("--tokenizer", choices=TOKENIZERS)
-    g.add_argument("--data-path")
+    g.add_argument("--dataset", choices=DATASETS, help="the corpus to read (default: the model's)")
+    g.add_argument("--tokenizer", choices=TOKENIZERS, help="how text becomes ids (default: the model's)")
+    g.add_argument("--data-path", help="a folder for wikitext-* (wiki.*.raw) or text (train/valid/test.txt)")
     g.add_argument("--seq-len", type=_count, help="tokens per window, up to the model's block size")
 
 
@@ -428,12 +474,19 @@ def delegate(verb: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="twist-fl", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
+    ap = H.parser("twist-fl", __doc__, "twist-fl", cls=_Parser)
+    H.add_version(ap)
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="<verb>")
     for verb, (_, text) in DELEGATED.items():  # listed in --help; main() hands them over before parsing
         sub.add_parser(verb, help=text, add_help=False)
 
-    p = sub.add_parser("ddp", help="train the dense model data-parallel on torch.distributed (the DDP baseline)")
+    p = H.sub(sub, "check", "check", "a tiny TwIST run on the embedded corpus, in under a minute: what an install "
+              "should print (the README's first minute)")
+    p.add_argument("--rounds", type=_upto(50, "rounds"), default=15, help="federated rounds of 5 local steps")
+    p.add_argument("--out", help="keep the run folder here (a new folder); default: a temporary one, removed")
+    p.set_defaults(fn=cmd_check)
+
+    p = H.sub(sub, "ddp", "ddp", "train the dense model data-parallel on torch.distributed (the DDP baseline)")
     p.add_argument("--nproc", type=_count, default=4, help="worker processes; worker i trains on partition i of nproc")
     p.add_argument("--run-config", default="", help="'key=value ...' as for flwr run --run-config")
     p.add_argument("--app", default=".", help="read defaults from this app's [tool.flwr.app.config], if it has one")
@@ -442,11 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait for a worker")
     p.set_defaults(fn=cmd_ddp)
 
-    p = sub.add_parser("prune", help="cut a smaller dense model out of a trained one")
+    p = H.sub(sub, "prune", "prune", "cut a smaller dense model out of a trained one")
     p.add_argument("model", help="a model folder or a run folder")
     p.add_argument("--keep", type=int, required=True, help="heads and FFN blocks kept per non-shared layer")
-    p.add_argument("--method", choices=STRUCTURED, default="random")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=STRUCTURED, default="random", help="which blocks to keep: random (TwIST's "
+                   "zero-cost cut), prefix (an ordered or core-blocks run's nested subnet), or a pruning baseline")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random draw (random, best-of-k)")
     p.add_argument("--k", type=_count, default=8, help="draws for best-of-k")
     p.add_argument("--calib-tokens", type=_count, default=16384, help="calibration tokens (calibrated methods)")
     p.add_argument("--out", required=True, help="a new folder for the pruned model (outside the input)")
@@ -454,71 +508,73 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p)
     p.set_defaults(fn=cmd_prune)
 
-    p = sub.add_parser("evaluate", help="perplexity of a model, and of random subnets at several sizes")
-    p.add_argument("model")
-    p.add_argument("--split", choices=("valid", "test"), default="valid")
+    p = H.sub(sub, "evaluate", "evaluate", "perplexity of a model, and of random subnets at several sizes")
+    p.add_argument("model", help="a model folder or a run folder (full or pruned), or an exported ONNX folder")
+    p.add_argument("--split", choices=("valid", "test"), default="valid", help="the split to evaluate on")
     p.add_argument("--keeps", default="", help="comma list of subnet sizes to draw (full models)")
-    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5, help="random subnets per size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
     p.add_argument("--eval-tokens", type=_count, help="tokens to evaluate (default: the whole split)")
     p.add_argument("--json", help="write the results here (a new file)")
     _force(p, "--json")
     _data_args(p)
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("generate", help="text from a full or pruned model, printed as it comes")
-    p.add_argument("model")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=_upto(MAX_NEW_TOKENS, "tokens"), default=200)
+    p = H.sub(sub, "generate", "generate", "text from a full or pruned model, printed as it comes")
+    p.add_argument("model", help="a model folder or a run folder (full or pruned), or an exported ONNX folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_upto(MAX_NEW_TOKENS, "tokens"), default=200, help="tokens to add")
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=_top_k, help="sample among the k likeliest tokens (0: no limit)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     _data_args(p)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("export", help="a model as a Hugging Face transformers folder, or as ONNX (fp32 or int8)")
+    p = H.sub(sub, "export", "export", "a model as a Hugging Face transformers folder (with a model card), or as "
+              "ONNX (fp32 or int8)")
     p.add_argument("model", help="a model folder or a run folder (full or pruned)")
-    p.add_argument("--format", choices=("hf", "onnx"), required=True)
+    p.add_argument("--format", choices=("hf", "onnx"), required=True, help="hf: transformers' from_pretrained; "
+                   "onnx: onnxruntime")
     p.add_argument("--int8", action="store_true", help="onnx: int8 weights (onnxruntime's dynamic quantization)")
     p.add_argument("--tokenizer", choices=TOKENIZERS, help="default: the one the model was trained with")
     p.add_argument("--out", required=True, help="a new folder for the exported model")
     _force(p, "--out")
     p.set_defaults(fn=cmd_export)
 
-    p = sub.add_parser("heatmap", help="models trained at keep X evaluated at keep Y")
-    p.add_argument("models", nargs="+")
-    p.add_argument("--keeps", required=True)
-    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=("valid", "test"), default="valid")
-    p.add_argument("--eval-tokens", type=_count, default=16384)
+    p = H.sub(sub, "heatmap", "heatmap", "models trained at keep X evaluated at keep Y")
+    p.add_argument("models", nargs="+", help="run folders (or models) of full models, e.g. one per trained keep")
+    p.add_argument("--keeps", required=True, help="comma list of the sizes to evaluate each model at")
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=3, help="random subnets per size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subnets")
+    p.add_argument("--split", choices=("valid", "test"), default="valid", help="the split to evaluate on")
+    p.add_argument("--eval-tokens", type=_count, default=16384, help="tokens to evaluate")
     p.add_argument("--out", required=True, help="a new folder for heatmap.png/.md/.json")
     _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_heatmap)
 
-    p = sub.add_parser("report", help="TwIST vs post-training pruning baselines, as markdown and plots")
+    p = H.sub(sub, "report", "report", "TwIST vs post-training pruning baselines, as markdown and plots")
     p.add_argument("--twist", required=True, nargs="+", help="run folders (or models) trained with strategy twist, "
                    "one per seed")
     p.add_argument("--dense", required=True, nargs="+", help="run folders trained dense (strategy ddp or fedavg), "
                    "paired with --twist")
     p.add_argument("--keeps", default="", help="default: every size from 1 to N-1")
-    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5)
+    p.add_argument("--draws", type=_upto(MAX_DRAWS, "draws"), default=5, help="random subnets per size")
     p.add_argument("--k", type=_count, default=8, help="draws for best-of-k")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--split", choices=("valid", "test"), default="test")
-    p.add_argument("--eval-tokens", type=_count, default=32768)
-    p.add_argument("--calib-tokens", type=_count, default=16384)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random subnets and draws")
+    p.add_argument("--split", choices=("valid", "test"), default="test", help="the split to evaluate on")
+    p.add_argument("--eval-tokens", type=_count, default=32768, help="tokens to evaluate")
+    p.add_argument("--calib-tokens", type=_count, default=16384, help="calibration tokens (calibrated methods)")
     p.add_argument("--out", required=True, help="a new folder for REPORT.md, results.json, comparison.png")
     _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_report)
 
-    p = sub.add_parser("deploy", help="run on real SuperLink/SuperNode processes; certificates and node keys")
-    dsub = p.add_subparsers(dest="deploy_verb", required=True)
-    q = dsub.add_parser("local", help="a SuperLink and N SuperNodes on localhost, one flwr run, then stop")
+    p = H.sub(sub, "deploy", "deploy", "run on real SuperLink/SuperNode processes; certificates and node keys")
+    dsub = p.add_subparsers(dest="deploy_verb", required=True, metavar="<what>")
+    q = H.sub(dsub, "local", "deploy local", "a SuperLink and N SuperNodes on localhost, one flwr run, then stop")
     q.add_argument("--dir", default="deploy", help="certificates, keys, FLWR_HOME, logs and outputs go here")
-    q.add_argument("--nodes", type=int, default=2)
+    q.add_argument("--nodes", type=int, default=2, help="SuperNodes to start")
     q.add_argument("--modes", default="", help="comma list of twist-mode per node (true|masked), cycled")
     q.add_argument("--capacities", default="", help="comma list of twist-capacity per node in (0, 1], cycled")
     q.add_argument("--app", default=".", help="the twist-fl app folder (holds pyproject.toml)")
@@ -527,13 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--serve", action="store_true", help="start, print how to run, wait for Ctrl-C")
     q.add_argument("--timeout", type=float, default=86400.0, help="seconds before the run is stopped")
     q.set_defaults(fn=cmd_deploy_local)
-    q = dsub.add_parser("certs", help="a CA and a SuperLink server certificate for the given hosts")
+    q = H.sub(dsub, "certs", "deploy certs", "a CA and a SuperLink server certificate for the given hosts")
     q.add_argument("--out", required=True, help="folder for ca.crt, ca.key, server.pem, server.key")
     q.add_argument("--host", action="append", default=[], type=_host, help="IP or DNS name nodes use (repeat)")
     q.add_argument("--days", type=_count, default=365, help="days the certificates are valid")
     _force(q, "the four files")
     q.set_defaults(fn=cmd_deploy_certs)
-    q = dsub.add_parser("node-key", help="an EC key pair for SuperNode authentication")
+    q = H.sub(dsub, "node-key", "deploy node-key", "an EC key pair for SuperNode authentication")
     q.add_argument("--out", required=True, help="private key path (not .pub); the public key goes to <out>.pub")
     _force(q, "both key files")
     q.set_defaults(fn=cmd_deploy_node_key)

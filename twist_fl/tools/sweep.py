@@ -167,6 +167,9 @@ def run_job(flat: dict[str, Any], num_supernodes: int, engine: str,
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
+    from ..federated.server import flower_logs_once
+
+    flower_logs_once()  # Hydra's root handler would print each of Flower's lines a second time
     try:
         flat = resolve(cfg, job_dir)
         summary = run_job(flat, int(cfg.num_supernodes), str(cfg.engine))

@@ -128,7 +128,9 @@ def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl sweep-summary", description=__doc__.splitlines()[0])
+    from . import help as H
+
+    ap = H.parser("twist-fl sweep-summary", __doc__, "sweep-summary")
     ap.add_argument("root", help="a Hydra multirun folder")
     ap.add_argument("--x", help="the swept override, e.g. run.local_steps (default: the only one)")
     ap.add_argument("--dense", help="a fedavg run folder for the baseline line")

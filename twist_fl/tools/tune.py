@@ -38,6 +38,7 @@ import numpy as np
 from ..core.config import RunConfig
 from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, write_json
 from ..evaluation.compare import test_ppl
+from . import help as H
 
 log = logging.getLogger(__name__)
 
@@ -333,40 +334,43 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="twist-fl tune", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="verb", required=True)
-    p = sub.add_parser("run", help="the LR grid at seed 0, then the other seeds at each strategy's best")
-    p.add_argument("--out", required=True)
+    ap = H.parser("twist-fl tune", __doc__, "tune")
+    sub = ap.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    p = H.sub(sub, "run", "tune run", "the LR grid at seed 0, then the other seeds at each method's best")
+    p.add_argument("--out", required=True, help="the folder of the jobs (one setting per folder; resumable)")
     p.add_argument("--methods", "--strategies", dest="methods", default="twist,fedavg,ddp",
                    help=f"comma list of {list(METHODS)}")
     p.add_argument("--capacities", default="", help="comma list of node capacities in (0, 1], cycled over the "
                    "nodes (e.g. 1,0.75,0.5,0.25); default: every node at 1")
-    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
+    p.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS), help="the learning-rate grid (seed 0)")
     p.add_argument("--lrs-from", default="", help="a tuning.json (`tune table`): each method at the learning rate "
                    "tuned there, no grid")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds of each method at its best rate")
     p.add_argument("--nodes", type=int, default=4, help="nodes (Flower; run-config num-nodes samples from them "
                    "each round) and workers (DDP)")
     p.add_argument("--parallel", type=int, default=1, help="jobs at once, each in its own process with its share "
                    "of the cores")
     p.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
-    q = sub.add_parser("table", help="TUNING.md and tuning.json from run folders")
-    q.add_argument("roots", nargs="+")
-    q.add_argument("--out", required=True)
-    q.add_argument("--draws", type=int, default=3)
-    q.add_argument("--test-tokens", type=int, default=32768)
+    q = H.sub(sub, "table", "tune table", "TUNING.md and tuning.json from run folders")
+    q.add_argument("roots", nargs="+", help="folders of `tune run` (each seed of a method and rate counts once)")
+    q.add_argument("--out", required=True, help="the folder for TUNING.md and tuning.json")
+    q.add_argument("--draws", type=int, default=3, help="random subnets per size (test split)")
+    q.add_argument("--test-tokens", type=int, default=32768, help="test tokens per evaluation")
     q.add_argument("--force", action="store_true", help="write into an --out that holds files (TUNING.md and "
                    "tuning.json are replaced, nothing else is touched)")
-    f = sub.add_parser("finetune", help="dense model, then TwIST vs DDP fine-tuning, budget-matched, with levers")
-    f.add_argument("--out", required=True)
-    f.add_argument("--seeds", type=int, default=3)
+    f = H.sub(sub, "finetune", "tune finetune", "dense model, then TwIST vs DDP fine-tuning, budget-matched, with "
+              "levers, the recovery baseline and equal bytes")
+    f.add_argument("--out", required=True, help="the folder of the jobs (several processes may share it)")
+    f.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1: a dense model each, and every stage's job")
     f.add_argument("--nodes", type=int, default=4, help="nodes per round (Flower) and workers (DDP)")
     f.add_argument("--dense-steps", type=int, default=900, help="optimizer steps of the dense stage (DDP)")
     f.add_argument("--dense-lr", type=float, default=1.5e-3, help="the dense stage's lr (DDP's tuned rate)")
     f.add_argument("--ft-steps", type=int, default=300, help="F: fine-tune steps of the main comparison")
     f.add_argument("--ft-ablation", default="150,600", help="other F values, both sides, every seed")
-    f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3")
-    f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3")
+    f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3", help="TwIST's fine-tune grid (seed 0; "
+                   "chosen by validation at N/2)")
+    f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3", help="DDP's fine-tune grid (seed 0; chosen "
+                   "by validation of its full model)")
     f.add_argument("--variants", default=None, help="levers: 'name:key=value ...;name2:...' (default: distill, "
                    "full1, mixed, nesterov, distill-full1)")
     f.add_argument("--ablation-levers", default="", help="comma list of --variants names also run at every F of "
@@ -391,11 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--threads", type=int, default=0, help="torch threads of this process (0: torch's default, "
                    "every core); with several processes sharing the machine, cores / processes")
     f.add_argument("--run-config", default="", help="'key=value ...' on top of the defaults, for every job")
-    g = sub.add_parser("finetune-table", help="FINETUNE.md and finetune.json from a finetune folder")
-    g.add_argument("root")
-    g.add_argument("--out", required=True)
-    g.add_argument("--draws", type=int, default=3)
-    g.add_argument("--test-tokens", type=int, default=32768)
+    g = H.sub(sub, "finetune-table", "tune finetune-table", "FINETUNE.md and finetune.json from a finetune folder")
+    g.add_argument("root", help="the --out of `tune finetune`")
+    g.add_argument("--out", required=True, help="the folder for FINETUNE.md and finetune.json")
+    g.add_argument("--draws", type=int, default=3, help="random subnets per size and model (test split)")
+    g.add_argument("--test-tokens", type=int, default=32768, help="test tokens per evaluation")
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
     g.add_argument("--recipe", default="", help="the lever the table's headline is about (default: the one whose "
                    "deployed N/2 subnets have the lowest validation perplexity)")
@@ -406,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from ..federated.server import flower_logs_once
+
+    flower_logs_once()
     ap = build_parser()
     args = ap.parse_args(argv)
     try:
