@@ -28,13 +28,31 @@ def pyplot():
     return plt
 
 
+def readable(ax, legend: bool = True, log_y: bool = False, integer_x: bool = False) -> None:
+    """The house style of every plot: the legend outside the curves (to the right), a log axis
+    labelled with plain numbers (7, 8, 9, 10, not 9x10^0), whole-number ticks where x counts
+    (rounds, blocks)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    if log_y:
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    if integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
+
+
 def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     """Validation perplexity vs round: the full model and each evaluated subnet size (mean +- std)."""
     evals = [r for r in rows if r.get("valid")]
     if not evals:
         return None
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot([r["round"] for r in evals], [r["valid"]["full"]["ppl"] for r in evals], "k-o", label="full model")
     keys = sorted({k for r in evals for k in r["valid"] if k != "full"}, key=lambda k: int(k.split("-")[1]))
     for k in keys:
@@ -54,9 +72,8 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path, title: str) -> Path | No
                         color="gray", alpha=0.15, label="range over the evaluating nodes")
     ax.set_xlabel("round")
     ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
     ax.set_title(title)
-    ax.legend()
+    readable(ax, log_y=True, integer_x=True)
     fig.tight_layout()
     save_figure(fig, path)
     return path
@@ -74,6 +91,7 @@ def plot_keeps(final: dict[str, Any], n_total: int, path: Path, title: str) -> P
     ax.set_xlabel(f"blocks kept per layer (of {n_total})")
     ax.set_ylabel("validation perplexity")
     ax.set_title(title)
+    readable(ax, legend=False, integer_x=True)
     fig.tight_layout()
     save_figure(fig, path)
     return path
@@ -114,7 +132,7 @@ def heatmap_plot(rows: list[dict[str, Any]], path: Path) -> Path:
 def comparison_plot(results: dict[str, Any], path: Path) -> Path:
     """Perplexity vs share of block weights removed, TwIST and every baseline."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for label, series in results["structured"].items():
         xs = [p["removed_of_block_params"] for p in series]
         ys = [p["ppl"] for p in series]
@@ -130,8 +148,7 @@ def comparison_plot(results: dict[str, Any], path: Path) -> Path:
     ax.axhline(results["dense_full_ppl"], color="gray", lw=0.8, ls=":", label="dense full model")
     ax.set_xlabel("share of block weights removed")
     ax.set_ylabel(f"{results['split']} perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    readable(ax, log_y=True)
     fig.tight_layout()
     save_figure(fig, path)
     return path

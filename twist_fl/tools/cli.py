@@ -120,6 +120,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_replot(args: argparse.Namespace) -> int:
+    from .replot import replot
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UsageError(f"{args.root!r} is not a folder; replot takes a results folder such as docs/results")
+    done = replot(root)
+    print(f"{len(done)} figures drawn again under {root}")
+    return 0
+
+
 def cmd_ddp(args: argparse.Namespace) -> dict[str, Any]:
     from ..baselines.ddp import ddp_run_config, parse_overrides, run_ddp
     from ..core.config import app_defaults
@@ -569,6 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     _force(p, "--out")
     _data_args(p)
     p.set_defaults(fn=cmd_report)
+
+    p = H.sub(sub, "replot", "replot", "draw a results folder's figures again from the JSON beside them (no training)")
+    p.add_argument("root", help="a results folder (e.g. docs/results): every results.json, heatmap.json and "
+                   "sweep summary.json under it")
+    p.set_defaults(fn=cmd_replot)
 
     p = H.sub(sub, "deploy", "deploy", "run on real SuperLink/SuperNode processes; certificates and node keys")
     dsub = p.add_subparsers(dest="deploy_verb", required=True, metavar="<what>")

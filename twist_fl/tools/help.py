@@ -52,6 +52,7 @@ EXAMPLES: dict[str, list[str]] = {
     "heatmap": ["twist-fl heatmap outputs/<run k2> outputs/<run k4> outputs/<run k6> --keeps 2,4,6 --out heatmap/"],
     "report": ["twist-fl report --twist runs/a/twist-s0 runs/a/twist-s1 --dense runs/a/ddp-s0 runs/a/ddp-s1 "
                "--keeps 2,4,6 --out report/"],
+    "replot": ["twist-fl replot docs/results"],
     "deploy": ["twist-fl deploy local --nodes 2", "twist-fl deploy certs --out certs/ --host 10.0.0.5",
                "twist-fl deploy node-key --out keys/node-1"],
     "deploy local": ["twist-fl deploy local --nodes 2",

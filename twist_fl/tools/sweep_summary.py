@@ -107,22 +107,23 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
 
 
 def _plot(out: dict[str, Any], keys: list[str], path: Path) -> None:
-    from ..core.report import pyplot
+    from ..core.report import pyplot, readable
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [str(r["x"]) for r in out["rows"]]
-    ax.errorbar(xs, [r["full"] for r in out["rows"]], yerr=[r["full_std"] for r in out["rows"]], fmt="k-o",
-                capsize=3, label="full model")
+    fig, ax = plt.subplots(figsize=(8, 4))
+    at = {str(r["x"]): i for i, r in enumerate(out["rows"])}  # the swept values, evenly spaced, in order
+    ax.errorbar(list(at.values()), [r["full"] for r in out["rows"]], yerr=[r["full_std"] for r in out["rows"]],
+                fmt="k-o", capsize=3, label="full model")
     for k in keys:
-        pts = [(str(r["x"]), r[k]) for r in out["rows"] if k in r]
+        pts = [(at[str(r["x"])], r[k]) for r in out["rows"] if k in r]
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts], fmt="-o",
                     capsize=3, label=f"random subnets, {k}")
+    ax.set_xticks(list(at.values()), list(at))
     if out["dense_full_ppl"] is not None:
         ax.axhline(out["dense_full_ppl"], color="gray", ls="--", label="dense FedAvg")
     ax.set_xlabel(out["x"])
     ax.set_ylabel("final validation perplexity")
-    ax.legend(fontsize=8)
+    readable(ax)
     fig.tight_layout()
     save_figure(fig, path)
 
