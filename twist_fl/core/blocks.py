@@ -130,8 +130,26 @@ def _index(ndim: int, axis: int, idx: np.ndarray) -> tuple:
 
 
 def slice_state(full_state: Mapping[str, Any], cfg: GPTConfig, bp: Blueprint) -> dict[str, Any]:
-    """The state dict that GPT(cfg, blueprint=bp) loads strictly. Shared tensors are returned
-    as they are (not copied); sliced ones are new arrays of the kept blocks."""
+    """The state dict that `GPT(cfg, blueprint=bp)` loads strictly: the subnet's tensors.
+
+    Args:
+        full_state: the full model's state (torch tensors or numpy arrays).
+        cfg: the architecture.
+        bp: the subnet to cut.
+
+    Returns:
+        The sliced state, of the same array kind: shared tensors as they are (not copied),
+        sliced ones new arrays of the kept blocks (a head's q, k and v rows move together).
+
+    Example:
+        >>> from twist_fl import GPT, GPTConfig, sample_blueprints, slice_state
+        >>> cfg = GPTConfig(vocab_size=257, n_layer=3, n_head=4, n_embd=32, head_dim=8, n_ffn_blocks=4,
+        ...                 ffn_block_size=32, block_size=64)
+        >>> bp = sample_blueprints(cfg, 1, keep=2, seed=0, round=0, allow_partial=True)[0]
+        >>> sub = slice_state(GPT(cfg).state_dict(), cfg, bp)
+        >>> tuple(sub["h.1.mlp.c_fc.weight"].shape)  # 2 of 4 FFN blocks of 32 units
+        (64, 32)
+    """
     bp.validate(cfg)
     _check_state(full_state, cfg, None, "full state")
     out = {}
@@ -200,8 +218,26 @@ def coverage_average(global_state: Mapping[str, Any], cfg: GPTConfig,
 
     Each block becomes the weighted mean over the contributions whose blueprint held it; a block
     no contribution held keeps its previous value bit for bit. Shared tensors become the
-    weighted mean over all contributions. Accumulates in float64; returns the global dtypes.
-    With no contributions the global state is returned unchanged (as copies).
+    weighted mean over all contributions. Accumulates in float64.
+
+    Args:
+        global_state: the full model's state before the round.
+        cfg: the architecture.
+        contributions: (blueprint, that subnet's state after training, weight > 0) per reply.
+
+    Returns:
+        The new full state, in the global state's dtypes; with no contributions, a copy of it.
+
+    Example:
+        >>> import numpy as np
+        >>> from twist_fl import GPT, GPTConfig, coverage_average, sample_blueprints, slice_state
+        >>> cfg = GPTConfig(vocab_size=257, n_layer=3, n_head=4, n_embd=32, head_dim=8, n_ffn_blocks=4,
+        ...                 ffn_block_size=32, block_size=64)
+        >>> g = {k: v.numpy() for k, v in GPT(cfg).state_dict().items()}
+        >>> bps = sample_blueprints(cfg, 2, keep=2, seed=0, round=1)
+        >>> new = coverage_average(g, cfg, [(bp, slice_state(g, cfg, bp), 1.0) for bp in bps])
+        >>> all(np.allclose(new[k], g[k]) for k in g)  # unchanged replies average to the same model
+        True
     """
     contributions = list(contributions)
     _check_state(global_state, cfg, None, "global state")

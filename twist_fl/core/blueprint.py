@@ -19,7 +19,21 @@ from .rng import Stream, generator
 
 @dataclass(frozen=True)
 class Blueprint:
-    """Per layer, the sorted ids of the heads and FFN blocks a subnet keeps."""
+    """Per layer, the sorted ids of the heads and FFN blocks a subnet keeps.
+
+    Small and frozen; it crosses the wire as int lists (`to_config` / `from_config`), never pickled.
+
+    Attributes:
+        heads: per layer, the kept attention heads (sorted ids).
+        ffn: per layer, the kept FFN blocks (sorted ids).
+
+    Example:
+        >>> from twist_fl import Blueprint, GPTConfig
+        >>> cfg = GPTConfig(n_layer=2, n_head=4, n_ffn_blocks=4)
+        >>> bp = Blueprint(heads=((0, 1, 2, 3), (1, 3)), ffn=((0, 1, 2, 3), (0, 2))).validate(cfg)
+        >>> bp.ids("heads", 1), bp.is_full(cfg), Blueprint.from_config(bp.to_config()) == bp
+        ((1, 3), False, True)
+    """
 
     heads: tuple[tuple[int, ...], ...]
     ffn: tuple[tuple[int, ...], ...]
@@ -117,6 +131,30 @@ def sample_blueprints(
     core: int = 0,
 ) -> list[Blueprint]:
     """Sample one blueprint per subnet for a round, deterministically from (seed, round).
+
+    Args:
+        cfg: the architecture.
+        n_subnets: how many blueprints (one per node of the round).
+        keep: blocks of each kind per non-shared layer, one int for all or one per subnet.
+        seed: the run's seed.
+        round: the round (draws differ per round, and repeat for the same seed and round).
+        shared_layers: layers kept whole (default: `cfg.shared_layers`).
+        allow_partial: accept subnets that together cannot cover every block.
+        stream: the named random stream (training rounds, evaluation or deployment draws).
+        core: blocks 0..core-1 of every non-shared layer held by every subnet.
+
+    Returns:
+        One `Blueprint` per subnet.
+
+    Raises:
+        ValueError: a keep outside 1..N, or coverage impossible without `allow_partial`.
+
+    Example:
+        >>> from twist_fl import GPTConfig, sample_blueprints
+        >>> cfg = GPTConfig(n_layer=4, n_head=8, n_ffn_blocks=8)
+        >>> bps = sample_blueprints(cfg, n_subnets=2, keep=4, seed=0, round=1)
+        >>> sorted(set(bps[0].heads[1]) | set(bps[1].heads[1])) == list(range(8))  # every block covered
+        True
 
     Rules: (i) every subnet holds the shared layers whole; (ii) in every other layer,
     every block of each kind is held by at least one subnet when the subnets' keeps add up to

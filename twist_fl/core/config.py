@@ -38,6 +38,29 @@ def parse_mode(value: Any, key: str, allowed: tuple[str, ...] = NODE_MODES) -> s
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The architecture: what a saved model carries, and all `GPT` needs to be built.
+
+    Attributes:
+        vocab_size: tokens (GPT-2 BPE 50257; the byte tokenizer 257).
+        block_size: the longest sequence (positions of wpe).
+        n_layer: transformer blocks.
+        n_head: attention heads per layer in the full model (N for heads).
+        n_embd: width of the residual stream.
+        head_dim: width of one head (attention width n_head x head_dim, not tied to n_embd).
+        n_ffn_blocks: the FFN hidden layer cut into this many equal blocks (N for FFN).
+        ffn_block_size: hidden units per FFN block.
+        alpha: a layer running n of N blocks scales its outputs by (N/n)**alpha.
+        shared_layers: layers always kept whole (negative counts from the end).
+        dropout: dropout on attention and residual branches (0 for the paper's setup).
+        bias: biases in Linear layers and LayerNorms, as GPT-2.
+
+    Example:
+        >>> from twist_fl import GPTConfig
+        >>> cfg = GPTConfig(n_layer=12, n_head=12, n_ffn_blocks=12)  # GPT-2 124M's shape
+        >>> cfg.n_blocks, cfg.shared_layer_ids
+        (12, (0, 11))
+    """
+
     vocab_size: int = 50257  # GPT-2 BPE; the byte tokenizer uses 257 (256 bytes + end-of-text)
     block_size: int = 1024  # maximum sequence length (positions in wpe)
     n_layer: int = 12  # transformer blocks

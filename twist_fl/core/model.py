@@ -144,12 +144,27 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT(cfg) is the full model; GPT(cfg, blueprint=bp) the dense subnet of `bp`."""
+    """A GPT-2 style decoder: `GPT(cfg)` is the full model, `GPT(cfg, blueprint=bp)` the smaller
+    dense model holding only the heads and FFN blocks of `bp` (what deployment ships).
+
+    Args:
+        cfg: the architecture (`GPTConfig`).
+        blueprint: the subnet to build; None (or a full blueprint) builds the full model.
+        init: False leaves the weights uninitialized, for a model whose state is loaded next
+            (GPT-2's normal init is most of the cost of building a model).
+
+    Example:
+        >>> from twist_fl import GPT, GPTConfig, sample_blueprints, slice_state
+        >>> cfg = GPTConfig(vocab_size=257, n_layer=3, n_head=4, n_embd=32, head_dim=8, n_ffn_blocks=4,
+        ...                 ffn_block_size=32, block_size=64)
+        >>> full = GPT(cfg)
+        >>> bp = sample_blueprints(cfg, 1, keep=2, seed=0, round=0, allow_partial=True)[0]
+        >>> small = GPT.from_state(cfg, slice_state(full.state_dict(), cfg, bp), blueprint=bp)
+        >>> small.num_params() < full.num_params()
+        True
+    """
 
     def __init__(self, cfg: GPTConfig, blueprint: Blueprint | None = None, init: bool = True):
-        """`init=False` leaves the weights uninitialized, for a model whose state is loaded next:
-        GPT-2's normal init is most of the cost of building a model (and on the meta device its
-        first call imports torch's compiler, about a second)."""
         super().__init__()
         self.cfg = cfg
         self.blueprint = None if blueprint is None or blueprint.is_full(cfg) else blueprint.validate(cfg)
@@ -184,15 +199,29 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 mask: Blueprint | None = None,
                 cache: list[dict[str, Any]] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, V), mean cross-entropy or None).
+        """Logits, and the loss when targets are given.
 
-        `mask` runs a full model as the subnet `mask`: dropped heads and FFN blocks contribute
-        exactly zero (so they get zero gradients) and the kept ones are scaled as in the subnet.
-        A subnet model takes a mask within its own blueprint (ids of the full model), so that a
-        node can run a smaller nested subnet of the one it holds (FjORD's self-distillation).
-        `cache` (one dict per layer, see `new_cache`) keeps keys and values for decoding.
-        Under a bf16 or fp16 `precision_scope` the body runs under autocast; logits and loss
-        come back float32.
+        Args:
+            idx: token ids, (B, T), T at most `cfg.block_size`.
+            targets: the next tokens, (B, T), for the mean cross-entropy; None for no loss.
+            mask: run this model as the subnet `mask`: dropped heads and FFN blocks contribute
+                exactly zero (zero gradients too) and the kept ones are scaled as in the subnet.
+                A subnet model takes a mask within its own blueprint (ids of the full model).
+            cache: keys and values for decoding, one dict per layer (`new_cache`).
+
+        Returns:
+            (logits, loss): logits (B, T, vocab_size) in float32, and the mean cross-entropy or
+            None. Under a bf16 or fp16 `precision_scope` the body runs under autocast.
+
+        Example:
+            >>> import torch
+            >>> from twist_fl import GPT, GPTConfig
+            >>> cfg = GPTConfig(vocab_size=257, n_layer=2, n_head=2, n_embd=16, head_dim=8, n_ffn_blocks=2,
+            ...                 ffn_block_size=16, block_size=32)
+            >>> x = torch.randint(0, 257, (2, 8))
+            >>> logits, loss = GPT(cfg)(x, targets=x)
+            >>> tuple(logits.shape), loss.ndim
+            ((2, 8, 257), 0)
         """
         precision = current_precision()
         if precision == "fp32":
