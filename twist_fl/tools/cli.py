@@ -108,15 +108,15 @@ def cmd_check(args: argparse.Namespace) -> int:
             for lg, level in zip(quiet, levels, strict=True):
                 lg.setLevel(level)
     final, n, uni = summary["final"], summary["n_blocks"], summary["unigram_ppl_valid"]
-    print(f"twist-fl check: TwIST, tiny model ({summary['params']['full']:,} parameters), 4 nodes, {args.rounds} "
-          f"rounds x 5 local steps, keep 2 of {n} blocks, the embedded plays")
+    print(f"twist-fl check: tiny model ({summary['params']['full']:,} parameters), 4 nodes, {args.rounds} rounds x "
+          f"5 local steps, keep 2 of {n}")
     print("validation perplexity: full " + f"{final['full']['ppl']:.1f}" + "".join(
         f" | {k.split('-')[1]}/{n} {v['mean']:.1f}" for k, v in sorted(final.items(), reverse=True) if k != "full")
         + f" (unigram baseline {uni:.1f})")
     worst = max([final["full"]["ppl"]] + [v["mean"] for k, v in final.items() if k != "full"])
     ok = worst < 0.8 * uni
-    print(f"{'OK' if ok else 'NOT OK'}: every subnet {'is' if ok else 'is not'} well below the unigram baseline "
-          f"({time.monotonic() - t0:.0f} s)")
+    print(f"{'OK' if ok else 'NOT OK'}: the full model and every subnet {'are' if ok else 'are not all'} well below "
+          f"the unigram baseline ({time.monotonic() - t0:.0f} s)")
     return 0 if ok else 1
 
 
