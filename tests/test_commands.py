@@ -219,3 +219,11 @@ def test_every_results_page_is_in_the_nav():
     docs = {str(f.relative_to(ROOT / "docs")) for f in (ROOT / "docs").rglob("*.md")}
     assert docs - listed == set(), f"pages not in the nav: {sorted(docs - listed)}"
     assert listed - docs == set(), f"nav entries with no page: {sorted(listed - docs)}"
+
+
+def test_the_docs_record_no_machine_paths():
+    """Commands in the docs are written from the repository root (runs/..., docs/...), never with
+    the absolute paths of the machine they ran on."""
+    bad = [(f.name, m.group(0)) for f in DOC_FILES for m in re.finditer(r"(?<![\w.])/(?:work|home|root)/\S+",
+                                                                         f.read_text())]
+    assert not bad, bad

@@ -20,6 +20,7 @@ from typing import Any
 from ..core.io import atomic_write_text, write_json
 from ..evaluation.stats import Paired, mean_sd, paired_ratio
 from .finetune import Finetune, cached_eval
+from .tune import shown
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +334,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
                      f"(all sizes) |")
 
     result: dict[str, Any] = {
-        "root": str(root), "F": F, "best_lrs": best, "seeds": seeds, "keeps": t.keeps, "n_blocks": n,
+        "root": shown(str(root.resolve())), "F": F, "best_lrs": best, "seeds": seeds, "keeps": t.keeps, "n_blocks": n,
         "half": half, "recipe": chosen, "machine": m, "tokens": tokens, "draws": draws, "split": "test",
         "dense_steps": t.plan["dense_steps"], "dense_lr": t.plan["dense_lr"], "recovery": t.recovery,
         "best_structured": best_struct,
@@ -357,9 +358,9 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     lines += _scratch_section(t, root, result)
     lines += ["", "## Commands", "", "Every command run into this folder (each resumable; a finished job is not run "
               "again), then this table:", "", "```"]
-    lines += [c for c in t.plan.get("commands", [])]
-    lines.append("twist-fl tune " + " ".join(_quote(a) for a in (argv or ["finetune-table", str(root), "--out",
-                                                                         str(out)])))
+    lines += [shown(c) for c in t.plan.get("commands", [])]
+    lines.append(shown("twist-fl tune " + " ".join(_quote(a) for a in (argv or ["finetune-table", str(root), "--out",
+                                                                                str(out)]))))
     lines += ["```", ""]
     md = "\n".join(lines)
     out.mkdir(parents=True, exist_ok=True)

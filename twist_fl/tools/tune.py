@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -54,6 +55,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "fjord": ("twist", {"subnet-policy": "ordered", "keep-choices": "quarters"}),
     "fjord-sd": ("twist", {"subnet-policy": "ordered", "keep-choices": "quarters", "self-distill-weight": 1.0}),
     "fedrolex": ("twist", {"subnet-policy": "rolling", "keep": "full"}),
+    # TwIST's random subnets over a nested core of N/4 blocks every subnet holds (core-blocks), at N/2 or at
+    # FjORD's sizes; deployed as their prefix, and as random subnets holding the core
+    "twist-core": ("twist", {"core-blocks": "quarter"}),
+    "twist-core-mixed": ("twist", {"core-blocks": "quarter", "keep-choices": "quarters"}),
 }
 PLAN = "plan.json"  # the commands `run` was given, written into --out
 MIN_SEEDS = 3  # a learning rate is compared on its mean over at least this many seeds
@@ -75,6 +80,8 @@ def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
             v = n_blocks
         elif v == "quarters":
             v = ",".join(str(max(1, q * n_blocks // 4)) for q in (1, 2, 3, 4))
+        elif v == "quarter":
+            v = max(1, n_blocks // 4)
         out[k] = v
     return out
 
@@ -84,6 +91,8 @@ def method_of(run: dict[str, Any], n_blocks: int = 0) -> str:
     `n_blocks` blocks per layer)."""
     strategy = str(run.get("strategy", "twist"))
     policy = str(run.get("subnet-policy") or "random")
+    if strategy == "twist" and policy == "random" and int(run.get("core-blocks") or 0) > 0:
+        return "twist-core-mixed" if run.get("keep-choices") else "twist-core"
     if strategy == "twist" and policy == "random" and n_blocks and int(run.get("keep") or 0) >= n_blocks:
         return "twist-fit"
     if strategy != "twist" or policy == "random":
@@ -249,6 +258,15 @@ def bytes_per_node_round(run_folder: str) -> float:
     return total / nodes if nodes else float("nan")
 
 
+_ABSOLUTE = re.compile(r"(?<![\w.])/[^\s'\"]*?/((?:runs|docs)/[^\s'\"]*)")
+
+
+def shown(command: str) -> str:
+    """A command as the tables show it: an absolute path into a `runs/` or `docs/` folder written
+    from that folder on (as from the repository root), so no machine's layout is recorded."""
+    return _ABSOLUTE.sub(r"\1", command)
+
+
 def _plans(roots: list[Path]) -> list[dict[str, Any]]:
     """The commands `run` was given under these roots (their plan.json)."""
     return [p for r in roots if (Path(r) / PLAN).is_file() for p in json.loads((Path(r) / PLAN).read_text())["runs"]]
@@ -285,7 +303,8 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     for s in dict.fromkeys(g[0] for g in order):
         best[s] = pick_lr({g[1]: [r["final"]["full"]["ppl"] for r in groups[g]] for g in order if g[0] == s})
     keeps = [int(k.split("-")[1]) for k in keys]
-    ordered = any(r["run"].get("subnet-policy") == "ordered" for r in runs)
+    ordered = any(r["run"].get("subnet-policy") == "ordered" or int(r["run"].get("core-blocks") or 0) > 0
+                  for r in runs)
     rnd = [f"random {f}" for f in frac] if ordered else []
     tuned = ["| method | lr | seeds | split | full | " + " | ".join(frac + rnd) + " | MB / node / round |",
              "|---|---|---|---|---|" + "---|" * (len(keys) + len(rnd)) + "---|"]
@@ -312,7 +331,7 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
                          + f" | {np.mean(mb):.2f} |")
     plans = _plans(roots)
     setup = ("\n\nThe commands run into these folders (a job already finished is not run again):\n\n"
-             + "\n".join(f"- `{p['command']}`" for p in plans)) if plans else ""
+             + "\n".join(f"- `{shown(p['command'])}`" for p in plans)) if plans else ""
     deployed = (" For `ordered` methods (HeteroFL, FjORD) X/N is the nested prefix the model is deployed as (the "
                 "*random* columns: random subnets of the same models); for the others, random subnets."
                 if ordered else "")
