@@ -253,3 +253,31 @@ def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_pa
     assert all(np.array_equal(a[k], b[k]) for k in a)  # the nodes' moments came back from node-state/
     assert not (tmp_path / "cut" / "job" / "node-state").exists()
     assert math.isfinite(summary["final"]["full"]["ppl"])
+
+
+# --- the recipe in one key ----------------------------------------------------------------------
+
+
+def test_the_recipe_sets_its_keys_and_yields_to_explicit_ones(dense_run):
+    from twist_fl.core.config import RECIPES
+
+    run = RunConfig.from_flat({**TINY, "recipe": "finetune", "init-from": str(dense_run)})
+    for key, value in RECIPES["finetune"].items():
+        if key not in TINY:  # TINY sets local-steps=2, which the recipe leaves alone
+            assert run.to_flat()[key] == value, key
+    assert run.local_steps == 2 and run.to_flat()["recipe"] == "finetune"
+    assert RunConfig.from_flat({"recipe": "finetune", "init-from": str(dense_run)}).local_steps == 1
+    with pytest.raises(ValueError, match="recipe='finetune' makes a trained dense model prunable: set init-from"):
+        RunConfig.from_flat({"recipe": "finetune"})
+    with pytest.raises(ValueError, match="recipe='best' is not allowed"):
+        RunConfig.from_flat({"recipe": "best"})
+
+
+def test_keep_choices_quarters_follow_the_model():
+    run = RunConfig.from_flat({"keep-choices": "quarters"})
+    assert run.choices_for(preset("cpu-small", vocab_size=257)) == (2, 4, 6, 8)
+    assert run.choices_for(preset("gpt2")) == (3, 6, 9, 12)
+    assert run.choices_for(preset("tiny", vocab_size=257)) == (1, 2, 3, 4)
+    assert run.keep_for(preset("gpt2")) == 12
+    plan = round_plan(CFG8, run, 3, [1.0] * 4)
+    assert set(plan.keeps) <= {2, 4, 6, 8}

@@ -24,6 +24,12 @@ NODE_MODES = ("true", "masked")  # how a node trains: true = the sliced dense su
 RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, masked on odd
 DISTILL_SOURCES = ("", "init", "global")  # teacher of the local distillation loss ("" = none), see core/objective.py
 SERVER_OPTIMIZERS = ("avg", "momentum", "nesterov", "adam")  # the outer step, see core/outer.py
+# run-config recipe: the keys a recipe sets (on top of the defaults; a key given another value keeps it). The
+# fine-tune recipe is the one measured in docs/results/finetune (tune finetune's lever of that name).
+RECIPES: dict[str, dict[str, Any]] = {
+    "": {},
+    "finetune": {"init-order": "flap", "subnet-policy": "ordered", "keep-choices": "quarters", "local-steps": 1},
+}
 INIT_ORDERS = ("", "flap")  # init-order: "" keeps the init-from model's block order, see core/importance.py
 
 
@@ -187,7 +193,8 @@ class RunConfig:
     shared_layers: str = "0,-1"  # comma list of layers kept whole ("" for none)
     mode: str = "true"  # true (sliced dense subnets) | masked (full model + mask) | hybrid (alternate by partition)
     keep_choices: str = ""  # mixed keeps: a comma list (e.g. "2,4,6,8") each node draws its keep from per round,
-    # within its capacity; "" = every node at `keep`. `keep="2,4,6,8"` is read as this key
+    # within its capacity, or "quarters" (N/4, N/2, 3N/4, N of the model); "" = every node at `keep`.
+    # `keep="2,4,6,8"` is read as this key
     full_nodes: int = 0  # nodes per round that train the full model (rotating, seeded): the sandwich rule
     subnet_policy: str = "random"  # which blocks a node holds: random (TwIST) | ordered (the nested prefix: HeteroFL,
     # FjORD) | rolling (FedRolex: a cyclic window advancing one block a round); deployment cuts the same kind
@@ -203,6 +210,8 @@ class RunConfig:
     # init-from was cut from: a recovery fine-tune)
     distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = off
     distill_temperature: float = 1.0  # T of the distillation softmax
+    recipe: str = ""  # "" | finetune: the recommended keys in one step (RECIPES); a key set to anything but its
+    # default keeps that value
     # the server's outer step (core/outer.py)
     server_optimizer: str = "avg"  # avg (the coverage average) | momentum | nesterov (FedAvgM, DiLoCo) | adam
     server_lr: float = 1.0  # outer learning rate on the averaged update (new - old)
@@ -269,6 +278,13 @@ class RunConfig:
                 kwargs["keep_choices"] = _coerce("keep", value, str)
                 value = 0
             kwargs[name] = _coerce(key, value, types[name])
+        recipe = kwargs.get("recipe", "")
+        _choice("recipe", recipe, tuple(RECIPES))
+        defaults = cls()
+        for key, value in RECIPES[recipe].items():  # a key left at its default takes the recipe's value
+            name = key.replace("-", "_")
+            if kwargs.get(name, getattr(defaults, name)) == getattr(defaults, name):
+                kwargs[name] = value
         run = cls(**kwargs)
         run.validate()
         return run
@@ -291,13 +307,23 @@ class RunConfig:
     def keep_for(self, cfg: GPTConfig) -> int:
         """`keep`, with 0 resolved to half the blocks of the model; with mixed keeps the largest choice."""
         if self.keep_choices.strip():
-            return max(self.keep_choice_list)
+            return max(self.choices_for(cfg))
         return self.keep or max(1, cfg.n_blocks // 2)
 
     @property
     def keep_choice_list(self) -> tuple[int, ...]:
-        """`keep-choices` as sorted unique ints (empty: every node at `keep`)."""
+        """`keep-choices` as sorted unique ints (empty: every node at `keep`); "quarters" needs the
+        model (`choices_for`)."""
+        if self.keep_choices.strip() == "quarters":
+            raise ValueError("keep-choices='quarters' depends on the model: use choices_for(cfg)")
         return tuple(sorted(set(_int_list("keep-choices", self.keep_choices))))
+
+    def choices_for(self, cfg: GPTConfig) -> tuple[int, ...]:
+        """`keep-choices` for this model: "quarters" is N/4, N/2, 3N/4 and N (FjORD's widths at any
+        N); a comma list as it is; empty when every node trains `keep`."""
+        if self.keep_choices.strip() == "quarters":
+            return tuple(sorted({max(1, q * cfg.n_blocks // 4) for q in (1, 2, 3, 4)}))
+        return self.keep_choice_list
 
     def trained_keep(self, cfg: GPTConfig) -> int:
         """Blocks per layer each worker trains: `keep` for twist, every block for fedavg and ddp."""
@@ -443,6 +469,10 @@ class RunConfig:
             raise ValueError(f"run-config core-blocks={self.core_blocks!r} fixes the first blocks of TwIST's random "
                              f"subnets; it needs strategy='twist' and subnet-policy='random' (got strategy="
                              f"{self.strategy!r}, subnet-policy={self.subnet_policy!r})")
+        _choice("recipe", self.recipe, tuple(RECIPES))
+        if self.recipe == "finetune" and not self.init_from:
+            raise ValueError("run-config recipe='finetune' makes a trained dense model prunable: set init-from (a "
+                             "twist-fl run or model folder, or a Hugging Face GPT-2 folder)")
         _choice("init-order", self.init_order, INIT_ORDERS)
         if self.init_order and not self.init_from:
             raise ValueError(f"run-config init-order={self.init_order!r} orders the blocks of a trained model by "
@@ -454,7 +484,8 @@ class RunConfig:
             if self.keep:
                 raise ValueError(f"run-config keep={self.keep!r} and keep-choices={self.keep_choices!r} are both set; "
                                  "mixed keeps take the choices only (keep=0)")
-            if not self.keep_choice_list or min(self.keep_choice_list) < 1:
+            if self.keep_choices.strip() != "quarters" and (not self.keep_choice_list or
+                                                             min(self.keep_choice_list) < 1):
                 raise ValueError(f"run-config keep-choices={self.keep_choices!r} must list keeps >= 1, e.g. '2,4,6,8'")
 
     def as_trained(self, cfg: GPTConfig) -> RunConfig:
@@ -490,10 +521,10 @@ class RunConfig:
     def check_model(self, cfg: GPTConfig) -> None:
         """Checks that need the architecture: keep, eval-keeps, shared-layers, seq-len."""
         name = f"the model of init-from={self.init_from!r}" if self.init_from else f"model {self.model!r}"
-        for k in self.keep_choice_list:
+        for k in self.choices_for(cfg):
             cfg.check_keep(k, "run-config keep-choices entry", name)
         cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
-        most = min(*(self.keep_choice_list or (self.keep_for(cfg),)), cfg.n_blocks - 1)
+        most = min(*(self.choices_for(cfg) or (self.keep_for(cfg),)), cfg.n_blocks - 1)
         if self.core_blocks > most:
             raise ValueError(f"run-config core-blocks={self.core_blocks} must leave every subnet it fixes room to "
                              f"draw: allowed 0..{most} (the smallest keep a node trains, and fewer than the "

@@ -191,7 +191,7 @@ def node_self_distillation(run: RunConfig, cfg: GPTConfig, bp: Blueprint, partit
         return None
     inner = [i for i in range(cfg.n_layer) if i not in cfg.shared_layer_ids] or [0]
     keep = len(bp.heads[inner[0]])
-    smaller = [k for k in (run.keep_choice_list or range(1, keep)) if k < keep]
+    smaller = [k for k in (run.choices_for(cfg) or range(1, keep)) if k < keep]
     if not smaller:
         return None
     return SelfDistillation(run.self_distill_weight, tuple(prefix_blueprint(cfg, k) for k in smaller),

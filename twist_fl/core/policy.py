@@ -72,11 +72,12 @@ def round_plan(cfg: GPTConfig, run: RunConfig, round_: int, capacities: Sequence
     caps = [capacity_keep(cfg, c) for c in capacities]
     if run.strategy != "twist":  # dense baselines: every node trains the full model
         return RoundPlan([Blueprint.full(cfg)] * n, [cfg.n_blocks] * n, [True] * n, False)
-    if run.keep_choice_list:
+    choices = run.choices_for(cfg)
+    if choices:
         rng = generator(run.seed, Stream.NODE_KEEPS, round_)
         keeps = []
         for cap in caps:
-            fits = [c for c in run.keep_choice_list if c <= cap] or [min(run.keep_choice_list)]
+            fits = [c for c in choices if c <= cap] or [min(choices)]
             keeps.append(min(cap, int(rng.choice(fits))))
     else:
         keeps = [min(run.keep_for(cfg), cap) for cap in caps]

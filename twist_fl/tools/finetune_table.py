@@ -136,7 +136,10 @@ class Table:
         elif run["strategy"] != "twist":
             per = 1.0
         else:
-            choices = [int(x) for x in str(run.get("keep-choices") or "").split(",") if x.strip()] or \
+            from ..core.config import RunConfig
+
+            choices = list(RunConfig.from_flat({"keep-choices": run.get("keep-choices") or "",
+                                                "keep": int(run.get("keep") or 0)}).choices_for(self.cfg)) or \
                 [int(run.get("keep") or 0) or max(1, self.n // 2)]
             sub = sum(train_flops_ratio(self.cfg, min(k, self.n), seq) for k in choices) / len(choices)
             nodes = self.nodes(summary)
