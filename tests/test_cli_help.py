@@ -59,3 +59,10 @@ def test_descriptions_are_whole():
 
     text = bench_ddp.build_parser().format_help()
     assert "(−31.7% latency, −30.4% bytes for TwIST vs DDP)." in " ".join(text.split())
+
+
+def test_the_changelog_has_this_version():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"## [{version('twist-fl')}]" in text and "Keep a Changelog" in text
