@@ -67,6 +67,18 @@ def test_a_gpt2_export_comes_back_with_init_from(models, tmp_path):
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 
+def test_an_exported_folder_holds_a_model_card_naming_its_source(models, tmp_path):
+    for which in ("run", "pruned"):
+        out = tmp_path / which
+        assert main(["export", str(models / which), "--format", "hf", "--out", str(out)]) == 0
+        card = (out / "README.md").read_text()
+        assert f"Exported by twist-fl from `{(models / which).resolve()}`" in card
+        assert "## Training" in card and "lr " in card and "## Command" in card and "twist-fl export" in card
+        assert ("a subnet cut from" in card) == (which == "pruned")
+    summary = json.loads((models / "run" / "summary.json").read_text())
+    assert f"| full model | {summary['final']['full']['ppl']:.3f} |" in (tmp_path / "run" / "README.md").read_text()
+
+
 @pytest.mark.parametrize("which", ["run", "pruned"])
 def test_onnx_export_runs_in_onnxruntime_like_torch(models, tmp_path, capsys, which):
     from twist_fl.export.onnx import OnnxLM
