@@ -376,3 +376,11 @@ def test_scratch_levers_cannot_distil(tmp_path):
     with pytest.raises(ValueError, match=r"--scratch-variants entry 'kd' distils, but from scratch there is no "
                                          r"teacher"):
         Finetune(FinetuneOptions(out=str(tmp_path), scratch_variants="kd:distill-from=init"))
+
+
+def test_a_recipe_lever_trains_the_same_steps(tmp_path):
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    ft = Finetune(FinetuneOptions(out=str(tmp_path), variants="recipe:recipe=finetune"))
+    flat = ft.ft("twist", 1e-3, 300, 0, ft.variants["recipe"])
+    assert (flat["local-steps"], flat["num-server-rounds"]) == (1, 300)  # the recipe's one step per round

@@ -168,11 +168,12 @@ class Finetune:
     def ft(self, strategy: str, lr: float, steps: int, seed: int, extra: dict[str, Any] | None = None) -> dict:
         """A fine-tune job of `steps` optimizer steps from `dense-s<seed>`; a lever's `local-steps`
         sets the steps per round, so that every job of the same F trains the same tokens."""
-        extra = extra or {}
-        rounds = _steps_to_rounds(steps, int(extra.get("local-steps", self.local_steps)), "fine-tune steps")
-        return {**self.base, "strategy": strategy, "lr": lr, "seed": seed, "init-from":
-                str(self.folder(f"dense-s{seed}").resolve()), **extra, "num-server-rounds": rounds,
-                "eval-every": rounds}
+        flat = {**self.base, "strategy": strategy, "lr": lr, "seed": seed, "init-from":
+                str(self.folder(f"dense-s{seed}").resolve()), **(extra or {})}
+        # the steps per round as the run will resolve them (a lever's own local-steps, or its recipe's)
+        local_steps = RunConfig.from_flat({**flat, "init-from": "."}).local_steps  # (the dense model may not exist yet)
+        rounds = _steps_to_rounds(steps, local_steps, "fine-tune steps")
+        return {**flat, "local-steps": local_steps, "num-server-rounds": rounds, "eval-every": rounds}
 
     def eqc_steps(self, steps: int) -> int:
         """TwIST steps whose training FLOPs equal `steps` dense steps, a multiple of local-steps."""
