@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DATASETS, PARTITIONINGS, TOKENIZERS
-from .io import atomic_write, write_json
+from .io import atomic_write, cache_dir, write_json
 from .rng import Stream, generator
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,6 @@ def set_offline_env() -> None:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("TWIST_FL_CACHE", Path.home() / ".cache" / "twist-fl"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 # --- tokenizers ---------------------------------------------------------------------------

@@ -312,13 +312,20 @@ class HolderLock:
 _claims: list[HolderLock] = []
 
 
+def cache_dir() -> Path:
+    """twist-fl's cache folder ($TWIST_FL_CACHE, default ~/.cache/twist-fl): token caches, locks."""
+    d = Path(os.environ.get("TWIST_FL_CACHE", Path.home() / ".cache" / "twist-fl"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
 def lock_path(out: Path) -> Path:
     """Where the lock of an output path lives: a file named by the path's hash in the cache's
     locks/ folder (the output itself may not exist yet, and no lock file is left in it)."""
     import hashlib
 
-    root = Path(os.environ.get("TWIST_FL_CACHE", Path.home() / ".cache" / "twist-fl")) / "locks"
-    root.mkdir(parents=True, exist_ok=True)
+    root = cache_dir() / "locks"
+    root.mkdir(exist_ok=True)
     return root / (hashlib.sha256(str(out).encode()).hexdigest()[:32] + ".lock")
 
 
