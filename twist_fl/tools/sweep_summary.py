@@ -66,8 +66,12 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
     groups: dict[str, list[dict[str, Any]]] = {}
     for j in twist_jobs:
         group = groups.setdefault(str(j["overrides"].get(x, "")), [])
-        seed = j["summary"].get("run", {}).get("seed")
-        twin = next((g for g in group if g["summary"].get("run", {}).get("seed") == seed), None)
+        def seed_of(job: dict[str, Any]) -> str | None:
+            seed = job["overrides"].get("run.seed", job["summary"].get("run", {}).get("seed"))
+            return None if seed is None else str(seed)
+
+        seed = seed_of(j)
+        twin = next((g for g in group if seed is not None and seed_of(g) == seed), None)
         if twin is not None:  # one seed counts once: the same value of x and the same seed twice
             log.warning("sweep-summary: job %s repeats %s=%s at seed %s (as job %s); it is counted once", j["job"], x,
                         j["overrides"].get(x, ""), seed, twin["job"])
