@@ -22,7 +22,7 @@ def documented_commands() -> list[tuple[str, str]]:
     out = []
     for f in DOC_FILES:
         text = f.read_text()
-        fenced = re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M)
+        fenced = re.findall(r"^```(?!text)[^\n]*\n(.*?)^```", text, flags=re.S | re.M)  # ```text: output
         for block in fenced:
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.strip()

@@ -39,12 +39,16 @@ def test_grid_then_seeds_then_table(tmp_path, capsys):
 
 
 def test_bad_grid_is_refused(tmp_path, capsys):
-    assert main(["run", "--out", str(tmp_path), "--strategies", "twist,sgd"]) == 2
+    root = tmp_path / "root"
+    root.mkdir()
+    assert main(["run", "--out", str(root), "--strategies", "twist,sgd"]) == 2
     assert "--methods entry 'sgd' is not allowed" in capsys.readouterr().err
-    assert main(["run", "--out", str(tmp_path), "--lrs", "0.1,x"]) == 2
-    assert main(["table", str(tmp_path), "--out", str(tmp_path / "t")]) == 2
+    assert main(["run", "--out", str(root), "--lrs", "0.1,x"]) == 2
+    assert main(["table", str(root), "--out", str(tmp_path / "t")]) == 2
     assert "no finished run folder" in capsys.readouterr().err
-    assert not list(tmp_path.iterdir())
+    assert main(["table", str(root), "--out", str(root / "t")]) == 2  # an output inside its input
+    assert "is, is inside, or contains the input" in capsys.readouterr().err
+    assert not list(root.iterdir())
 
 
 def test_the_learning_rate_is_chosen_on_its_mean_over_seeds():

@@ -272,7 +272,6 @@ class HolderLock:
     def acquire(self) -> HolderLock:
         import fcntl
         import logging
-        import socket
         import sys
         import time
 
@@ -292,7 +291,7 @@ class HolderLock:
             state = "has ended" if not _alive(int(previous["pid"])) else "no longer holds it"
             logging.getLogger(__name__).warning("%s: taking over the lock of %s, which %s without releasing it",
                                                 self.what, self.describe(previous), state)
-        rec = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        rec = {"pid": os.getpid(), "host": os.uname().nodename, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(rec) + "\n").encode(), 0)

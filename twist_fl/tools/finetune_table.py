@@ -20,7 +20,7 @@ from typing import Any
 from ..core.io import atomic_write_text, write_json
 from ..evaluation.stats import Paired, mean_sd, paired_ratio
 from .finetune import Finetune, cached_eval
-from .tune import shown
+from .help import shown
 
 log = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ written) and each verb's examples, so that `twist-fl <verb> --help` explains its
 from __future__ import annotations
 
 import argparse
+import re
 
 from .. import __version__
 
@@ -103,3 +104,12 @@ def sub(subparsers, name: str, verb: str, help: str, **kw) -> argparse.ArgumentP
 
 def add_version(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--version", action="version", version=f"twist-fl {__version__}")
+
+
+_ABSOLUTE = re.compile(r"(?<![\w.])/[^\s'\"]*?/((?:runs|docs)/[^\s'\"]*)")
+
+
+def shown(command: str) -> str:
+    """A command as the tables show it: an absolute path into a `runs/` or `docs/` folder written
+    from that folder on (as from the repository root), so no machine's layout is recorded."""
+    return _ABSOLUTE.sub(r"\1", command)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -40,6 +39,7 @@ from ..core.config import RunConfig
 from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, write_json
 from ..evaluation.compare import test_ppl
 from . import help as H
+from .help import shown
 
 log = logging.getLogger(__name__)
 
@@ -258,15 +258,6 @@ def bytes_per_node_round(run_folder: str) -> float:
     return total / nodes if nodes else float("nan")
 
 
-_ABSOLUTE = re.compile(r"(?<![\w.])/[^\s'\"]*?/((?:runs|docs)/[^\s'\"]*)")
-
-
-def shown(command: str) -> str:
-    """A command as the tables show it: an absolute path into a `runs/` or `docs/` folder written
-    from that folder on (as from the repository root), so no machine's layout is recorded."""
-    return _ABSOLUTE.sub(r"\1", command)
-
-
 def _plans(roots: list[Path]) -> list[dict[str, Any]]:
     """The commands `run` was given under these roots (their plan.json)."""
     return [p for r in roots if (Path(r) / PLAN).is_file() for p in json.loads((Path(r) / PLAN).read_text())["runs"]]
@@ -457,11 +448,11 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(args.out)
             if out.exists() and not out.is_dir():
                 raise ValueError(f"--out {args.out!r} is a file; it takes a folder for the jobs")
-            claim_output(out, force=True)  # one `tune run` per folder at a time (its workers lock each job)
             try:
                 out.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise ValueError(f"--out {args.out!r} cannot be made: {e.strerror or e}") from None
+            claim_output(out, force=True)  # one `tune run` per folder at a time (its workers lock each job)
             for old in _plans([out]):  # a folder holds the jobs of one setting
                 theirs = {k: old.get(k) for k in ("run_config", "nodes", "capacities")}
                 mine = {"run_config": overrides, "nodes": args.nodes, "capacities": caps}
