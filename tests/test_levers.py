@@ -281,7 +281,8 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
             "--variants", "kd:distill-from=init distill-weight=0.5;ls1:local-steps=1;"
                           "ord:init-order=flap subnet-policy=ordered keep-choices=1,2,3,4",
             "--ablation-levers", "ls1", "--eqb-levers", "ls1", "--recovery-lrs", "1e-3,2e-3", "--recovery-keeps", "2",
-            "--stages", "dense,grid,pairs,levers,eqc,ablation,recovery,eqb", "--run-config", rc]
+            "--lr-seeds", "2e-3", "--stages", "dense,grid,pairs,levers,eqc,ablation,recovery,eqb,lr-seeds",
+            "--run-config", rc]
     assert main(argv) == 0
     best = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["best_lr"]
     rec = json.loads((out / "recovery.json").read_text())
@@ -289,13 +290,15 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     names = sorted(p.name for p in out.iterdir() if (p / "run" / "summary.json").is_file())
     recovery = [f"recovery{kd}-lr{rec['lr']:g}-k2-F8-s{s}" for kd in ("", "-kd") for s in (0, 1)]
     other_rec = [f"recovery-lr{lr:g}-k2-F8-s0" for lr in (1e-3, 2e-3) if lr != rec["lr"]]
-    assert names == sorted(["dense-s0", "dense-s1", "twist-lr0.001-F8-s0", "twist-lr0.001-F8-s1", "ddp-lr0.001-F8-s0",
+    assert set(names) == set(["dense-s0", "dense-s1", "twist-lr0.001-F8-s0", "twist-lr0.001-F8-s1", "ddp-lr0.001-F8-s0",
                             "ddp-lr0.002-F8-s0", f"ddp-lr{best['ddp']:g}-F8-s1", "lever-kd-s0", "lever-kd-s1",
                             "lever-ls1-s0", "lever-ls1-s1", "lever-ord-s0", "lever-ord-s1", "lever-ls1-F4-s0",
                             "lever-ls1-F4-s1", "twist-lr0.001-F4-s0", "twist-lr0.001-F4-s1",
                             f"ddp-lr{best['ddp']:g}-F4-s0", f"ddp-lr{best['ddp']:g}-F4-s1", "twist-eqc-F8-s0",
                             "twist-eqc-F8-s1", "ddp-eqb-base-s0", "ddp-eqb-base-s1", "ddp-eqb-ls1-s0",
-                            "ddp-eqb-ls1-s1", *recovery, *other_rec])
+                            "ddp-eqb-ls1-s1", *recovery, *other_rec,
+                            # the lr-seeds stage: 2e-3 on both seeds, both sides
+                            "twist-lr0.002-F8-s0", "twist-lr0.002-F8-s1", "ddp-lr0.002-F8-s1"])
     for seed in (0, 1):  # each fine-tune starts from its seed's dense model, and says so
         conf = json.loads((out / f"lever-kd-s{seed}" / "run" / "config.json").read_text())
         assert conf["init_from"]["path"] == str((out / f"dense-s{seed}" / "run" / "model").resolve())
@@ -323,12 +326,15 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     assert set(res["test"]) == {"TwIST (as today)", "TwIST + kd", "TwIST + ls1", "TwIST + ord",
                                 "TwIST at equal compute"}
     assert res["recipe"] in res["test"] and "FLAP a0" in res["baselines"]["0"]["structured"]
+    lr2 = res["lr_over_seeds"]["twist"]["0.002"]
+    assert set(lr2["valid"]) == {"0", "1"} and lr2["vs_chosen"]["seeds"] == [0, 1]
     assert set(res["length"]) == {"4", "8"} and set(res["equal_bytes"]) == {"TwIST (as today)", "TwIST + ls1"}
     r = res["ratios"]["TwIST + ls1"]["vs_today"]
     assert r["seeds"] == [0, 1] and r["ci95"][0] < r["mean"] < r["ci95"][1]
     for label in ("keep 2/4: TwIST", "/ best structured (", "TwIST / recovery (", "| FLAP + recovery fine-tune",
                   "## Local steps between syncs", "**Equal bytes.**", "## Fine-tune length F",
-                  "## The pruning baselines at alpha 0 and 0.5", "twist-fl tune finetune --out"):
+                  "## The pruning baselines at alpha 0 and 0.5", "## The learning rate over seeds",
+                  "| TwIST | 0.001 (chosen) |", "twist-fl tune finetune --out"):
         assert label in md, label
     assert main(["finetune-table", str(out), "--out", str(tmp_path / "t"), "--test-tokens", "256"]) == 2
     assert "exists; pass --force" in capsys.readouterr().err

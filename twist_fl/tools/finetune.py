@@ -17,7 +17,10 @@ Stages (each a run folder `<out>/<name>/run/`; a job whose summary.json exists i
 4. `twist-eqc-F<F>-s<seed>`: TwIST at equal compute: as many steps as the training FLOPs of F
    dense steps buy at its keep (`train_flops_ratio`, counted from the shapes).
 5. `lever-<name>-s<seed>`: each `--variants` entry (run-config keys on top of TwIST's), every seed.
-6. `scratch-base-s<seed>`, `scratch-<name>-s<seed>`: TwIST from a random init at the dense stage's
+6. `<side>-lr<lr>-F<F>-s<seed>` for each rate of `--lr-seeds` on every seed (stage `lr-seeds`):
+   the grid's choice checked over seeds (it is made on seed 0); `finetune-table` reports each
+   rate's validation perplexity paired by seed against the chosen one.
+7. `scratch-base-s<seed>`, `scratch-<name>-s<seed>`: TwIST from a random init at the dense stage's
    budget (the main job's: 900 steps), as it is and with each `--scratch-variants` lever (no
    distillation: there is no teacher; default: the sandwich rule, `full-nodes=1`).
 
@@ -50,7 +53,7 @@ DEFAULT_VARIANTS = ("distill:distill-from=init distill-weight=0.5 distill-temper
 DEFAULT_SCRATCH_VARIANTS = "full1:full-nodes=1"
 
 
-STAGES = ("dense", "grid", "pairs", "levers", "eqc", "ablation", "recovery", "eqb", "scratch")
+STAGES = ("dense", "grid", "pairs", "levers", "eqc", "ablation", "recovery", "eqb", "lr-seeds", "scratch")
 
 
 @dataclass
@@ -75,6 +78,7 @@ class FinetuneOptions:
     recovery_distill: str = "distill-weight=0.8 distill-temperature=2.0"  # its distillation from the dense model
     recovery_keeps: list[int] = field(default_factory=list)  # sizes of the recovery stage; [] = N/4, N/2, 3N/4
     eqb_levers: list[str] = field(default_factory=list)  # the eqb stage: DDP at the bytes of TwIST and these levers
+    lr_seeds: list[float] = field(default_factory=list)  # the lr-seeds stage: these rates, both sides, every seed
     seed_list: list[int] | None = None  # run only these seeds' jobs after the grid (parallel lanes); None: all
     reverse: bool = False  # take the jobs in reverse order (a second process sharing the folder)
 
@@ -145,6 +149,8 @@ class Finetune:
             if unknown:
                 raise ValueError(f"{flag} names {unknown}, which --variants does not define; allowed: "
                                  f"{sorted(self.variants)}")
+        if any(not lr > 0 for lr in opts.lr_seeds):
+            raise ValueError(f"--lr-seeds={opts.lr_seeds} must hold rates > 0")
         self.recovery_distill = parse_variants(f"kd:{opts.recovery_distill}")["kd"]
         unknown = set(self.recovery_distill) - {"distill-weight", "distill-temperature"}
         if unknown or not 0 < float(self.recovery_distill.get("distill-weight", 0)) <= 1:
@@ -191,6 +197,7 @@ class Finetune:
                 for lr in lrs]
         out += [self.ft("twist", o.twist_lrs[0], f, 0, v) for v in self.variants.values() for f in
                 [o.ft_steps, *o.ft_ablation]]
+        out += [self.ft(s, lr, o.ft_steps, 0) for s in ("twist", "ddp") for lr in o.lr_seeds]
         out += [self.scratch(0, v) for v in self.scratch_variants.values()]
         return out
 
@@ -314,6 +321,10 @@ class Finetune:
                         steps = self.eqb_steps(best, name)
                         self.job(f"ddp-eqb-{name or 'base'}-s{seed}",
                                  self.ft("ddp", best["ddp"], steps, seed, {"local-steps": 1}))
+                elif stage == "lr-seeds":
+                    for side in (("ddp", "twist") if o.reverse else ("twist", "ddp")):
+                        for lr in (reversed(o.lr_seeds) if o.reverse else o.lr_seeds):
+                            self.job(self.pair_name(side, lr, o.ft_steps, seed), self.ft(side, lr, o.ft_steps, seed))
                 elif stage == "scratch":
                     self._scratch(seed)
         return best

@@ -356,6 +356,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
 
     lines += _local_steps_section(t, root, test, runs, deployed, dd, ddp_full, structured[best_struct],
                                   best_struct, result)
+    lines += _lr_section(t, root, result)
     lines += _length_section(t, root, result)
     lines += _alpha_section(t, base)
     lines += _scratch_section(t, root, result)
@@ -442,6 +443,39 @@ def _local_steps_section(t: Table, root: Path, test, runs, deployed, dd: Runs, d
             out.append(f"| {lbl} | {steps} | {_cell(full)} | {_cell(flap)} | {_txt(_ratio(deployed(lbl, half), flap))} "
                        f"| {_txt(_ratio({s: v['full'] for s, v in test[lbl].items()}, full))} |")
             result.setdefault("equal_bytes", {})[lbl] = {"ddp_steps": steps, "ddp_full": full, "ddp_flap_half": flap}
+    return out
+
+
+def _lr_section(t: Table, root: Path, result) -> list[str]:
+    """Each side's fine-tune rates over seeds (the grid is seed 0's; the `lr-seeds` stage runs rates
+    on the other seeds): validation perplexity of what the side deploys, paired against the chosen
+    rate."""
+    H = f"keep-{t.half}"
+    rows, out = [], []
+    for side, what in (("twist", f"random {t.half}/{t.n} subnets"), ("ddp", "full model")):
+        lrs = sorted({float(m.group(1)) for d in root.iterdir()
+                      if (m := re.match(rf"^{side}-lr([0-9.e-]+)-F{t.F}-s\d+$", d.name))})
+        vals = {}
+        for lr in lrs:
+            r = Runs.find(root, lambda s, lr=lr: Finetune.pair_name(side, lr, t.F, s))
+            vals[lr] = {s: (v["final"][H]["mean"] if side == "twist" else v["final"]["full"]["ppl"])
+                        for s, v in r.summaries.items()}
+        chosen = vals.get(float(t.best[side]), {})
+        if not any(len(v) > 1 for lr, v in vals.items() if lr != float(t.best[side])):
+            continue
+        for lr, v in vals.items():
+            mark = " (chosen)" if lr == float(t.best[side]) else ""
+            rows.append(f"| {'TwIST' if side == 'twist' else 'DDP'} | {lr:g}{mark} | {what} | {len(v)} | {_cell(v)} | "
+                        f"{_txt(_ratio(v, chosen)) if not mark and len(v) > 1 else ''} |")
+            result.setdefault("lr_over_seeds", {}).setdefault(side, {})[f"{lr:g}"] = {
+                "valid": {str(s): x for s, x in v.items()}, "vs_chosen": _dict(_ratio(v, chosen)) if not mark else None}
+    if rows:
+        out = ["", f"## The learning rate over seeds (F = {t.F}, validation)", "",
+               "The grid is run on seed 0 and each side's rate chosen there; the `lr-seeds` stage runs rates on the "
+               "other seeds too. Validation perplexity of what each side deploys; ratios paired by seed against the "
+               "chosen rate (above 1: the chosen rate is better).", "",
+               "| side | lr | measured on | seeds | validation | vs the chosen rate |", "|---|---|---|---|---|---|",
+               *rows]
     return out
 
 

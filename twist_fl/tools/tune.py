@@ -393,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "3N/4)")
     f.add_argument("--eqb-levers", default="", help="comma list of --variants names: the eqb stage trains DDP for as "
                    "many steps as the bytes of TwIST (as today, and of each of these levers) buy")
+    f.add_argument("--lr-seeds", default="", help="comma list of rates the lr-seeds stage runs on every seed, both "
+                   "sides (the grid runs on seed 0 only): the grid's choice checked over seeds")
     f.add_argument("--scratch-variants", default=None, help="levers of the scratch stage, the same form, no "
                    "distillation (default: full1)")
     f.add_argument("--stages", default="dense,grid,pairs,levers,eqc,ablation,scratch",
@@ -530,6 +532,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
                            recovery_keeps=[int(x) for x in _floats(args.recovery_keeps, "--recovery-keeps")]
                            if args.recovery_keeps.strip() else [],
                            eqb_levers=[x.strip() for x in args.eqb_levers.split(",") if x.strip()],
+                           lr_seeds=_floats(args.lr_seeds, "--lr-seeds") if args.lr_seeds.strip() else [],
                            scratch_variants=DEFAULT_SCRATCH_VARIANTS if args.scratch_variants is None
                            else args.scratch_variants,
                            equal_compute=not args.no_equal_compute, run_config=parse_overrides(args.run_config),
