@@ -100,6 +100,11 @@ def test_heatmap_and_report(trained, tmp_path):
         assert [p["removed_of_block_params"] for p in series] == \
             [p["removed_of_block_params"] for p in res["structured"]["dense random"]]
     assert "Ratio TwIST / best" in text and 'strategy=\\"fedavg\\"' in text and "dense (FedAvg)" in text
+    # the paper's headline (TwIST / SparseGPT = 0.73) is set beside the same ratio here, never beside FLAP's
+    sg = [p["ppl"] for p in res["unstructured"]["dense SparseGPT"] if p["keep"] == 2][0]
+    tw = [p["ppl"] for p in res["structured"]["TwIST random"] if p["keep"] == 2][0]
+    assert f"here TwIST / SparseGPT = {tw / sg:.3f}: {'reversed' if tw > sg else 'the same direction'}" in text
+    assert "is 0.73)" not in text
     assert (tmp_path / "rep" / "comparison.png").is_file()
 
     # one pair per seed: each cell is the mean over the seeds, its spread their std

@@ -221,6 +221,23 @@ def test_every_results_page_is_in_the_nav():
     assert listed - docs == set(), f"nav entries with no page: {sorted(listed - docs)}"
 
 
+def test_every_results_section_opens_with_its_figure_and_every_figure_is_shown():
+    """Each section of results.md opens with a figure that exists and links its full table; every
+    figure under docs/results is on some page."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    for section in text.split("\n## ")[1:]:
+        title, _, body = section.partition("\n")
+        head = body.strip().split("\n\n")[:2]
+        figs = re.findall(r"!\[[^\]]+\]\(([^)]+\.png)\)", head[0])
+        assert figs, f"section {title!r} does not open with a figure"
+        assert all((ROOT / "docs" / f).is_file() for f in figs), (title, figs)
+        assert re.search(r"\]\(results/\S+\.md\)", head[1]), f"section {title!r} links no full table"
+    shown = {m for f in (ROOT / "docs").rglob("*.md")
+             for m in (str((f.parent / x).resolve()) for x in re.findall(r"\]\(([^)]+\.png)\)", f.read_text()))}
+    pngs = {str(f.resolve()) for f in (ROOT / "docs" / "results").rglob("*.png")}
+    assert pngs - shown == set(), f"figures on no page: {sorted(pngs - shown)}"
+
+
 def test_the_docs_record_no_machine_paths():
     """Commands in the docs are written from the repository root (runs/..., docs/...), never with
     the absolute paths of the machine they ran on."""

@@ -326,6 +326,7 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     assert set(res["test"]) == {"TwIST (as today)", "TwIST + kd", "TwIST + ls1", "TwIST + ord",
                                 "TwIST at equal compute"}
     assert res["recipe"] in res["test"] and "FLAP a0" in res["baselines"]["0"]["structured"]
+    assert (tmp_path / "t" / "finetune.png").read_bytes()[:4] == b"\x89PNG" and "](finetune.png)" in md
     lr2 = res["lr_over_seeds"]["twist"]["0.002"]
     assert set(lr2["valid"]) == {"0", "1"} and lr2["vs_chosen"]["seeds"] == [0, 1]
     assert set(res["length"]) == {"4", "8"} and set(res["equal_bytes"]) == {"TwIST (as today)", "TwIST + ls1"}

@@ -152,3 +152,83 @@ def comparison_plot(results: dict[str, Any], path: Path) -> Path:
     fig.tight_layout()
     save_figure(fig, path)
     return path
+
+
+def keeps_plot(series: dict[str, list[tuple[float, float, float]]], path: Path, n_blocks: int, ylabel: str,
+               lines: dict[str, float] | None = None, title: str = "") -> Path:
+    """Perplexity against blocks kept per layer, one curve per row: `series[label]` holds
+    (kept blocks, mean, sd) points (sd drawn as an error bar); `lines` are horizontal references
+    (a full model)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for label, pts in series.items():
+        pts = sorted(pts)
+        if not pts:
+            continue
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", markersize=4,
+                    capsize=3, label=label, ls="-" if label.lower().startswith("twist") else "--")
+    for label, y in (lines or {}).items():
+        ax.axhline(y, color="gray", lw=0.8, ls=":", label=label)
+    ax.set_xlabel(f"blocks kept per pruned layer (of {n_blocks})")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    readable(ax, log_y=True, integer_x=True)
+    fig.tight_layout()
+    save_figure(fig, path)
+    return path
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def tuning_plot(tuning: dict[str, Any], path: Path) -> Path | None:
+    """`tune table`'s figure, from its tuning.json: each method at its learning rate, test
+    perplexity of what it deploys (nested prefixes for ordered methods, random subnets otherwise)
+    against blocks kept, mean ± sd over seeds; the full model at N."""
+    rows = tuning.get("tuned") or []
+    if not rows:
+        return None
+    keys = sorted({k for r in rows for k in r["test"] if k.startswith("keep-")}, key=lambda k: int(k[5:]))
+    # N: recorded by `tune table`; in an older tuning.json, the sizes are N/4, N/2 and 3N/4
+    n = int(tuning.get("n_blocks") or 0) or max(int(k[5:]) for k in keys) + min(int(k[5:]) for k in keys)
+    series = {}
+    for r in rows:
+        pts = [(int(k[5:]), *_mean_sd(r["test"][k])) for k in keys if r["test"].get(k)]
+        if r["test"].get("full"):
+            pts.append((n, *_mean_sd(r["test"]["full"])))
+        series[f"{r.get('method') or r['strategy']} (lr {r['lr']:g}, {len(r['seeds'])} seeds)"] = pts
+    return keeps_plot(series, path, n, "test perplexity (mean ± sd over seeds)")
+
+
+def finetune_plot(res: dict[str, Any], path: Path) -> Path:
+    """`tune finetune-table`'s figure, from its finetune.json: the recipe and TwIST as today (what
+    each deploys) against the fine-tuned DDP model pruned by its best structured method and by
+    SparseGPT, and the recovery baseline; test perplexity against blocks kept, mean ± sd over seeds."""
+    n, keeps = int(res["n_blocks"]), [int(k) for k in res["keeps"]]
+
+    def row(label: str) -> list[tuple[float, float, float]]:
+        per_seed = res["test"].get(label, {})
+        pts = []
+        for k in keeps:
+            vals = [v.get(f"deployed-{k}", v.get(f"keep-{k}")) for v in per_seed.values()]
+            if vals and all(x is not None for x in vals):
+                pts.append((k, *_mean_sd(vals)))
+        if per_seed:
+            pts.append((n, *_mean_sd([v["full"] for v in per_seed.values()])))
+        return pts
+
+    base = res["baselines"]
+    series = {f"{res['recipe']} (the recipe)": row(res["recipe"]), "TwIST (as today)": row("TwIST (as today)")}
+    best = res["best_structured"]
+    series[f"DDP + {best} (structured)"] = [(k, *_mean_sd([b["structured"][best][str(k)] for b in base.values()]))
+                                           for k in keeps]
+    series["DDP + SparseGPT (unstructured)"] = [
+        (k, *_mean_sd([b["unstructured"]["SparseGPT"][str(k)] for b in base.values()])) for k in keeps]
+    for label, per_k in res.get("recovery_runs", {}).items():
+        series[f"DDP + {label}"] = [(int(k), *_mean_sd(list(v.values()))) for k, v in per_k.items()]
+    full = _mean_sd([b["full"] for b in base.values()])[0]
+    return keeps_plot(series, path, n, "test perplexity (mean ± sd over seeds)", {"DDP fine-tuned, full model": full},
+                      title=f"fine-tuned F = {res['F']} steps from a dense model")

@@ -304,7 +304,8 @@ def cmd_heatmap(args: argparse.Namespace) -> dict[str, Any]:
               for r in rows]
     with staged_folder(out) as tmp:
         heatmap_plot(rows, tmp / "heatmap.png")
-        atomic_write_text(tmp / "heatmap.md", f"Random subnets, mean ± std over {args.draws} draws, {args.split} "
+        atomic_write_text(tmp / "heatmap.md", "![perplexity of models trained at one keep, evaluated at every keep]"
+                          f"(heatmap.png)\n\nRandom subnets, mean ± std over {args.draws} draws, {args.split} "
                           "split.\n\n" + "\n".join(table) + "\n")
         write_json(tmp / "heatmap.json", rows)
     print("\n".join(table))

@@ -172,6 +172,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     """Write FINETUNE.md and finetune.json into `out` (the command line claims it first:
     `io.claim_output`)."""
     from ..core.precision import machine
+    from ..core.report import finetune_plot
     from ..evaluation.loading import load_model, parse_keeps
 
     root, out = Path(root), Path(out)
@@ -257,7 +258,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
              "(`subnet-policy=ordered`, `core-blocks`) deploy their prefix. Every ratio is paired by seed: mean ± "
              "sample sd [95% t interval]; an interval that holds 1 is a difference within noise (level). "
              f"Machine: {m['cpu']} ({m['vector']}), torch {m['torch']}; deterministic for the same command on the "
-             "same CPU kind.", ""]
+             "same CPU kind.", "", "![the recipe and TwIST as today against the pruned DDP model and the recovery "
+             "baseline, test perplexity against blocks kept](finetune.png)", ""]
 
     def ratio_lines(label: str, what: str) -> list[str]:
         out = []
@@ -370,6 +372,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "FINETUNE.md", md)
     write_json(out / "finetune.json", result)
+    finetune_plot(result, out / "finetune.png")
     return {"markdown": md, **result}
 
 
@@ -457,7 +460,7 @@ def _lr_section(t: Table, root: Path, result) -> list[str]:
                       if (m := re.match(rf"^{side}-lr([0-9.e-]+)-F{t.F}-s\d+$", d.name))})
         vals = {}
         for lr in lrs:
-            r = Runs.find(root, lambda s, lr=lr: Finetune.pair_name(side, lr, t.F, s))
+            r = Runs.find(root, lambda s, lr=lr, side=side: Finetune.pair_name(side, lr, t.F, s))
             vals[lr] = {s: (v["final"][H]["mean"] if side == "twist" else v["final"]["full"]["ppl"])
                         for s, v in r.summaries.items()}
         chosen = vals.get(float(t.best[side]), {})

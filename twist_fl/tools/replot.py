@@ -3,7 +3,9 @@ evaluation: `twist-fl replot docs/results` after a change to the plots' style.
 
 Each figure is the one its command writes, from the same data: `comparison.png` from a report's
 `results.json` (`twist-fl report`), `heatmap.png` from `heatmap.json` (`twist-fl heatmap`),
-`summary.png` from a sweep's `summary.json` (`twist-fl sweep-summary`).
+`summary.png` from a sweep's `summary.json` (`twist-fl sweep-summary`), `tuning.png` from
+`tuning.json` (`twist-fl tune table`), `finetune.png` from `finetune.json` (`twist-fl tune
+finetune-table`).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..core.report import comparison_plot, heatmap_plot
+from ..core.report import comparison_plot, finetune_plot, heatmap_plot, tuning_plot
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,13 @@ def replot(root: Path) -> list[Path]:
             done.append(comparison_plot(res, f.parent / "comparison.png"))
     for f in sorted(Path(root).rglob("heatmap.json")):
         done.append(heatmap_plot(json.loads(f.read_text()), f.parent / "heatmap.png"))
+    for f in sorted(Path(root).rglob("tuning.json")):
+        if (p := tuning_plot(json.loads(f.read_text()), f.parent / "tuning.png")) is not None:
+            done.append(p)
+    for f in sorted(Path(root).rglob("finetune.json")):
+        res = json.loads(f.read_text())
+        if {"test", "baselines", "recipe", "best_structured"} <= set(res):
+            done.append(finetune_plot(res, f.parent / "finetune.png"))
     for f in sorted(Path(root).rglob("summary.json")):
         out = json.loads(f.read_text())
         if {"x", "rows", "table"} <= set(out):

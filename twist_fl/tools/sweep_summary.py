@@ -104,7 +104,8 @@ def summarize(root: Path, x: str | None = None, dense: Path | None = None) -> di
         lines.append(f"\nDense FedAvg baseline (full model{', mean over its runs' if len(dense_jobs) > 1 else ''}): "
                      f"{dense_ppl:.3f}")
     out = {"x": x, "rows": rows, "dense_full_ppl": dense_ppl, "table": "\n".join(lines)}
-    atomic_write_text(root / "summary.md", out["table"] + "\n")
+    atomic_write_text(root / "summary.md", f"![final validation perplexity against {x}](summary.png)\n\n"
+                      + out["table"] + "\n")
     write_json(root / "summary.json", out)
     _plot(out, keys, root / "summary.png")
     return out

@@ -264,6 +264,7 @@ def _plans(roots: list[Path]) -> list[dict[str, Any]]:
 
 
 def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> dict[str, Any]:
+    from ..core.report import tuning_plot
     from .finetune import cached_eval
 
     runs = collect(roots)
@@ -326,7 +327,8 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     deployed = (" For `ordered` methods (HeteroFL, FjORD) X/N is the nested prefix the model is deployed as (the "
                 "*random* columns: random subnets of the same models); for the others, random subnets."
                 if ordered else "")
-    md = ("# Tuned learning rates, over seeds\n\nPerplexity of the final model (full) and of subnets "
+    md = ("# Tuned learning rates, over seeds\n\n![each method at its learning rate, test perplexity against "
+          "blocks kept](tuning.png)\n\nPerplexity of the final model (full) and of subnets "
           f"keeping X of {n} blocks per layer (random subnets: mean over draws), mean ± std over seeds.{deployed} "
           "MB / node / round: what a node sends and receives in a round, averaged over rounds and nodes." + setup
           + "\n\n## Learning-rate grid\n\n"
@@ -338,8 +340,9 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "TUNING.md", md)
     result = {"grid": {f"{g[0]}-lr{g[1]:g}": [r["final"] for r in groups[g]] for g in order}, "tuned": rows,
-              "plans": plans}
+              "plans": plans, "n_blocks": n}
     write_json(out / "tuning.json", result)
+    tuning_plot(result, out / "tuning.png")
     return {"markdown": md, **result}
 
 
