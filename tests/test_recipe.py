@@ -169,6 +169,24 @@ def test_a_paired_ratio_is_its_hand_computed_mean_sd_and_t_interval():
     assert t975(4) == 2.776 and t975(60) == pytest.approx(2.000, abs=1e-3)  # the table, and the expansion
 
 
+def test_the_tuning_tables_paired_section_is_the_hand_computed_ratio_per_seed():
+    from twist_fl.tools.tune import paired_rows
+
+    a = {"method": "twist", "seeds": [0, 1, 2], "test": {"full": [2.0, 3.0, 4.0], "keep-4": [1.0, 1.0, 1.0],
+                                                        "random-keep-4": [1.0, 1.0, 1.0]}}
+    b = {"method": "fjord", "seeds": [0, 1, 2], "test": {"full": [2.0, 2.0, 2.0], "keep-4": [2.0, 2.0, 2.0],
+                                                        "random-keep-4": [4.0, 2.0, 1.0]}}
+    c = {"method": "lonely", "seeds": [5], "test": {"full": [1.0], "keep-4": [1.0], "random-keep-4": [1.0]}}
+    rows, md = paired_rows([a, b, c], ["keep-4"], 8)
+
+    assert [(r["a"], r["b"]) for r in rows] == [("twist", "fjord")]  # no seed in common with 'lonely'
+    assert rows[0]["full"]["mean"] == pytest.approx(1.5) and rows[0]["full"]["sd"] == pytest.approx(0.5)
+    assert rows[0]["full"]["ci95"] == pytest.approx([1.5 - 1.2422, 1.5 + 1.2422], abs=1e-4)
+    assert rows[0]["keep-4"]["sd"] == 0 and rows[0]["keep-4"]["mean"] == 0.5
+    assert rows[0]["random-keep-4"]["mean"] == pytest.approx((0.25 + 0.5 + 1.0) / 3)
+    assert "| twist / fjord | 1.500 ± 0.500 [0.258, 2.742] | 0.500 ± 0.000 [0.500, 0.500] |" in md
+    assert paired_rows([a], ["keep-4"], 8) == ([], "")
+
 # --- resumes that say what they recovered ---------------------------------------------------------
 
 
@@ -281,3 +299,11 @@ def test_keep_choices_quarters_follow_the_model():
     assert run.keep_for(preset("gpt2")) == 12
     plan = round_plan(CFG8, run, 3, [1.0] * 4)
     assert set(plan.keeps) <= {2, 4, 6, 8}
+
+
+def test_a_machine_line_names_amx_or_its_absence_on_an_avx512_cpu():
+    from twist_fl.core.precision import vector_text
+
+    assert vector_text({"vector": "AVX-512"}) == "AVX-512, no AMX"
+    assert vector_text({"vector": "AVX-512, AMX"}) == "AVX-512, AMX"
+    assert vector_text({"vector": "AVX2"}) == "AVX2"

@@ -68,9 +68,16 @@ def machine() -> dict[str, str]:
     return {"cpu": model, "vector": vector, "torch": torch.__version__}
 
 
+def vector_text(m: dict[str, str]) -> str:
+    """machine()'s vector class as a reader needs it to reproduce a figure: 'AVX-512, no AMX' where
+    an AVX-512 machine has no AMX (the bf16 and int8 kernels differ, and so do figures)."""
+    v = m["vector"]
+    return f"{v}, no AMX" if "AVX-512" in v and "AMX" not in v else v
+
+
 def machine_line() -> str:
     m = machine()
-    return f"{m['cpu']} ({m['vector']}), torch {m['torch']}"
+    return f"{m['cpu']} ({vector_text(m)}), torch {m['torch']}"
 
 
 def fast_bf16(device: torch.device) -> tuple[bool, str]:

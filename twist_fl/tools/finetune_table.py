@@ -171,7 +171,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
                    argv: list[str] | None = None, recipe: str = "") -> dict[str, Any]:
     """Write FINETUNE.md and finetune.json into `out` (the command line claims it first:
     `io.claim_output`)."""
-    from ..core.precision import machine
+    from ..core.precision import machine, vector_text
     from ..core.report import finetune_plot
     from ..evaluation.loading import load_model, parse_keeps
 
@@ -257,7 +257,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
              f"({tokens:,} tokens); random subnets are a mean over {draws} draws per model; nested-prefix rows "
              "(`subnet-policy=ordered`, `core-blocks`) deploy their prefix. Every ratio is paired by seed: mean ± "
              "sample sd [95% t interval]; an interval that holds 1 is a difference within noise (level). "
-             f"Machine: {m['cpu']} ({m['vector']}), torch {m['torch']}; deterministic for the same command on the "
+             f"Machine: {m['cpu']} ({vector_text(m)}), torch {m['torch']}; deterministic for the same command on the "
              "same CPU kind.", "", "![the recipe and TwIST as today against the pruned DDP model and the recovery "
              "baseline, test perplexity against blocks kept](finetune.png)", ""]
 
@@ -429,7 +429,7 @@ def _local_steps_section(t: Table, root: Path, test, runs, deployed, dd: Runs, d
     out.append(f"| DDP | every step | {_cell(ddp_full)} | | | | 1 | "
                f"{sum(t.bytes_per_node_step(s) for s in dsum) / len(dsum) / 1e6:.3f} |")
     eqb = {}
-    for lbl in ls_rows:
+    for lbl in ls_rows + [x for x in test if x not in ls_rows]:  # every row with a DDP run at its bytes (eqb stage)
         name = "base" if lbl == "TwIST (as today)" else lbl[len("TwIST + "):]
         r = Runs.find(root, lambda s, name=name: f"ddp-eqb-{name}-s{s}")
         if r:

@@ -38,6 +38,7 @@ import numpy as np
 from ..core.config import RunConfig
 from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, write_json
 from ..evaluation.compare import test_ppl
+from ..evaluation.stats import paired_ratio
 from . import help as H
 from .help import shown
 
@@ -263,7 +264,41 @@ def _plans(roots: list[Path]) -> list[dict[str, Any]]:
     return [p for r in roots if (Path(r) / PLAN).is_file() for p in json.loads((Path(r) / PLAN).read_text())["runs"]]
 
 
+def paired_rows(rows: list[dict[str, Any]], keys: list[str], n: int) -> tuple[list[dict[str, Any]], str]:
+    """Every method against every later one at its own rate, on the test split, paired by seed: what
+    each deploys (full, and each size), and the random subnets where either deploys a prefix.
+    Returns the rows (for tuning.json) and their markdown section ('' when fewer than two methods
+    share a seed)."""
+    cols = ["full"] + keys + [f"random-{k}" for k in keys]
+    out, lines = [], []
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            ratios = {}
+            for c in cols:
+                va, vb = a["test"].get(c) or [], b["test"].get(c) or []
+                if len(va) != len(a["seeds"]) or len(vb) != len(b["seeds"]):
+                    continue  # a column some seed lacks: no pairing
+                r = paired_ratio(dict(zip(a["seeds"], va, strict=True)), dict(zip(b["seeds"], vb, strict=True)))
+                if r is not None:
+                    ratios[c] = r
+            if ratios:
+                out.append({"a": a["method"], "b": b["method"], **{c: r.to_dict() for c, r in ratios.items()}})
+                lines.append(f"| {a['method']} / {b['method']} | "
+                             + " | ".join(ratios[c].text() if c in ratios else "" for c in cols) + " |")
+    if not lines:
+        return out, ""
+    frac = [f"{k.split('-')[1]}/{n}" for k in keys]
+    head = "| test perplexity ratio | full | " + " | ".join(frac + [f"random {f}" for f in frac]) + " |"
+    md = ("\n## Paired by seed\n\nEach method at its rate against each other, on the test split: the ratio of "
+          "their perplexities per seed, mean ± sample sd [95% t interval] over the seeds both hold. Below 1 favours "
+          "the first; an interval that holds 1 is level. X/N: what each deploys (the prefix for ordered methods); "
+          "random X/N: random subnets of both.\n\n" + head + "\n|---|" + "---|" * (len(cols)) + "\n"
+          + "\n".join(lines) + "\n")
+    return out, md
+
+
 def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> dict[str, Any]:
+    from ..core.precision import machine_line
     from ..core.report import tuning_plot
     from .finetune import cached_eval
 
@@ -321,6 +356,7 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
                 cells += [_ms(vals[f"random-{k}"]) if split == "test" else "" for k in keys]
             tuned.append(f"| {s} | {lr:g} | {len(rs)} | {split} | {_ms(vals['full'])} | " + " | ".join(cells)
                          + f" | {np.mean(mb):.2f} |")
+    pairs, paired_md = paired_rows(rows, keys, n)
     plans = _plans(roots)
     setup = ("\n\nThe commands run into these folders (a job already finished is not run again):\n\n"
              + "\n".join(f"- `{shown(p['command'])}`" for p in plans)) if plans else ""
@@ -330,17 +366,18 @@ def table(roots: list[Path], out: Path, draws: int = 3, tokens: int = 32768) -> 
     md = ("# Tuned learning rates, over seeds\n\n![each method at its learning rate, test perplexity against "
           "blocks kept](tuning.png)\n\nPerplexity of the final model (full) and of subnets "
           f"keeping X of {n} blocks per layer (random subnets: mean over draws), mean ± std over seeds.{deployed} "
-          "MB / node / round: what a node sends and receives in a round, averaged over rounds and nodes." + setup
+          "MB / node / round: what a node sends and receives in a round, averaged over rounds and nodes. "
+          f"Machine: {machine_line()}; deterministic for the same command on the same CPU kind." + setup
           + "\n\n## Learning-rate grid\n\n"
           + "\n".join(grid) + "\n\n## Each method at its learning rate\n\nEach method's learning rate: the "
           f"lowest mean validation perplexity (full model) among those run with at least {MIN_SEEDS} seeds (when "
           "none has that many: the most seeds, then the lowest mean). Validation: the runs' last evaluation "
           f"({runs[0]['run']['eval-tokens']} tokens); test: {tokens} tokens of the test split, {draws} random "
-          "subnets per size.\n\n" + "\n".join(tuned) + "\n")
+          "subnets per size.\n\n" + "\n".join(tuned) + "\n" + paired_md)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "TUNING.md", md)
     result = {"grid": {f"{g[0]}-lr{g[1]:g}": [r["final"] for r in groups[g]] for g in order}, "tuned": rows,
-              "plans": plans, "n_blocks": n}
+              "paired": pairs, "plans": plans, "n_blocks": n}
     write_json(out / "tuning.json", result)
     tuning_plot(result, out / "tuning.png")
     return {"markdown": md, **result}
