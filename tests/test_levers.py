@@ -279,7 +279,8 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     argv = ["finetune", "--out", str(out), "--seeds", "2", "--nodes", "2", "--dense-steps", "4", "--ft-steps", "8",
             "--ft-ablation", "4", "--twist-lrs", "1e-3", "--ddp-lrs", "1e-3,2e-3",
             "--variants", "kd:distill-from=init distill-weight=0.5;ls1:local-steps=1;"
-                          "ord:init-order=flap subnet-policy=ordered keep-choices=1,2,3,4",
+                          "ord:init-order=flap subnet-policy=ordered keep-choices=1,2,3,4;"
+                          "ord-lr2:init-order=flap subnet-policy=ordered keep-choices=1,2,3,4 lr=2e-3",
             "--ablation-levers", "ls1", "--eqb-levers", "ls1", "--recovery-lrs", "1e-3,2e-3", "--recovery-keeps", "2",
             "--lr-seeds", "2e-3", "--stages", "dense,grid,pairs,levers,eqc,ablation,recovery,eqb,lr-seeds",
             "--run-config", rc]
@@ -292,7 +293,8 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     other_rec = [f"recovery-lr{lr:g}-k2-F8-s0" for lr in (1e-3, 2e-3) if lr != rec["lr"]]
     assert set(names) == set(["dense-s0", "dense-s1", "twist-lr0.001-F8-s0", "twist-lr0.001-F8-s1", "ddp-lr0.001-F8-s0",
                             "ddp-lr0.002-F8-s0", f"ddp-lr{best['ddp']:g}-F8-s1", "lever-kd-s0", "lever-kd-s1",
-                            "lever-ls1-s0", "lever-ls1-s1", "lever-ord-s0", "lever-ord-s1", "lever-ls1-F4-s0",
+                            "lever-ls1-s0", "lever-ls1-s1", "lever-ord-s0", "lever-ord-s1", "lever-ord-lr2-s0",
+                            "lever-ord-lr2-s1", "lever-ls1-F4-s0",
                             "lever-ls1-F4-s1", "twist-lr0.001-F4-s0", "twist-lr0.001-F4-s1",
                             f"ddp-lr{best['ddp']:g}-F4-s0", f"ddp-lr{best['ddp']:g}-F4-s1", "twist-eqc-F8-s0",
                             "twist-eqc-F8-s1", "ddp-eqb-base-s0", "ddp-eqb-base-s1", "ddp-eqb-ls1-s0",
@@ -323,7 +325,7 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     res = json.loads((tmp_path / "t" / "finetune.json").read_text())
     md = (tmp_path / "t" / "FINETUNE.md").read_text()
     assert res["seeds"] == [0, 1] and res["F"] == 8 and res["best_lrs"] == best
-    assert set(res["test"]) == {"TwIST (as today)", "TwIST + kd", "TwIST + ls1", "TwIST + ord",
+    assert set(res["test"]) == {"TwIST (as today)", "TwIST + kd", "TwIST + ls1", "TwIST + ord", "TwIST + ord-lr2",
                                 "TwIST at equal compute"}
     assert res["recipe"] in res["test"] and "FLAP a0" in res["baselines"]["0"]["structured"]
     assert (tmp_path / "t" / "finetune.png").read_bytes()[:4] == b"\x89PNG" and "](finetune.png)" in md
@@ -348,8 +350,28 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     monkeypatch.setattr(compare, "test_ppl", no)
     monkeypatch.setattr(compare, "prune_baselines", no)
     assert main(["finetune-table", str(out), "--out", str(tmp_path / "t2"), "--test-tokens", "256", "--draws", "1",
-                 "--keeps", "2"]) == 0
-    assert json.loads((tmp_path / "t2" / "finetune.json").read_text())["ratios"] == res["ratios"]
+                 "--keeps", "2", "--recipe", "ord"]) == 0
+    res2 = json.loads((tmp_path / "t2" / "finetune.json").read_text())
+    assert res2["ratios"] == res["ratios"] and res2["recipe"] == "TwIST + ord"
+    # the recipe's own rate: the lever with its keys but lr 2e-3, paired by seed against it, by hand
+    rates = res2["recipe_lr"]
+    assert rates["0.001"]["chosen"] and rates["0.002"]["lever"] == "TwIST + ord-lr2"
+
+    def final(name, s):
+        return json.loads((out / f"{name}-s{s}" / "run" / "summary.json").read_text())["final"]["keep-2"]["mean"]
+
+    by_hand = [final("lever-ord-lr2", s) / final("lever-ord", s) for s in (0, 1)]
+    mean = sum(by_hand) / 2
+    sd = abs(by_hand[0] - by_hand[1]) / 2 ** 0.5
+    got = rates["0.002"]["valid_vs_recipe"]
+    assert got["mean"] == pytest.approx(mean) and got["sd"] == pytest.approx(sd)
+    assert got["ci95"] == pytest.approx([mean - 12.7062 * sd / 2 ** 0.5, mean + 12.7062 * sd / 2 ** 0.5], rel=1e-4)
+    for size, key in (("2/4", "deployed-2"), ("full", "full")):
+        tests = [res["test"]["TwIST + ord-lr2"][str(s)][key] / res["test"]["TwIST + ord"][str(s)][key] for s in (0, 1)]
+        assert rates["0.002"]["test_vs_recipe"][size]["mean"] == pytest.approx(sum(tests) / 2)
+    md2 = (tmp_path / "t2" / "FINETUNE.md").read_text()
+    assert "## The recipe's learning rate over seeds" in md2 and "| ord | 0.001 (the recipe) | 2 |" in md2
+    assert "| test full vs the recipe | test 2/4 vs the recipe |" in md2
 
 
 def test_a_finetune_folder_refuses_a_command_of_another_setting(tmp_path):
@@ -391,3 +413,27 @@ def test_a_recipe_lever_trains_the_same_steps(tmp_path):
     ft = Finetune(FinetuneOptions(out=str(tmp_path), variants="recipe:recipe=finetune"))
     flat = ft.ft("twist", 1e-3, 300, 0, ft.variants["recipe"])
     assert (flat["local-steps"], flat["num-server-rounds"]) == (1, 300)  # the recipe's one step per round
+
+
+def test_recovery_distill_none_runs_the_plain_recovery_only(tmp_path, capsys):
+    from twist_fl.tools.tune import main
+
+    out = tmp_path / "ft"
+    rc = "model='tiny' seq-len=32 batch-size=4 local-steps=2 eval-tokens=512 eval-draws=1 lr-schedule='constant'"
+    argv = ["finetune", "--out", str(out), "--seeds", "1", "--nodes", "2", "--dense-steps", "4", "--ft-steps", "4",
+            "--twist-lrs", "1e-3", "--ddp-lrs", "1e-3", "--recovery-lrs", "1e-3", "--recovery-keeps", "2",
+            "--recovery-distill", "none", "--stages", "recovery", "--run-config", rc]
+    assert main(argv) == 0
+    done = sorted(p.name for p in out.iterdir() if (p / "run" / "summary.json").is_file())
+    assert done == ["ddp-lr0.001-F4-s0", "dense-s0", "recovery-lr0.001-k2-F4-s0", "twist-lr0.001-F4-s0"]
+    run = json.loads((out / "recovery-lr0.001-k2-F4-s0" / "run" / "summary.json").read_text())
+    assert run["keep"] == 2 and not run["run"].get("distill-from")
+    capsys.readouterr()
+    for value, said in (("nothing", "--recovery-distill entry 'nothing' is not key=value"),
+                        ("distill-weight=0", "--recovery-distill='distill-weight=0' must set distill-weight in (0, 1]"),
+                        ("lr=1", "may set distill-temperature, nothing else; or be 'none'")):
+        assert main([a if a != "none" else value for a in argv]) == 2
+        assert said in capsys.readouterr().err
+    # a --variants entry's bad text is named by its flag and name, not as --run-config
+    assert main([*argv, "--variants", "kd:oops"]) == 2
+    assert "--variants 'kd': entry 'oops' is not key=value" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.config import RunConfig
+from ..core.config import RunConfig, parse_run_config
 from ..core.io import write_json
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,9 @@ class FinetuneOptions:
     reverse: bool = False  # take the jobs in reverse order (a second process sharing the folder)
 
 
-def parse_variants(text: str) -> dict[str, dict[str, Any]]:
-    """'name:key=value key=value;name2:...' -> {name: overrides}; each override set is checked."""
-    from ..baselines.ddp import parse_overrides
-
+def parse_variants(text: str, flag: str = "--variants") -> dict[str, dict[str, Any]]:
+    """'name:key=value key=value;name2:...' -> {name: overrides}; each override set is checked
+    (an error names `flag` and the entry)."""
     out: dict[str, dict[str, Any]] = {}
     for part in (p.strip() for p in text.split(";")):
         if not part:
@@ -94,10 +93,10 @@ def parse_variants(text: str) -> dict[str, dict[str, Any]]:
         name, sep, body = part.partition(":")
         name = name.strip()
         if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"--variants entry {part!r} must read 'name:key=value ...' with a plain name")
+            raise ValueError(f"{flag} entry {part!r} must read 'name:key=value ...' with a plain name")
         if name in out:
-            raise ValueError(f"--variants names {name!r} twice")
-        out[name] = parse_overrides(body)
+            raise ValueError(f"{flag} names {name!r} twice")
+        out[name] = parse_run_config(body, f"{flag} {name!r}:")
     return out
 
 
@@ -137,7 +136,7 @@ class Finetune:
         self.base = {**RunConfig().to_flat(), **opts.run_config}
         self.local_steps = int(self.base["local-steps"])
         self.variants = parse_variants(opts.variants)
-        self.scratch_variants = parse_variants(opts.scratch_variants)
+        self.scratch_variants = parse_variants(opts.scratch_variants, "--scratch-variants")
         for name, extra in self.scratch_variants.items():
             if "distill-from" in extra:
                 raise ValueError(f"--scratch-variants entry {name!r} distils, but from scratch there is no teacher "
@@ -151,11 +150,14 @@ class Finetune:
                                  f"{sorted(self.variants)}")
         if any(not lr > 0 for lr in opts.lr_seeds):
             raise ValueError(f"--lr-seeds={opts.lr_seeds} must hold rates > 0")
-        self.recovery_distill = parse_variants(f"kd:{opts.recovery_distill}")["kd"]
-        unknown = set(self.recovery_distill) - {"distill-weight", "distill-temperature"}
-        if unknown or not 0 < float(self.recovery_distill.get("distill-weight", 0)) <= 1:
-            raise ValueError(f"--recovery-distill={opts.recovery_distill!r} must set distill-weight in (0, 1] and may "
-                             "set distill-temperature, nothing else")
+        # "none": the recovery stage runs its plain variant only (no distillation from the dense model)
+        self.recovery_distill = None if opts.recovery_distill.strip() == "none" else \
+            parse_run_config(opts.recovery_distill, "--recovery-distill")
+        if self.recovery_distill is not None:
+            unknown = set(self.recovery_distill) - {"distill-weight", "distill-temperature"}
+            if unknown or not 0 < float(self.recovery_distill.get("distill-weight", 0)) <= 1:
+                raise ValueError(f"--recovery-distill={opts.recovery_distill!r} must set distill-weight in (0, 1] and "
+                                 "may set distill-temperature, nothing else; or be 'none'")
         if opts.seeds < 1 or opts.nodes < 1:
             raise ValueError(f"--seeds={opts.seeds} and --nodes={opts.nodes} must be >= 1")
         for flat in self._all_configs():  # every job's config is checked before the first one trains
@@ -313,7 +315,7 @@ class Finetune:
                 elif stage == "recovery":
                     rec = self.recovery_plan()
                     for keep in self.recovery_keeps():
-                        for kd in (False, True):
+                        for kd in (False, True) if self.recovery_distill is not None else (False,):
                             self.job(self.recovery_name(keep, o.ft_steps, seed, kd, rec["lr"]),
                                      self.recovery(seed, keep, rec, kd))
                 elif stage == "eqb":

@@ -359,6 +359,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     lines += _local_steps_section(t, root, test, runs, deployed, dd, ddp_full, structured[best_struct],
                                   best_struct, result)
     lines += _lr_section(t, root, result)
+    lines += _recipe_lr_section(t, runs, test, deployed, chosen, bool(recipe), result)
     lines += _length_section(t, root, result)
     lines += _alpha_section(t, base)
     lines += _scratch_section(t, root, result)
@@ -480,6 +481,59 @@ def _lr_section(t: Table, root: Path, result) -> list[str]:
                "| side | lr | measured on | seeds | validation | vs the chosen rate |", "|---|---|---|---|---|---|",
                *rows]
     return out
+
+
+def _recipe_lr_section(t: Table, runs: dict[str, Runs], test, deployed, chosen: str, named: bool,
+                       result) -> list[str]:
+    """The recipe's own rate over seeds: every lever whose run-config keys are the chosen recipe's but
+    for `lr` (e.g. `--variants 'recipe-lr2:recipe=finetune lr=0.002'`), on validation (what the recipe is
+    chosen on: its deployed N/2 subnets) and on the test split at every size, paired by seed against the
+    recipe."""
+    if not chosen.startswith("TwIST + "):
+        return []
+    H, half, n = f"keep-{t.half}", t.half, t.n
+    skip = {"seed", "init-from", "out-dir", "run-name", "num-server-rounds", "eval-every", "resume-from", "lr"}
+
+    def keys(label: str) -> dict[str, Any]:
+        return {k: v for k, v in next(iter(runs[label].summaries.values()))["run"].items() if k not in skip}
+
+    def lr(label: str) -> float:
+        return float(next(iter(runs[label].summaries.values()))["run"]["lr"])
+
+    def valid(label: str) -> dict[int, float]:
+        return {s: v["final"][H]["mean"] for s, v in runs[label].summaries.items() if H in v.get("final", {})}
+
+    same = [lbl for lbl in runs if lbl.startswith("TwIST + ") and keys(lbl) == keys(chosen)]
+    if len({lr(lbl) for lbl in same}) < 2:
+        return []
+    v0 = valid(chosen)
+
+    def test_at(label: str, k: int | None) -> dict[int, float]:  # full model (None) or deployed k/N, on test
+        return deployed(label, k) if k else {s: v["full"] for s, v in test[label].items()}
+
+    sizes = [None, *t.keeps]
+    names = ["full" if k is None else f"{k}/{n}" for k in sizes]
+    rows = []
+    for lbl in sorted(same, key=lr):
+        mark = lbl == chosen
+        v = valid(lbl)
+        ratios = {name: None if mark else _ratio(test_at(lbl, k), test_at(chosen, k))
+                  for name, k in zip(names, sizes, strict=True)}
+        rv = None if mark else _ratio(v, v0)
+        rows.append(f"| {lbl[len('TwIST + '):]} | {lr(lbl):g}{' (the recipe)' if mark else ''} | {len(v)} | "
+                    f"{_cell(v)} | {_txt(rv)} | " + " | ".join(_txt(ratios[name]) for name in names) + " |")
+        result.setdefault("recipe_lr", {})[f"{lr(lbl):g}"] = {
+            "lever": lbl, "chosen": mark, "valid": {str(s): x for s, x in v.items()}, "valid_vs_recipe": _dict(rv),
+            "test_vs_recipe": {name: _dict(r) for name, r in ratios.items()}}
+    return ["", f"## The recipe's learning rate over seeds (F = {t.F})", "",
+            f"Levers with the recipe's run-config keys but another `lr`: validation perplexity of their deployed "
+            f"{half}/{n} subnets (what the recipe is chosen on), and test perplexity at every size, each paired by "
+            "seed against the recipe (above 1: the recipe's rate is better). "
+            + ("The recipe is the one --recipe names." if named else "The recipe is the lever chosen on validation "
+             "(among the levers run on the most seeds)."), "",
+            f"| lever | lr | seeds | validation {half}/{n} | vs the recipe | "
+            + " | ".join(f"test {name} vs the recipe" for name in names) + " |",
+            "|---|---|---|---|---|" + "---|" * len(names), *rows]
 
 
 def _length_section(t: Table, root: Path, result) -> list[str]:

@@ -428,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--recovery-lrs", default="5e-4,1e-3,2e-3", help="the recovery baseline's learning-rate grid "
                    "(FLAP-pruned dense model fine-tuned at one size; seed 0, N/2, chosen on validation)")
     f.add_argument("--recovery-distill", default="distill-weight=0.8 distill-temperature=2.0",
-                   help="the recovery baseline's distillation from the dense model (its second variant)")
+                   help="the recovery baseline's distillation from the dense model (its second variant; 'none': "
+                   "the plain variant only)")
     f.add_argument("--recovery-keeps", default="", help="sizes of the recovery stage (comma list; default N/4, N/2, "
                    "3N/4)")
     f.add_argument("--eqb-levers", default="", help="comma list of --variants names: the eqb stage trains DDP for as "
