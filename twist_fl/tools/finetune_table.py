@@ -393,12 +393,15 @@ def _struct_name(label: str) -> str:
     return f"{name}, alpha {alpha}" if name else label
 
 
+# run-config keys that set up a job (its seed, folders, length) rather than the method it trains
+_SETUP_KEYS = frozenset({"seed", "init-from", "out-dir", "run-name", "num-server-rounds", "eval-every", "resume-from"})
+
+
 def _keys(runs: Runs, today: Runs) -> str:
     """The run-config keys a lever sets on top of TwIST as today (from one run of each)."""
     run = next(iter(runs.summaries.values()))["run"]
     base = next(iter(today.summaries.values()))["run"]
-    skip = {"seed", "init-from", "out-dir", "run-name", "num-server-rounds", "eval-every", "resume-from",
-            "distill-from"}
+    skip = _SETUP_KEYS | {"distill-from"}
     keys = [f"{k}={v}" for k, v in sorted(run.items()) if k not in skip and base.get(k) != v]
     if run.get("distill-from"):
         keys.insert(0, f"distill-from={'init' if run['distill-from'] == 'init' else '<the dense model>'}")
@@ -492,7 +495,7 @@ def _recipe_lr_section(t: Table, runs: dict[str, Runs], test, deployed, chosen: 
     if not chosen.startswith("TwIST + "):
         return []
     H, half, n = f"keep-{t.half}", t.half, t.n
-    skip = {"seed", "init-from", "out-dir", "run-name", "num-server-rounds", "eval-every", "resume-from", "lr"}
+    skip = _SETUP_KEYS | {"lr"}
 
     def keys(label: str) -> dict[str, Any]:
         return {k: v for k, v in next(iter(runs[label].summaries.values()))["run"].items() if k not in skip}
