@@ -102,13 +102,38 @@ def test_core_blocks_reach_the_round_plan_and_deployment():
     assert all(set(bp.heads[2]) >= {0, 1} and len(bp.heads[2]) == 4 for bp in plan.blueprints)
     draws = deploy_blueprints(CFG8, "random", 3, seed=0, draws=5, core=2)
     assert all(set(bp.ffn[1]) >= {0, 1} for bp in draws) and len({bp.ffn[1] for bp in draws}) > 1
-    for bad, match in (({"core-blocks": 5}, r"core-blocks=5 must leave every subnet it fixes room to draw: "
-                                            r"allowed 0..4"),
+    for bad, match in (({"core-blocks": 5}, r"core-blocks=5 must fit in the subnets: allowed 0..4"),
+                       ({"core-blocks": 7, "keep-choices": "2,4,6"}, r"core-blocks=7 must fit in the subnets: "
+                                                                     r"allowed 0..6"),
                        ({"core-blocks": 1, "subnet-policy": "ordered"}, "needs strategy='twist' and "
                                                                        "subnet-policy='random'"),
                        ({"core-blocks": -1}, "core-blocks=-1 must be >= 0")):
         with pytest.raises(ValueError, match=match):
             RunConfig.from_flat(bad)
+
+
+def test_a_core_of_half_the_blocks_under_fjords_sizes_is_fjord_up_to_the_core():
+    """`twist-core-half-mixed`: core-blocks N/2 with keeps drawn from the quarters. A subnet no larger
+    than the core is the nested prefix of its keep (FjORD's); a larger one holds the core and random
+    blocks beyond it; the full model's blocks are all trained."""
+    from twist_fl.tools.tune import method_overrides
+
+    keys = method_overrides("twist-core-half-mixed", CFG8.n_blocks)
+    assert keys["core-blocks"] == 4 and keys["keep-choices"] == "2,4,6,8"
+    run = RunConfig.from_flat({k: v for k, v in keys.items() if k != "strategy"})
+    beyond: set[int] = set()
+    seen: set[int] = set()
+    for rnd in range(1, 30):
+        plan = round_plan(CFG8, run, rnd, [1.0, 0.75, 0.5, 0.25])
+        for bp, keep in zip(plan.blueprints, plan.keeps, strict=True):
+            seen.add(keep)
+            if keep <= 4:
+                assert bp == prefix_blueprint(CFG8, keep)
+            elif keep < 8:
+                held = set(bp.heads[2])
+                assert len(held) == keep and set(range(4)) <= held
+                beyond |= held - set(range(4))
+    assert seen == {2, 4, 6, 8} and beyond == {4, 5, 6, 7}  # every block past the core, not only FjORD's 4, 5
 
 
 # --- the recovery baseline: DDP on a pruned model, distilled from a model folder -------------------

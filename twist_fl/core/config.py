@@ -201,7 +201,8 @@ class RunConfig:
     self_distill_weight: float = 0.0  # FjORD's self-distillation (subnet-policy ordered): each step also trains one
     # smaller nested prefix toward the node's own outputs, with this weight; 0 = off
     core_blocks: int = 0  # subnet-policy random: every subnet keeps blocks 0..core-blocks-1 of each non-shared layer
-    # (with init-order, the most important), the rest drawn at random; 0 = TwIST's fully random subnets
+    # (with init-order, the most important), the rest drawn at random (a subnet of keep <= core-blocks is the
+    # prefix of its keep); 0 = TwIST's fully random subnets
     init_order: str = ""  # "" | flap: before round 1, sort each layer's blocks of the init-from model by FLAP's
     # calibration score, most important first (the same function; its nested prefixes become FLAP's choice)
     # levers of the local objective (core/objective.py)
@@ -524,10 +525,10 @@ class RunConfig:
         for k in self.choices_for(cfg):
             cfg.check_keep(k, "run-config keep-choices entry", name)
         cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
-        most = min(*(self.choices_for(cfg) or (self.keep_for(cfg),)), cfg.n_blocks - 1)
+        most = min(max(self.choices_for(cfg) or (self.keep_for(cfg),)), cfg.n_blocks - 1)
         if self.core_blocks > most:
-            raise ValueError(f"run-config core-blocks={self.core_blocks} must leave every subnet it fixes room to "
-                             f"draw: allowed 0..{most} (the smallest keep a node trains, and fewer than the "
+            raise ValueError(f"run-config core-blocks={self.core_blocks} must fit in the subnets: allowed "
+                             f"0..{most} (at most the largest keep a node trains, and fewer than the "
                              f"{cfg.n_blocks} blocks of {name})")
         for k in self.eval_keeps_for(cfg):
             cfg.check_keep(k, "run-config eval-keeps entry", name)

@@ -60,6 +60,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     # FjORD's sizes; deployed as their prefix, and as random subnets holding the core
     "twist-core": ("twist", {"core-blocks": "quarter"}),
     "twist-core-mixed": ("twist", {"core-blocks": "quarter", "keep-choices": "quarters"}),
+    # the same with a core of N/2: FjORD's prefixes up to N/2, random blocks beyond the core above it
+    "twist-core-half-mixed": ("twist", {"core-blocks": "half", "keep-choices": "quarters"}),
 }
 PLAN = "plan.json"  # the commands `run` was given, written into --out
 MIN_SEEDS = 3  # a learning rate is compared on its mean over at least this many seeds
@@ -71,7 +73,8 @@ def job_dir(out: Path, strategy: str, lr: float, seed: int) -> Path:
 
 def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
     """The run-config keys of a method (`METHODS`), for a model of `n_blocks` blocks per layer:
-    `keep="full"` is N and `keep-choices="quarters"` is N/4, N/2, 3N/4, N."""
+    `keep="full"` is N, `keep-choices="quarters"` is N/4, N/2, 3N/4, N, and `core-blocks` "quarter" and
+    "half" are N/4 and N/2."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not allowed; allowed: {list(METHODS)}")
     strategy, keys = METHODS[method]
@@ -83,6 +86,8 @@ def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
             v = ",".join(str(max(1, q * n_blocks // 4)) for q in (1, 2, 3, 4))
         elif v == "quarter":
             v = max(1, n_blocks // 4)
+        elif v == "half":
+            v = max(1, n_blocks // 2)
         out[k] = v
     return out
 
@@ -92,7 +97,10 @@ def method_of(run: dict[str, Any], n_blocks: int = 0) -> str:
     `n_blocks` blocks per layer)."""
     strategy = str(run.get("strategy", "twist"))
     policy = str(run.get("subnet-policy") or "random")
-    if strategy == "twist" and policy == "random" and int(run.get("core-blocks") or 0) > 0:
+    core = int(run.get("core-blocks") or 0)
+    if strategy == "twist" and policy == "random" and core > 0:
+        if run.get("keep-choices") and n_blocks // 4 < core == n_blocks // 2:
+            return "twist-core-half-mixed"
         return "twist-core-mixed" if run.get("keep-choices") else "twist-core"
     if strategy == "twist" and policy == "random" and n_blocks and int(run.get("keep") or 0) >= n_blocks:
         return "twist-fit"
