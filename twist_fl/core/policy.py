@@ -13,7 +13,7 @@ for one blueprint per selected node and never draws blocks itself. The policy he
 
 - `core-blocks = c`: every subnet keeps the first c blocks of each non-shared layer (after
   `init-order`, the most important ones) and draws the rest at random: a nested core under
-  TwIST's random subnets.
+  TwIST's random subnets. A subnet whose keep is no larger than c is the nested prefix of its keep.
 
 With none of these levers the blueprints are exactly today's `sample_blueprints` draw.
 
