@@ -136,6 +136,36 @@ def test_a_core_of_half_the_blocks_under_fjords_sizes_is_fjord_up_to_the_core():
     assert seen == {2, 4, 6, 8} and beyond == {4, 5, 6, 7}  # every block past the core, not only FjORD's 4, 5
 
 
+
+def test_the_scratch_recipe_is_tunes_half_core_at_fjords_sizes_and_the_run_records_its_core(tmp_path):
+    """recipe='scratch' in one key: keep-choices "quarters" and, once the model is known, core-blocks
+    N/2: the round plans of `tune run --methods twist-core-half-mixed`, recorded as such."""
+    from twist_fl.tools.tune import method_of, method_overrides
+
+    keys = method_overrides("twist-core-half-mixed", CFG8.n_blocks)
+    tuned = RunConfig.from_flat({k: v for k, v in keys.items() if k != "strategy"})
+    recipe = RunConfig.from_flat({"recipe": "scratch"})
+    assert recipe.core_blocks == 0 and recipe.keep_choices == "quarters"  # the core needs the model
+    trained = recipe.as_trained(CFG8)
+    assert trained.core_blocks == 4 and trained.choices_for(CFG8) == (2, 4, 6, 8)
+    for rnd in (1, 2, 7):
+        assert round_plan(CFG8, trained, rnd, [1.0, 0.75, 0.5, 0.25]) == \
+            round_plan(CFG8, tuned, rnd, [1.0, 0.75, 0.5, 0.25])
+    assert RunConfig.from_flat({"recipe": "scratch", "core-blocks": 2}).as_trained(CFG8).core_blocks == 2  # yours
+    with pytest.raises(ValueError, match="recipe='scratch' draws TwIST's random subnets around a nested core; it "
+                                         "needs strategy='twist' and subnet-policy='random'"):
+        RunConfig.from_flat({"recipe": "scratch", "subnet-policy": "ordered"})
+    with pytest.raises(ValueError, match=r"core-blocks=4 \(recipe='scratch' sets it to half the blocks\) must fit "
+                                         r"in the subnets: allowed 0..2"):
+        RunConfig.from_flat({"recipe": "scratch", "keep-choices": "1,2"}).as_trained(CFG8)
+
+    summary, _, run_dir = run_local(tmp_path, "scratch", recipe="scratch")
+    recorded = json.loads((run_dir / "config.json").read_text())["run"]
+    n = RunConfig.from_flat(TINY).model_config().n_blocks
+    assert recorded["recipe"] == "scratch" and recorded["core-blocks"] == max(1, n // 2)
+    assert method_of(recorded, n) == "twist-core-half-mixed" and summary["rounds"] == TINY["num-server-rounds"]
+
+
 # --- the recovery baseline: DDP on a pruned model, distilled from a model folder -------------------
 
 

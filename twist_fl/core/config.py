@@ -25,10 +25,13 @@ RUN_MODES = (*NODE_MODES, "hybrid")  # hybrid: true on even partition ids, maske
 DISTILL_SOURCES = ("", "init", "global")  # teacher of the local distillation loss ("" = none), see core/objective.py
 SERVER_OPTIMIZERS = ("avg", "momentum", "nesterov", "adam")  # the outer step, see core/outer.py
 # run-config recipe: the keys a recipe sets (on top of the defaults; a key given another value keeps it). The
-# fine-tune recipe is the one measured in docs/results/finetune (tune finetune's lever of that name).
+# fine-tune recipe is the one measured in docs/results/finetune (tune finetune's lever of that name); the scratch
+# recipe is tune's `twist-core-half-mixed`, measured in docs/results/peers: FjORD's widths over a nested core of
+# half the blocks, which needs the model (`as_trained` sets core-blocks = N/2 when it is left at 0).
 RECIPES: dict[str, dict[str, Any]] = {
     "": {},
     "finetune": {"init-order": "flap", "subnet-policy": "ordered", "keep-choices": "quarters", "local-steps": 1},
+    "scratch": {"keep-choices": "quarters"},
 }
 INIT_ORDERS = ("", "flap")  # init-order: "" keeps the init-from model's block order, see core/importance.py
 
@@ -211,8 +214,8 @@ class RunConfig:
     # init-from was cut from: a recovery fine-tune)
     distill_weight: float = 0.0  # w: the node's loss is (1 - w) * CE + w * T^2 * KL(teacher || student); 0 = off
     distill_temperature: float = 1.0  # T of the distillation softmax
-    recipe: str = ""  # "" | finetune: the recommended keys in one step (RECIPES); a key set to anything but its
-    # default keeps that value
+    recipe: str = ""  # "" | finetune | scratch: the recommended keys in one step (RECIPES; scratch also sets
+    # core-blocks to half the model's blocks); a key set to anything but its default keeps that value
     # the server's outer step (core/outer.py)
     server_optimizer: str = "avg"  # avg (the coverage average) | momentum | nesterov (FedAvgM, DiLoCo) | adam
     server_lr: float = 1.0  # outer learning rate on the averaged update (new - old)
@@ -474,6 +477,10 @@ class RunConfig:
         if self.recipe == "finetune" and not self.init_from:
             raise ValueError("run-config recipe='finetune' makes a trained dense model prunable: set init-from (a "
                              "twist-fl run or model folder, or a Hugging Face GPT-2 folder)")
+        if self.recipe == "scratch" and (self.strategy != "twist" or self.subnet_policy != "random"):
+            raise ValueError("run-config recipe='scratch' draws TwIST's random subnets around a nested core; it needs "
+                             f"strategy='twist' and subnet-policy='random' (got strategy={self.strategy!r}, "
+                             f"subnet-policy={self.subnet_policy!r})")
         _choice("init-order", self.init_order, INIT_ORDERS)
         if self.init_order and not self.init_from:
             raise ValueError(f"run-config init-order={self.init_order!r} orders the blocks of a trained model by "
@@ -492,7 +499,10 @@ class RunConfig:
     def as_trained(self, cfg: GPTConfig) -> RunConfig:
         """This config with `model` naming the architecture actually trained: an init-from model
         brings its own, so `model` then records the preset it matches (a warning line says so when
-        that is not the one the config named)."""
+        that is not the one the config named). Under recipe='scratch', core-blocks left at 0 becomes
+        half the model's blocks, as the run records it."""
+        if self.recipe == "scratch" and not self.core_blocks:
+            return self.replace(core_blocks=max(1, cfg.n_blocks // 2)).as_trained(cfg)
         name = preset_of(cfg) if self.init_from else None
         if name is None or name == self.model:
             return self
@@ -527,7 +537,8 @@ class RunConfig:
         cfg.check_keep(self.keep_for(cfg), "run-config keep", name)
         most = min(max(self.choices_for(cfg) or (self.keep_for(cfg),)), cfg.n_blocks - 1)
         if self.core_blocks > most:
-            raise ValueError(f"run-config core-blocks={self.core_blocks} must fit in the subnets: allowed "
+            why = " (recipe='scratch' sets it to half the blocks)" if self.recipe == "scratch" else ""
+            raise ValueError(f"run-config core-blocks={self.core_blocks}{why} must fit in the subnets: allowed "
                              f"0..{most} (at most the largest keep a node trains, and fewer than the "
                              f"{cfg.n_blocks} blocks of {name})")
         for k in self.eval_keeps_for(cfg):
