@@ -136,7 +136,6 @@ def test_a_core_of_half_the_blocks_under_fjords_sizes_is_fjord_up_to_the_core():
     assert seen == {2, 4, 6, 8} and beyond == {4, 5, 6, 7}  # every block past the core, not only FjORD's 4, 5
 
 
-
 def test_the_scratch_recipe_is_tunes_half_core_at_fjords_sizes_and_the_run_records_its_core(tmp_path):
     """recipe='scratch' in one key: keep-choices "quarters" and, once the model is known, core-blocks
     N/2: the round plans of `tune run --methods twist-core-half-mixed`, recorded as such."""
