@@ -2,6 +2,7 @@
 under random subnets (core-blocks), the recovery baseline (DDP on a pruned model, distilled from
 the dense one), paired ratios with t intervals, and resumes that say what they recovered."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -353,6 +354,28 @@ def test_keep_choices_quarters_follow_the_model():
     assert run.keep_for(preset("gpt2")) == 12
     plan = round_plan(CFG8, run, 3, [1.0] * 4)
     assert set(plan.keeps) <= {2, 4, 6, 8}
+
+
+def test_a_quarter_and_half_the_blocks_are_one_rule_for_the_run_config_and_tune():
+    """quarters_of (rounded down, at least 1) is what the default keep, keep-choices "quarters", the
+    scratch recipe's core and tune's "quarter" / "half" / "quarters" keys resolve to, at any N."""
+    from twist_fl.core.config import quarters_of
+    from twist_fl.tools.tune import method_overrides
+
+    assert [quarters_of(n, 2) for n in (1, 2, 3, 5, 8, 12)] == [1, 1, 1, 2, 4, 6]
+    assert [quarters_of(n, 1) for n in (1, 3, 5, 8)] == [1, 1, 1, 2]
+    assert [quarters_of(7, q) for q in (1, 2, 3, 4)] == [1, 3, 5, 7]
+    for n in (2, 3, 5, 7, 8, 12):
+        cfg = dataclasses.replace(CFG8, n_ffn_blocks=n, n_head=n)
+        assert cfg.n_blocks == n
+        half, quarter = quarters_of(n, 2), quarters_of(n, 1)
+        assert RunConfig.from_flat({}).keep_for(cfg) == half
+        assert RunConfig.from_flat({"recipe": "scratch"}).as_trained(cfg).core_blocks == half
+        quarters = RunConfig.from_flat({"keep-choices": "quarters"}).choices_for(cfg)
+        assert quarters == tuple(sorted({quarters_of(n, q) for q in (1, 2, 3, 4)}))
+        assert method_overrides("fjord", n)["keep-choices"] == ",".join(str(quarters_of(n, q)) for q in (1, 2, 3, 4))
+        assert method_overrides("twist-core-half-mixed", n)["core-blocks"] == half
+        assert method_overrides("twist-core-mixed", n)["core-blocks"] == quarter
 
 
 def test_a_machine_line_names_amx_or_its_absence_on_an_avx512_cpu():

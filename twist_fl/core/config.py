@@ -168,6 +168,12 @@ def preset_of(cfg: GPTConfig) -> str | None:
                  if all(getattr(cfg, k) == v for k, v in fields_.items())), None)
 
 
+def quarters_of(n_blocks: int, quarters: int) -> int:
+    """`quarters` quarters of a layer's `n_blocks` blocks, rounded down, at least 1: the one rule for
+    "a quarter", "half" (the default keep, the scratch recipe's core) and FjORD's widths."""
+    return max(1, quarters * n_blocks // 4)
+
+
 def preset(name: str, **overrides: Any) -> GPTConfig:
     """A GPTConfig from a named preset, with field overrides (e.g. vocab_size)."""
     if name not in PRESETS:
@@ -312,7 +318,7 @@ class RunConfig:
         """`keep`, with 0 resolved to half the blocks of the model; with mixed keeps the largest choice."""
         if self.keep_choices.strip():
             return max(self.choices_for(cfg))
-        return self.keep or max(1, cfg.n_blocks // 2)
+        return self.keep or quarters_of(cfg.n_blocks, 2)
 
     @property
     def keep_choice_list(self) -> tuple[int, ...]:
@@ -326,7 +332,7 @@ class RunConfig:
         """`keep-choices` for this model: "quarters" is N/4, N/2, 3N/4 and N (FjORD's widths at any
         N); a comma list as it is; empty when every node trains `keep`."""
         if self.keep_choices.strip() == "quarters":
-            return tuple(sorted({max(1, q * cfg.n_blocks // 4) for q in (1, 2, 3, 4)}))
+            return tuple(sorted({quarters_of(cfg.n_blocks, q) for q in (1, 2, 3, 4)}))
         return self.keep_choice_list
 
     def trained_keep(self, cfg: GPTConfig) -> int:
@@ -502,7 +508,7 @@ class RunConfig:
         that is not the one the config named). Under recipe='scratch', core-blocks left at 0 becomes
         half the model's blocks, as the run records it."""
         if self.recipe == "scratch" and not self.core_blocks:
-            return self.replace(core_blocks=max(1, cfg.n_blocks // 2)).as_trained(cfg)
+            return self.replace(core_blocks=quarters_of(cfg.n_blocks, 2)).as_trained(cfg)
         name = preset_of(cfg) if self.init_from else None
         if name is None or name == self.model:
             return self

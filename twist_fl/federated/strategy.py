@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import Strategy
 
 from ..core.blocks import coverage_average, held_masks, slice_state
 from ..core.blueprint import Blueprint, sample_blueprints
-from ..core.config import NODE_MODES, GPTConfig, RunConfig, parse_mode
+from ..core.config import NODE_MODES, GPTConfig, RunConfig, parse_mode, quarters_of
 from ..core.outer import OuterOptimizer
 from ..core.policy import capacity_keep, round_plan
 from ..core.rng import Stream, generator
@@ -347,7 +347,7 @@ class TwistStrategy(Strategy):
         rng = generator(self.run.seed, Stream.FED_EVAL, rnd)
         count = max(1, math.ceil(self.run.fraction_evaluate * len(nodes)))
         nodes = [nodes[i] for i in sorted(rng.choice(len(nodes), min(count, len(nodes)), replace=False))]
-        keep = max(1, self.cfg.n_blocks // 2)
+        keep = quarters_of(self.cfg.n_blocks, 2)
         payload = to_record(encode({k: v.astype(np.float32, copy=False) for k, v in to_numpy(arrays).items()},
                                    self.run.wire_dtype))
         nonce = secrets.randbits(62)
@@ -371,7 +371,7 @@ class TwistStrategy(Strategy):
         rnd = server_round + self.round_offset
         record = self.records.setdefault(rnd, RoundRecord(round=rnd))
         sent = {m.metadata.message_id: (node, nonce) for m, node, nonce in self._eval_sent}
-        keep = max(1, self.cfg.n_blocks // 2)
+        keep = quarters_of(self.cfg.n_blocks, 2)
         per_node, rejected = [], []
         for reply in replies:
             node, nonce = sent.pop(reply.metadata.reply_to_message_id, (None, None))

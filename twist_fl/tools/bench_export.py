@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..core.blueprint import sample_blueprints
-from ..core.config import GPTConfig, preset
+from ..core.config import GPTConfig, preset, quarters_of
 from ..core.io import write_json
 from ..core.model import CONFIG_FILE, GPT, WEIGHTS_FILE
 from ..core.precision import cpu_flags
@@ -109,7 +109,7 @@ def kernels(folder: Path, prompt: np.ndarray) -> dict[str, int]:
 def bench_shape(full: GPT, meta: dict[str, Any] | None, prompt_len: int, decode: int, repeats: int,
                 work: Path) -> dict[str, Any]:
     cfg = full.cfg
-    keep = max(1, cfg.n_blocks // 2)
+    keep = quarters_of(cfg.n_blocks, 2)
     bp = sample_blueprints(cfg, 1, keep, seed=0, round=0, allow_partial=True)[0]
     pruned = subnet(full, bp).eval()
     variants: dict[str, Any] = {}

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.config import RunConfig, parse_run_config
+from ..core.config import RunConfig, parse_run_config, quarters_of
 from ..core.io import write_json
 
 log = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ class Finetune:
                 s = self.job(f"{side}-lr{lr:g}-F{o.ft_steps}-s0", self.ft(side, lr, o.ft_steps, 0))
                 final = s["final"]
                 if side == "twist":
-                    half = half or f"keep-{max(1, s['n_blocks'] // 2)}"
+                    half = half or f"keep-{quarters_of(s['n_blocks'], 2)}"
                     scores[lr] = final[half]["mean"]
                 else:
                     scores[lr] = final["full"]["ppl"]

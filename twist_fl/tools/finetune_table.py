@@ -136,11 +136,11 @@ class Table:
         elif run["strategy"] != "twist":
             per = 1.0
         else:
-            from ..core.config import RunConfig
+            from ..core.config import RunConfig, quarters_of
 
             choices = list(RunConfig.from_flat({"keep-choices": run.get("keep-choices") or "",
                                                 "keep": int(run.get("keep") or 0)}).choices_for(self.cfg)) or \
-                [int(run.get("keep") or 0) or max(1, self.n // 2)]
+                [int(run.get("keep") or 0) or quarters_of(self.n, 2)]
             sub = sum(train_flops_ratio(self.cfg, min(k, self.n), seq) for k in choices) / len(choices)
             nodes = self.nodes(summary)
             full = min(int(run.get("full-nodes") or 0), nodes)

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..core.config import RunConfig
+from ..core.config import RunConfig, quarters_of
 from ..core.io import WriteError, atomic_write_text, claim_output, release_claims, write_json
 from ..evaluation.compare import test_ppl
 from ..evaluation.stats import paired_ratio
@@ -83,11 +83,11 @@ def method_overrides(method: str, n_blocks: int) -> dict[str, Any]:
         if v == "full":
             v = n_blocks
         elif v == "quarters":
-            v = ",".join(str(max(1, q * n_blocks // 4)) for q in (1, 2, 3, 4))
+            v = ",".join(str(quarters_of(n_blocks, q)) for q in (1, 2, 3, 4))
         elif v == "quarter":
-            v = max(1, n_blocks // 4)
+            v = quarters_of(n_blocks, 1)
         elif v == "half":
-            v = max(1, n_blocks // 2)
+            v = quarters_of(n_blocks, 2)
         out[k] = v
     return out
 
