@@ -328,6 +328,67 @@ def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_pa
     assert math.isfinite(summary["final"]["full"]["ppl"])
 
 
+def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tmp_path, dense_run, monkeypatch,
+                                                                              caplog):
+    """A second `tune finetune` (`--reverse`) that reaches a job the first one is training sees the
+    lock, even through a relative --out, says once whom it waits for, and touches nothing; once the
+    holder is gone (here: killed) the job resumes from its newest checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import twist_fl.federated.server as server
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    caplog.set_level(logging.INFO, logger="twist_fl")
+    rc = {k: v for k, v in TINY.items() if k not in ("num-server-rounds", "eval-every")}
+    (tmp_path / "ft" / "dense-s0").mkdir(parents=True)
+    (tmp_path / "ft" / "dense-s0" / "run").symlink_to(dense_run)
+    monkeypatch.chdir(tmp_path)
+    ft = Finetune(FinetuneOptions(out="ft", nodes=2, run_config=rc))  # relative, as the docs' commands are
+    real = server.save_checkpoint
+
+    def dies_after_round_2(run_dir, round_, *a, **k):
+        out = real(run_dir, round_, *a, **k)
+        if round_ == 2:
+            raise Crash()
+        return out
+
+    monkeypatch.setattr(server, "save_checkpoint", dies_after_round_2)
+    with pytest.raises(Crash):
+        ft.job("job", ft.ft("twist", 1e-3, 8, 0))
+    monkeypatch.setattr(server, "save_checkpoint", real)
+
+    run = (tmp_path / "ft" / "job" / "run").resolve()
+    hold = ("import sys, time; from twist_fl.core.runs import RunFolder; f = RunFolder.existing(sys.argv[1]); "
+            "print('locked', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    before = {f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+    waits = []
+
+    def sleep(seconds):  # the waiter's pause: look at the folder, then let the holder end at the third
+        waits.append({f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()} == before)
+        if len(waits) == 3:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+
+    try:
+        monkeypatch.setattr(time, "sleep", sleep)
+        summary = ft.job("job", ft.ft("twist", 1e-3, 8, 0))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+    assert waits == [True, True, True]  # nothing cleared, resumed or written while it was held
+    assert caplog.text.count(f"job is being trained by another process (PID {p.pid} ") == 1
+    assert caplog.text.count("job was interrupted after round 2 of 4; resuming it") == 1
+    assert caplog.text.index("being trained by another process") < caplog.text.index("was interrupted after")
+    assert summary["rounds"] == 4
+
+
 # --- the recipe in one key ----------------------------------------------------------------------
 
 

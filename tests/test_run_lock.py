@@ -68,3 +68,27 @@ def test_leftovers_of_a_crashed_writer_are_removed_on_resume(tmp_path):
     run_local(tmp_path, "x", num_server_rounds=2, optimizer_state="reset", resume_from=str(folder))
 
     assert not list(folder.rglob(".tmp-*")) and not list(folder.glob(".*.tmp"))
+
+
+def test_one_folder_has_one_lock_by_any_path_and_its_holder_can_be_asked(tmp_path, monkeypatch):
+    """A relative path, a symlink and the absolute path of one folder are one lock; `holder` names
+    the process that has it without taking it (None when it is free)."""
+    import os
+    from pathlib import Path
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "f")
+    monkeypatch.chdir(tmp_path)
+    assert RunFolder(Path("f")).holder() is None
+    held = RunFolder(tmp_path / "f").lock()
+    try:
+        for other in (Path("f"), Path("link"), tmp_path / "link"):
+            assert RunFolder(other).holder().startswith(f"PID {os.getpid()} on ")
+            with pytest.raises(ValueError, match=f"run folder {other} is being written by another process "
+                                                 rf"\(PID {os.getpid()} "):
+                RunFolder(other).lock()
+        assert RunFolder(Path("f")).holder() is not None  # asking took nothing
+    finally:
+        held.release()
+    assert RunFolder(Path("f")).holder() is None and RunFolder(Path("link")).holder() is None
+    RunFolder(Path("link")).lock().release()

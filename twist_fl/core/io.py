@@ -298,6 +298,23 @@ class HolderLock:
         self._fd = fd
         return self
 
+    def holder(self) -> str | None:
+        """Who holds the lock now (`describe`), or None when it is free; takes nothing and writes
+        nothing (a waiter asks this instead of taking the lock to find out)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return self.describe(self._record(fd))
+        finally:
+            os.close(fd)  # drops the probe's shared lock, if it took one
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             try:
@@ -319,13 +336,14 @@ def cache_dir() -> Path:
 
 
 def lock_path(out: Path) -> Path:
-    """Where the lock of an output path lives: a file named by the path's hash in the cache's
+    """Where the lock of an output path lives: a file named by the hash of the path, resolved (a
+    relative path, a symlink and the absolute path of one folder share one lock), in the cache's
     locks/ folder (the output itself may not exist yet, and no lock file is left in it)."""
     import hashlib
 
     root = cache_dir() / "locks"
     root.mkdir(exist_ok=True)
-    return root / (hashlib.sha256(str(out).encode()).hexdigest()[:32] + ".lock")
+    return root / (hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32] + ".lock")
 
 
 def claim_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = (), force: bool = False,

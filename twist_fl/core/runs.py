@@ -107,6 +107,10 @@ class RunFolder:
         self._lock = HolderLock(lock_path(self.path), f"run folder {self.path}").acquire()
         return self
 
+    def holder(self) -> str | None:
+        """The process writing this folder now (its PID, host, start and command), or None."""
+        return HolderLock(lock_path(self.path), f"run folder {self.path}").holder()
+
     def release(self) -> None:
         if self._lock is not None:
             self._lock.release()

@@ -213,13 +213,22 @@ class Finetune:
         import shutil
         import time
 
+        from ..core.runs import RunFolder
         from .sweep import clear_interrupted, run_job
 
         d = self.folder(name)
         done = d / "summary.json"
+        waiting_for = None
         while True:
             if done.is_file():
                 return json.loads(done.read_text())
+            holder = RunFolder(d).holder()
+            if holder is not None:  # running now: its checkpoints are not an interruption's
+                if holder != waiting_for:
+                    log.info("finetune: %s is being trained by another process (%s); waiting for it", name, holder)
+                    waiting_for = holder
+                time.sleep(5)
+                continue
             resume = resumable_round(d, flat)
             if resume is None:
                 try:
@@ -242,8 +251,7 @@ class Finetune:
             except ValueError as e:
                 if "another" not in str(e) and "already exists" not in str(e):
                     raise
-                log.info("finetune: %s is being trained by another process; waiting for it", name)
-                time.sleep(5)
+                time.sleep(5)  # another process took it between the check above and this run
 
     def best_lrs(self) -> dict[str, float]:
         """Each side's fine-tune rate from the seed-0 grid (see the module docstring)."""
