@@ -22,7 +22,7 @@ def run_local(tmp_path: Path, name: str, num_nodes: int = 2, node_configs=None, 
     flat = {**TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}, "out-dir": str(tmp_path),
             "run-name": name}
     grid = LocalGrid(make_client_app(flat), num_nodes, node_configs=node_configs, reply_hook=reply_hook,
-                     reply_delay=reply_delay)
+                     reply_delay=reply_delay, keep_sent=True)
     summary = run_server(grid, RunConfig.from_flat(flat))
     return summary, grid, tmp_path / name
 
