@@ -27,8 +27,9 @@ def documented_commands() -> list[tuple[str, str]]:
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.strip()
                 for part in line.split(" #")[0].split(" && "):
-                    if part.strip().startswith("twist-fl "):
-                        out.append((f.name, part.strip()))
+                    part = re.sub(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)+", "", part.strip())  # VAR=value before it
+                    if part.startswith("twist-fl "):
+                        out.append((f.name, part))
     return out
 
 
