@@ -249,6 +249,25 @@ class Crash(BaseException):
     pass
 
 
+def crash_after_round_2(monkeypatch, job) -> None:
+    """Run `job()` with the server dying right after it saves round 2's checkpoint (as a killed
+    process would), then put the real checkpoint writer back."""
+    import twist_fl.federated.server as server
+
+    real = server.save_checkpoint
+
+    def dies_after_round_2(run_dir, round_, *a, **k):
+        out = real(run_dir, round_, *a, **k)
+        if round_ == 2:
+            raise Crash()
+        return out
+
+    monkeypatch.setattr(server, "save_checkpoint", dies_after_round_2)
+    with pytest.raises(Crash):
+        job()
+    monkeypatch.setattr(server, "save_checkpoint", real)
+
+
 def _crash_in(round_):
     def hook(sent, reply, node):
         if sent.metadata.message_type == "train" and sent.content["config"]["server-round"] == round_:
@@ -293,7 +312,6 @@ def test_a_resume_without_its_records_or_config_is_refused_and_changes_nothing(t
 
 @pytest.mark.slow
 def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_path, dense_run, monkeypatch, caplog):
-    import twist_fl.federated.server as server
     from twist_fl.tools.finetune import Finetune, FinetuneOptions
 
     caplog.set_level(logging.INFO, logger="twist_fl")
@@ -305,19 +323,8 @@ def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_pa
     flat = straight.ft("twist", 1e-3, 8, 0)  # 4 rounds of 2 local steps, node moments kept (the default)
     straight.job("job", flat)
 
-    real = server.save_checkpoint
-
-    def dies_after_round_2(run_dir, round_, *a, **k):
-        out = real(run_dir, round_, *a, **k)
-        if round_ == 2:
-            raise Crash()
-        return out
-
-    monkeypatch.setattr(server, "save_checkpoint", dies_after_round_2)
     cut = Finetune(FinetuneOptions(out=str(tmp_path / "cut"), nodes=2, run_config=rc))
-    with pytest.raises(Crash):
-        cut.job("job", cut.ft("twist", 1e-3, 8, 0))
-    monkeypatch.setattr(server, "save_checkpoint", real)
+    crash_after_round_2(monkeypatch, lambda: cut.job("job", cut.ft("twist", 1e-3, 8, 0)))
     summary = cut.job("job", cut.ft("twist", 1e-3, 8, 0))
 
     assert "job was interrupted after round 2 of 4; resuming it" in caplog.text
@@ -338,7 +345,6 @@ def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tm
     import sys
     import time
 
-    import twist_fl.federated.server as server
     from twist_fl.tools.finetune import Finetune, FinetuneOptions
 
     caplog.set_level(logging.INFO, logger="twist_fl")
@@ -347,18 +353,7 @@ def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tm
     (tmp_path / "ft" / "dense-s0" / "run").symlink_to(dense_run)
     monkeypatch.chdir(tmp_path)
     ft = Finetune(FinetuneOptions(out="ft", nodes=2, run_config=rc))  # relative, as the docs' commands are
-    real = server.save_checkpoint
-
-    def dies_after_round_2(run_dir, round_, *a, **k):
-        out = real(run_dir, round_, *a, **k)
-        if round_ == 2:
-            raise Crash()
-        return out
-
-    monkeypatch.setattr(server, "save_checkpoint", dies_after_round_2)
-    with pytest.raises(Crash):
-        ft.job("job", ft.ft("twist", 1e-3, 8, 0))
-    monkeypatch.setattr(server, "save_checkpoint", real)
+    crash_after_round_2(monkeypatch, lambda: ft.job("job", ft.ft("twist", 1e-3, 8, 0)))
 
     run = (tmp_path / "ft" / "job" / "run").resolve()
     hold = ("import sys, time; from twist_fl.core.runs import RunFolder; f = RunFolder.existing(sys.argv[1]); "
