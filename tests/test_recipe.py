@@ -364,10 +364,11 @@ def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tm
     waits = []
 
     def sleep(seconds):  # the waiter's pause: look at the folder, then let the holder end at the third
-        waits.append({f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()} == before)
-        if len(waits) == 3:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
+        if p.poll() is None:
+            waits.append({f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()} == before)
+            if len(waits) == 3:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
 
     try:
         monkeypatch.setattr(time, "sleep", sleep)
