@@ -269,21 +269,31 @@ class HolderLock:
         return (f"PID {rec['pid']} on {rec.get('host', '?')}, started {rec.get('started', '?')}"
                 + (f": {rec['command']}" if rec.get("command") else ""))
 
-    def acquire(self) -> HolderLock:
+    def _try(self, mode: int) -> tuple[int | None, dict]:
+        """Open the lock file and take the flock `mode` without waiting: (its descriptor, {}), or
+        (None, the holder's record) when another process has it."""
         import fcntl
-        import logging
-        import sys
-        import time
 
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise _write_error(self.path, e) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             rec = self._record(fd)
             os.close(fd)
+            return None, rec
+        return fd, {}
+
+    def acquire(self) -> HolderLock:
+        import fcntl
+        import logging
+        import sys
+        import time
+
+        fd, rec = self._try(fcntl.LOCK_EX)
+        if fd is None:
             raise ValueError(f"{self.what} is being written by another process ({self.describe(rec)}); wait for it "
                              "to end, or choose another output") from None
         previous = self._record(fd)
@@ -303,16 +313,10 @@ class HolderLock:
         nothing (a waiter asks this instead of taking the lock to find out)."""
         import fcntl
 
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise _write_error(self.path, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return self.describe(self._record(fd))
-        finally:
-            os.close(fd)  # drops the probe's shared lock, if it took one
+        fd, rec = self._try(fcntl.LOCK_SH)
+        if fd is None:
+            return self.describe(rec)
+        os.close(fd)  # drops the probe's shared lock
         return None
 
     def release(self) -> None:
