@@ -373,6 +373,50 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     assert "## The recipe's learning rate over seeds" in md2 and "| ord | 0.001 (the recipe) | 2 |" in md2
     assert "| test full vs the recipe | test 2/4 vs the recipe |" in md2
 
+    # --lr-choice seeds: each side at its best mean validation over both seeds, and the table built on those runs
+    monkeypatch.undo()
+
+    def valid(side, lr, s):
+        f = json.loads((out / f"{side}-lr{lr:g}-F8-s{s}" / "run" / "summary.json").read_text())["final"]
+        return f["keep-2"]["mean"] if side == "twist" else f["full"]["ppl"]
+
+    def on_both(side, lr):
+        return all((out / f"{side}-lr{lr:g}-F8-s{s}" / "run" / "summary.json").is_file() for s in (0, 1))
+
+    by_hand = {side: min((lr for lr in (1e-3, 2e-3) if on_both(side, lr)),
+                         key=lambda lr, side=side: valid(side, lr, 0) + valid(side, lr, 1))
+               for side in ("twist", "ddp")}
+    assert main(["finetune-table", str(out), "--out", str(tmp_path / "t3"), "--test-tokens", "256", "--draws", "1",
+                 "--keeps", "2", "--lr-choice", "seeds"]) == 0
+    res3 = json.loads((tmp_path / "t3" / "finetune.json").read_text())
+    assert res3["lr_choice"] == "seeds" and res3["best_lrs"] == by_hand
+    want = compare.test_ppl(str(out / f"twist-lr{by_hand['twist']:g}-F8-s1" / "run"), [2], 1, 256)
+    assert res3["test"]["TwIST (as today)"]["1"] == pytest.approx(want)
+    want = compare.test_ppl(str(out / f"ddp-lr{by_hand['ddp']:g}-F8-s0" / "run"), [2], 1, 256)["full"]
+    assert res3["baselines"]["0"]["full"] == pytest.approx(want)
+    assert "among the rates run on every seed (`--lr-choice seeds`" in (tmp_path / "t3" / "FINETUNE.md").read_text()
+
+
+def test_lr_choice_seeds_takes_the_best_mean_over_the_seeds_every_rate_ran(caplog):
+    from twist_fl.tools.finetune_table import rate_over_seeds
+
+    scores = {1e-3: {0: 5.0, 1: 5.4, 2: 5.0}, 2e-3: {0: 5.1, 1: 5.0, 2: 5.1}, 3e-3: {0: 4.9}}
+    with caplog.at_level("WARNING"):
+        # 2e-3's mean (5.067) beats 1e-3's (5.133) though 1e-3 wins on seed 0; 3e-3 ran on seed 0 only
+        assert rate_over_seeds("ddp", scores, [0, 1, 2]) == 2e-3
+    assert "ddp at lr 0.003 (seeds [0]) does better than the chosen 0.002 on each seed it ran" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert rate_over_seeds("ddp", {k: scores[k] for k in (1e-3, 2e-3)}, [0, 1, 2]) == 2e-3
+    assert "ddp lr 0.002 is at the edge of the rates run (0.001, 0.002): widen them" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert rate_over_seeds("twist", {**scores, 3e-3: {0: 5.3}}, [0, 1, 2]) == 2e-3
+    assert caplog.text == ""  # inside the rates run, and the one-seed rate does worse
+    with pytest.raises(ValueError, match=r"no twist rate was run on every seed \[0, 1, 2\] \(rates and seeds run: "
+                                         r"\{'0.003': \[0\]\}\)"):
+        rate_over_seeds("twist", {3e-3: {0: 4.9}}, [0, 1, 2])
+
 
 def test_a_finetune_folder_refuses_a_command_of_another_setting(tmp_path):
     from twist_fl.core.io import write_json

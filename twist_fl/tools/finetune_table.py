@@ -24,6 +24,7 @@ from .help import shown
 
 log = logging.getLogger(__name__)
 
+LR_CHOICES = ("grid", "seeds")  # each side's rate: the seed-0 grid's (plan.json), or the best mean over seeds
 LEVER = re.compile(r"^lever-(?P<name>.+?)(?:-F(?P<f>\d+))?-s(?P<seed>\d+)$")
 TEACHER_FORWARD = 1 / 3  # a forward pass is about a third of a training step's FLOPs (backward = 2 x forward)
 ALPHAS = (0.5, 0.0)
@@ -32,6 +33,27 @@ ALPHAS = (0.5, 0.0)
 def _summary(folder: Path) -> dict[str, Any] | None:
     f = folder / "summary.json"
     return json.loads(f.read_text()) if f.is_file() and (folder / "model").is_dir() else None
+
+
+def rate_over_seeds(side: str, scores: dict[float, dict[int, float]], seeds: list[int]) -> float:
+    """`--lr-choice seeds`: the rate with the lowest mean validation perplexity over `seeds`, among the
+    rates run on every one of them (`scores`: rate -> seed -> validation). A rate run on fewer seeds
+    that does better on each seed it ran, or a choice at the edge of the rates run, is logged: the grid
+    should be widened there (`tune finetune --stages lr-seeds --lr-seeds <rate>`)."""
+    full = {lr: v for lr, v in scores.items() if set(seeds) <= set(v)}
+    if not full:
+        raise ValueError(f"--lr-choice seeds: no {side} rate was run on every seed {seeds} (rates and seeds run: "
+                         f"{ {f'{lr:g}': sorted(v) for lr, v in scores.items()} }); run one with `tune finetune "
+                         f"--stages lr-seeds --lr-seeds <rate>`")
+    best = min(full, key=lambda lr: sum(full[lr][s] for s in seeds) / len(seeds))
+    for lr, v in scores.items():
+        if lr not in full and all(v[s] < full[best][s] for s in v):
+            log.warning("finetune-table: %s at lr %g (seeds %s) does better than the chosen %g on each seed it ran; "
+                        "run it on every seed", side, lr, sorted(v), best)
+    if len(scores) > 1 and best in (min(scores), max(scores)):
+        log.warning("finetune-table: %s lr %g is at the edge of the rates run (%s): widen them", side, best,
+                    ", ".join(f"{lr:g}" for lr in scores))
+    return best
 
 
 @dataclass
@@ -60,7 +82,7 @@ class Runs:
 class Table:
     """Evaluations of one finetune folder, cached, and the paired comparisons built from them."""
 
-    def __init__(self, root: Path, draws: int, tokens: int, keeps: list[int] | None):
+    def __init__(self, root: Path, draws: int, tokens: int, keeps: list[int] | None, lr_choice: str = "grid"):
         from ..evaluation.loading import load_model
 
         self.root, self.draws, self.tokens = root, draws, tokens
@@ -82,6 +104,24 @@ class Table:
         self.keeps = keeps or sorted({max(1, round(n * f)) for f in (.25, .5, .75)} - {n})
         self.half = min(self.keeps, key=lambda k: (abs(2 * k - n), k))
         self.recovery = json.loads((root / "recovery.json").read_text()) if (root / "recovery.json").is_file() else {}
+        if lr_choice not in LR_CHOICES:
+            raise ValueError(f"--lr-choice={lr_choice!r} is not one of {list(LR_CHOICES)}")
+        self.lr_choice, self.grid_best = lr_choice, dict(self.best)
+        if lr_choice == "seeds":
+            self.best = {side: rate_over_seeds(side, self.rate_scores(side), sorted(dense.folders))
+                         for side in ("twist", "ddp")}
+
+    def rate_scores(self, side: str) -> dict[float, dict[int, float]]:
+        """Validation perplexity of what `side` deploys, by rate and seed, for every `<side>-lr<lr>-F<F>-s<seed>`
+        job: TwIST's random N/2 subnets (what it is trained to deploy), DDP's full model (before pruning)."""
+        H, out = f"keep-{self.half}", {}
+        for d in sorted(self.root.iterdir()):
+            m = re.match(rf"^{side}-lr([0-9.e-]+)-F{self.F}-s(\d+)$", d.name)
+            s = _summary(d / "run") if m else None
+            if s is not None:
+                out.setdefault(float(m.group(1)), {})[int(m.group(2))] = \
+                    s["final"][H]["mean"] if side == "twist" else s["final"]["full"]["ppl"]
+        return dict(sorted(out.items()))
 
     # --- evaluations ---------------------------------------------------------------------
 
@@ -168,7 +208,7 @@ def _txt(p: Paired | None) -> str:
 
 
 def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, keeps: str = "",
-                   argv: list[str] | None = None, recipe: str = "") -> dict[str, Any]:
+                   argv: list[str] | None = None, recipe: str = "", lr_choice: str = "grid") -> dict[str, Any]:
     """Write FINETUNE.md and finetune.json into `out` (the command line claims it first:
     `io.claim_output`)."""
     from ..core.precision import machine, vector_text
@@ -180,7 +220,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     if keeps:
         model, _ = load_model(str(next(root.glob("dense-s*/run"))))
         keep_list = parse_keeps(keeps, model.cfg)
-    t = Table(root, draws, tokens, keep_list)
+    t = Table(root, draws, tokens, keep_list, lr_choice)
     n, half, F, best = t.n, t.half, t.F, t.best
     H = f"keep-{half}"
 
@@ -253,7 +293,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
              f"A dense model (DDP, {t.plan['dense_steps']} steps at lr {t.plan['dense_lr']:g}, one per seed) is "
              f"fine-tuned for F = {F} more steps with TwIST (lr {best['twist']:g}; each lever below on top of it) or "
              f"with DDP (lr {best['ddp']:g}), at equal tokens; the DDP model is then pruned after training by every "
-             "post-training method. Test perplexity "
+             f"post-training method. Each side's rate: {_choice_text(t)} Test perplexity "
              f"({tokens:,} tokens); random subnets are a mean over {draws} draws per model; nested-prefix rows "
              "(`subnet-policy=ordered`, `core-blocks`) deploy their prefix. Every ratio is paired by seed: mean ± "
              "sample sd [95% t interval]; an interval that holds 1 is a difference within noise (level). "
@@ -339,7 +379,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
                      f"(all sizes) |")
 
     result: dict[str, Any] = {
-        "root": shown(str(root.resolve())), "F": F, "best_lrs": best, "seeds": seeds, "keeps": t.keeps, "n_blocks": n,
+        "root": shown(str(root.resolve())), "F": F, "best_lrs": best, "lr_choice": t.lr_choice, "seeds": seeds,
+        "keeps": t.keeps, "n_blocks": n,
         "half": half, "recipe": chosen, "machine": m, "tokens": tokens, "draws": draws, "split": "test",
         "dense_steps": t.plan["dense_steps"], "dense_lr": t.plan["dense_lr"], "recovery": t.recovery,
         "best_structured": best_struct,
@@ -453,20 +494,25 @@ def _local_steps_section(t: Table, root: Path, test, runs, deployed, dd: Runs, d
     return out
 
 
+def _choice_text(t: Table) -> str:
+    """How the table's two rates were chosen, as a sentence (`--lr-choice`)."""
+    if t.lr_choice == "grid":
+        return "the lower validation perplexity on the seed-0 grid (`tune finetune`'s choice, plan.json)."
+    text = (f"the lowest mean validation perplexity over the {len(t.dense.folders)} seeds among the rates run on "
+            "every seed (`--lr-choice seeds`; the table \"The learning rate over seeds\" below).")
+    if float(t.best["twist"]) != float(t.grid_best["twist"]):
+        text += (f" The levers ran at the seed-0 grid's TwIST rate ({t.grid_best['twist']:g}) unless their keys set "
+                 "lr.")
+    return text
+
+
 def _lr_section(t: Table, root: Path, result) -> list[str]:
     """Each side's fine-tune rates over seeds (the grid is seed 0's; the `lr-seeds` stage runs rates
     on the other seeds): validation perplexity of what the side deploys, paired against the chosen
     rate."""
-    H = f"keep-{t.half}"
     rows, out = [], []
     for side, what in (("twist", f"random {t.half}/{t.n} subnets"), ("ddp", "full model")):
-        lrs = sorted({float(m.group(1)) for d in root.iterdir()
-                      if (m := re.match(rf"^{side}-lr([0-9.e-]+)-F{t.F}-s\d+$", d.name))})
-        vals = {}
-        for lr in lrs:
-            r = Runs.find(root, lambda s, lr=lr, side=side: Finetune.pair_name(side, lr, t.F, s))
-            vals[lr] = {s: (v["final"][H]["mean"] if side == "twist" else v["final"]["full"]["ppl"])
-                        for s, v in r.summaries.items()}
+        vals = t.rate_scores(side)
         chosen = vals.get(float(t.best[side]), {})
         if not any(len(v) > 1 for lr, v in vals.items() if lr != float(t.best[side])):
             continue
@@ -478,8 +524,8 @@ def _lr_section(t: Table, root: Path, result) -> list[str]:
                 "valid": {str(s): x for s, x in v.items()}, "vs_chosen": _dict(_ratio(v, chosen)) if not mark else None}
     if rows:
         out = ["", f"## The learning rate over seeds (F = {t.F}, validation)", "",
-               "The grid is run on seed 0 and each side's rate chosen there; the `lr-seeds` stage runs rates on the "
-               "other seeds too. Validation perplexity of what each side deploys; ratios paired by seed against the "
+               "The grid is run on seed 0; the `lr-seeds` stage runs rates on the other seeds too. Each side's rate: "
+               f"{_choice_text(t)} Validation perplexity of what each side deploys; ratios paired by seed against the "
                "chosen rate (above 1: the chosen rate is better).", "",
                "| side | lr | measured on | seeds | validation | vs the chosen rate |", "|---|---|---|---|---|---|",
                *rows]

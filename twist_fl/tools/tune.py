@@ -464,6 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
     g.add_argument("--recipe", default="", help="the lever the table's headline is about (default: the one whose "
                    "deployed N/2 subnets have the lowest validation perplexity)")
+    g.add_argument("--lr-choice", choices=("grid", "seeds"), default="grid", help="each side's fine-tune rate: "
+                   "'grid', the seed-0 grid's choice that `tune finetune` made (plan.json); 'seeds', the lowest mean "
+                   "validation perplexity over every seed among the rates run on every seed (the grid's and "
+                   "--lr-seeds')")
     g.add_argument("--force", action="store_true", help="write into an --out that holds files (FINETUNE.md and "
                    "finetune.json are replaced, nothing else is touched)")
     return ap
@@ -565,7 +569,7 @@ def _finetune(args: argparse.Namespace, argv: list[str]) -> int:
             raise ValueError(f"--draws={args.draws} and --test-tokens={args.test_tokens} must be >= 1")
         claim_output(args.out, inputs=(args.root,), force=args.force)
         print(finetune_table(Path(args.root), Path(args.out), args.draws, args.test_tokens, args.keeps,
-                             argv, recipe=args.recipe)["markdown"])
+                             argv, recipe=args.recipe, lr_choice=args.lr_choice)["markdown"])
         return 0
     from ..baselines.ddp import parse_overrides
 
