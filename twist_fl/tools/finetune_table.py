@@ -494,12 +494,12 @@ def _local_steps_section(t: Table, root: Path, test, runs, deployed, dd: Runs, d
     return out
 
 
-def _choice_text(t: Table) -> str:
+def _choice_text(t: Table, where: str = "; the table \"The learning rate over seeds\" below") -> str:
     """How the table's two rates were chosen, as a sentence (`--lr-choice`)."""
     if t.lr_choice == "grid":
         return "the lower validation perplexity on the seed-0 grid (`tune finetune`'s choice, plan.json)."
     text = (f"the lowest mean validation perplexity over the {len(t.dense.folders)} seeds among the rates run on "
-            "every seed (`--lr-choice seeds`; the table \"The learning rate over seeds\" below).")
+            f"every seed (`--lr-choice seeds`{where}).")
     if float(t.best["twist"]) != float(t.grid_best["twist"]):
         text += (f" The levers ran at the seed-0 grid's TwIST rate ({t.grid_best['twist']:g}) unless their keys set "
                  "lr.")
@@ -525,8 +525,8 @@ def _lr_section(t: Table, root: Path, result) -> list[str]:
     if rows:
         out = ["", f"## The learning rate over seeds (F = {t.F}, validation)", "",
                "The grid is run on seed 0; the `lr-seeds` stage runs rates on the other seeds too. Each side's rate: "
-               f"{_choice_text(t)} Validation perplexity of what each side deploys; ratios paired by seed against the "
-               "chosen rate (above 1: the chosen rate is better).", "",
+               f"{_choice_text(t, '')} Validation perplexity of what each side deploys; ratios paired by seed "
+               "against the chosen rate (above 1: the chosen rate is better).", "",
                "| side | lr | measured on | seeds | validation | vs the chosen rate |", "|---|---|---|---|---|---|",
                *rows]
     return out
