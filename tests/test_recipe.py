@@ -325,6 +325,11 @@ def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_pa
 
     cut = Finetune(FinetuneOptions(out=str(tmp_path / "cut"), nodes=2, run_config=rc))
     crash_after_round_2(monkeypatch, lambda: cut.job("job", cut.ft("twist", 1e-3, 8, 0)))
+    run = tmp_path / "cut" / "job" / "run"
+    before = {f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()}
+    with pytest.raises(ValueError, match=r"holds job 'job' trained with other keys: \{'lr': \(0.001, 0.002\)\}"):
+        cut.job("job", cut.ft("twist", 2e-3, 8, 0))  # another job under that name: not resumed as this one
+    assert {f: f.read_bytes() for f in sorted(run.rglob("*")) if f.is_file()} == before
     summary = cut.job("job", cut.ft("twist", 1e-3, 8, 0))
 
     assert "job was interrupted after round 2 of 4; resuming it" in caplog.text
@@ -333,6 +338,31 @@ def test_an_interrupted_finetune_job_resumes_to_the_uninterrupted_weights(tmp_pa
     assert all(np.array_equal(a[k], b[k]) for k in a)  # the nodes' moments came back from node-state/
     assert not (tmp_path / "cut" / "job" / "node-state").exists()
     assert math.isfinite(summary["final"]["full"]["ppl"])
+
+
+def test_a_finished_finetune_job_is_reused_only_for_the_keys_it_was_trained_with(tmp_path):
+    """A folder's finished job is returned as it is when asked for with the keys it recorded (a
+    recipe's resolved keys and a path to where it ran do not count), and refused when a lever of
+    that name now means other keys."""
+    from twist_fl.core.io import write_json
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    ft = Finetune(FinetuneOptions(out=str(tmp_path), variants="r:recipe=finetune lr=0.002"))
+    flat = ft.ft("twist", 1e-3, 300, 0, ft.variants["r"])
+    resolved = {**flat, "recipe": "finetune", "keep-choices": "quarters", "subnet-policy": "ordered",
+                "init-order": "flap", "out-dir": str(tmp_path / "lever-r-s0"), "run-name": "run"}
+    (tmp_path / "lever-r-s0" / "run").mkdir(parents=True)
+    write_json(tmp_path / "lever-r-s0" / "run" / "summary.json", {"run": resolved, "rounds": 300})
+    assert ft.job("lever-r-s0", flat)["rounds"] == 300  # the same job: not trained again
+
+    other = Finetune(FinetuneOptions(out=str(tmp_path), variants="r:recipe=finetune lr=0.003"))
+    with pytest.raises(ValueError, match=r"lever-r-s0/run holds job 'lever-r-s0' trained with other keys: "
+                                         r"\{'lr': \(0.002, 0.003\)\} \(key: \(recorded, now\)\); name the "
+                                         r"lever otherwise, or use another --out"):
+        other.job("lever-r-s0", other.ft("twist", 1e-3, 300, 0, other.variants["r"]))
+    kd = Finetune(FinetuneOptions(out=str(tmp_path), variants="r:recipe=finetune lr=0.002 full-nodes=1"))
+    with pytest.raises(ValueError, match=r"\{'full-nodes': \(0, 1\)\}"):
+        kd.job("lever-r-s0", kd.ft("twist", 1e-3, 300, 0, kd.variants["r"]))
 
 
 def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tmp_path, dense_run, monkeypatch,

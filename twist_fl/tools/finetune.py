@@ -121,6 +121,30 @@ def resumable_round(run_dir: Path, flat: dict[str, Any]) -> int | None:
         return None
 
 
+_WHERE = ("out-dir", "run-name", "resume-from")  # where a job runs, not what it trains
+
+
+def _what_it_trains(flat: dict[str, Any]) -> dict[str, Any]:
+    """A job's run config as it resolves (a recipe's keys set, defaults filled), less where it ran;
+    keys this version does not know are left out, so an older finished job still compares."""
+    known = RunConfig().to_flat()
+    keys = {k: v for k, v in flat.items() if k in known and k not in _WHERE}
+    init = keys.get("init-from", "")
+    resolved = RunConfig.from_flat({**keys, "init-from": "." if init else ""}).to_flat()  # (it may not exist yet)
+    return {**{k: v for k, v in resolved.items() if k not in _WHERE}, "init-from": init}
+
+
+def check_same_job(name: str, folder: Path, recorded: dict[str, Any], flat: dict[str, Any]) -> None:
+    """A job folder holds the job of that name only: a finished or interrupted job whose recorded
+    run config differs from the one asked for now (a lever redefined under its name, another rate
+    for a lever that takes TwIST's) is refused, never reused or resumed as if it were this one."""
+    was, now = _what_it_trains(recorded), _what_it_trains(flat)
+    differ = {k: (was.get(k), now.get(k)) for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)}
+    if differ:
+        raise ValueError(f"{folder} holds job {name!r} trained with other keys: {differ} (key: (recorded, now)); "
+                         "name the lever otherwise, or use another --out")
+
+
 def _steps_to_rounds(steps: int, local_steps: int, what: str) -> int:
     if steps < local_steps or steps % local_steps:
         raise ValueError(f"{what}={steps} must be a positive multiple of local-steps={local_steps}")
@@ -221,7 +245,9 @@ class Finetune:
         waiting_for = None
         while True:
             if done.is_file():
-                return json.loads(done.read_text())
+                summary = json.loads(done.read_text())
+                check_same_job(name, d, summary["run"], flat)
+                return summary
             holder = RunFolder(d).holder()
             if holder is not None:  # running now: its checkpoints are not an interruption's
                 if holder != waiting_for:
@@ -230,6 +256,8 @@ class Finetune:
                 time.sleep(5)
                 continue
             resume = resumable_round(d, flat)
+            if resume is not None:
+                check_same_job(name, d, json.loads((d / "config.json").read_text())["run"], flat)
             if resume is None:
                 try:
                     clear_interrupted(d, "finetune")
