@@ -399,7 +399,7 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
 
     lines += _local_steps_section(t, root, test, runs, deployed, dd, ddp_full, structured[best_struct],
                                   best_struct, result)
-    lines += _lr_section(t, root, result)
+    lines += _lr_section(t, result)
     lines += _recipe_lr_section(t, runs, test, deployed, chosen, bool(recipe), result)
     lines += _length_section(t, root, result)
     lines += _alpha_section(t, base)
@@ -506,7 +506,7 @@ def _choice_text(t: Table, where: str = "; the table \"The learning rate over se
     return text
 
 
-def _lr_section(t: Table, root: Path, result) -> list[str]:
+def _lr_section(t: Table, result) -> list[str]:
     """Each side's fine-tune rates over seeds (the grid is seed 0's; the `lr-seeds` stage runs rates
     on the other seeds): validation perplexity of what the side deploys, paired against the chosen
     rate."""
