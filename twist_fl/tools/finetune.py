@@ -121,6 +121,14 @@ def resumable_round(run_dir: Path, flat: dict[str, Any]) -> int | None:
         return None
 
 
+def side_validation(side: str, summary: dict[str, Any], half: int) -> float:
+    """What a side's fine-tune rate is chosen on, from a finished job's summary: TwIST's random
+    subnets at `half` (what it is trained to deploy), DDP's full model (what it deploys, before
+    pruning)."""
+    final = summary["final"]
+    return final[f"keep-{half}"]["mean"] if side == "twist" else final["full"]["ppl"]
+
+
 _WHERE = ("out-dir", "run-name", "resume-from")  # where a job runs, not what it trains
 
 
@@ -283,18 +291,13 @@ class Finetune:
 
     def best_lrs(self) -> dict[str, float]:
         """Each side's fine-tune rate from the seed-0 grid (see the module docstring)."""
-        o, half = self.o, None
+        o = self.o
         best = {}
         for side, lrs in (("twist", o.twist_lrs), ("ddp", o.ddp_lrs)):
             scores = {}
             for lr in (reversed(lrs) if o.reverse else lrs):
                 s = self.job(f"{side}-lr{lr:g}-F{o.ft_steps}-s0", self.ft(side, lr, o.ft_steps, 0))
-                final = s["final"]
-                if side == "twist":
-                    half = half or f"keep-{quarters_of(s['n_blocks'], 2)}"
-                    scores[lr] = final[half]["mean"]
-                else:
-                    scores[lr] = final["full"]["ppl"]
+                scores[lr] = side_validation(side, s, quarters_of(s["n_blocks"], 2))
             best[side] = min(scores, key=scores.get)
             edge = " (at the edge of the grid: widen it)" if len(lrs) > 1 and best[side] in (min(lrs), max(lrs)) \
                 else ""

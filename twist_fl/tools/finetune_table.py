@@ -19,7 +19,7 @@ from typing import Any
 
 from ..core.io import atomic_write_text, write_json
 from ..evaluation.stats import Paired, mean_sd, paired_ratio
-from .finetune import Finetune, cached_eval
+from .finetune import Finetune, cached_eval, side_validation
 from .help import shown
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ class Table:
         self.recovery = json.loads((root / "recovery.json").read_text()) if (root / "recovery.json").is_file() else {}
         if lr_choice not in LR_CHOICES:
             raise ValueError(f"--lr-choice={lr_choice!r} is not one of {list(LR_CHOICES)}")
-        self.lr_choice, self.grid_best = lr_choice, dict(self.best)
+        self.lr_choice = lr_choice
         if lr_choice == "seeds":
             self.best = {side: rate_over_seeds(side, self.rate_scores(side), sorted(dense.folders))
                          for side in ("twist", "ddp")}
@@ -114,13 +114,12 @@ class Table:
     def rate_scores(self, side: str) -> dict[float, dict[int, float]]:
         """Validation perplexity of what `side` deploys, by rate and seed, for every `<side>-lr<lr>-F<F>-s<seed>`
         job: TwIST's random N/2 subnets (what it is trained to deploy), DDP's full model (before pruning)."""
-        H, out = f"keep-{self.half}", {}
+        out: dict[float, dict[int, float]] = {}
         for d in sorted(self.root.iterdir()):
             m = re.match(rf"^{side}-lr([0-9.e-]+)-F{self.F}-s(\d+)$", d.name)
             s = _summary(d / "run") if m else None
             if s is not None:
-                out.setdefault(float(m.group(1)), {})[int(m.group(2))] = \
-                    s["final"][H]["mean"] if side == "twist" else s["final"]["full"]["ppl"]
+                out.setdefault(float(m.group(1)), {})[int(m.group(2))] = side_validation(side, s, self.half)
         return dict(sorted(out.items()))
 
     # --- evaluations ---------------------------------------------------------------------
@@ -500,8 +499,9 @@ def _choice_text(t: Table, where: str = "; the table \"The learning rate over se
         return "the lower validation perplexity on the seed-0 grid (`tune finetune`'s choice, plan.json)."
     text = (f"the lowest mean validation perplexity over the {len(t.dense.folders)} seeds among the rates run on "
             f"every seed (`--lr-choice seeds`{where}).")
-    if float(t.best["twist"]) != float(t.grid_best["twist"]):
-        text += (f" The levers ran at the seed-0 grid's TwIST rate ({t.grid_best['twist']:g}) unless their keys set "
+    grid = t.plan["best_lrs"]  # the seed-0 grid's rates, which `tune finetune` ran the levers at
+    if float(t.best["twist"]) != float(grid["twist"]):
+        text += (f" The levers ran at the seed-0 grid's TwIST rate ({grid['twist']:g}) unless their keys set "
                  "lr.")
     return text
 
