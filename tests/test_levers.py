@@ -472,6 +472,13 @@ def test_recovery_distill_none_runs_the_plain_recovery_only(tmp_path, capsys):
     assert done == ["ddp-lr0.001-F4-s0", "dense-s0", "recovery-lr0.001-k2-F4-s0", "twist-lr0.001-F4-s0"]
     run = json.loads((out / "recovery-lr0.001-k2-F4-s0" / "run" / "summary.json").read_text())
     assert run["keep"] == 2 and not run["run"].get("distill-from")
+    # a one-seed folder's table says so in the singular, and names the recovery row
+    assert main(["finetune-table", str(out), "--out", str(tmp_path / "t"), "--test-tokens", "256", "--draws", "1",
+                 "--keeps", "2", "--lr-choice", "seeds"]) == 0
+    md = (tmp_path / "t" / "FINETUNE.md").read_text()
+    assert md.startswith("# Fine-tuning a dense model with TwIST: the recipe against every baseline (1 seed, paired)")
+    assert "over the 1 seed among the rates run on every seed" in md and "1 seeds" not in md
+    assert "| FLAP + recovery fine-tune (one run per size) |" in md
     capsys.readouterr()
     for value, said in (("nothing", "--recovery-distill entry 'nothing' is not key=value"),
                         ("distill-weight=0", "--recovery-distill='distill-weight=0' must set distill-weight in (0, 1]"),

@@ -287,7 +287,8 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     m = machine()
     seeds = sorted(t.dense.folders)
     head_keeps = " | ".join(f"{k}/{n}" for k in t.keeps)
-    lines = [f"# Fine-tuning a dense model with TwIST: the recipe against every baseline ({len(seeds)} seeds, paired)",
+    lines = [f"# Fine-tuning a dense model with TwIST: the recipe against every baseline "
+             f"({_seeds(len(seeds))}, paired)",
              "",
              f"A dense model (DDP, {t.plan['dense_steps']} steps at lr {t.plan['dense_lr']:g}, one per seed) is "
              f"fine-tuned for F = {F} more steps with TwIST (lr {best['twist']:g}; each lever below on top of it) or "
@@ -493,11 +494,16 @@ def _local_steps_section(t: Table, root: Path, test, runs, deployed, dd: Runs, d
     return out
 
 
+def _seeds(n: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed{'' if n == 1 else 's'}"
+
+
 def _choice_text(t: Table, where: str = "; the table \"The learning rate over seeds\" below") -> str:
     """How the table's two rates were chosen, as a sentence (`--lr-choice`)."""
     if t.lr_choice == "grid":
         return "the lower validation perplexity on the seed-0 grid (`tune finetune`'s choice, plan.json)."
-    text = (f"the lowest mean validation perplexity over the {len(t.dense.folders)} seeds among the rates run on "
+    text = (f"the lowest mean validation perplexity over the {_seeds(len(t.dense.folders))} among the rates run on "
             f"every seed (`--lr-choice seeds`{where}).")
     grid = t.plan["best_lrs"]  # the seed-0 grid's rates, which `tune finetune` ran the levers at
     if float(t.best["twist"]) != float(grid["twist"]):
@@ -661,7 +667,7 @@ def _scratch_section(t: Table, root: Path, result) -> list[str]:
             t.test(Runs.find(root, lambda s, name=name: f"scratch-{name}-s{s}"))
     base_half = {s: v[f"keep-{half}"] for s, v in base.items()}
     for lbl, te in rows.items():
-        out.append(f"| {lbl} ({len(te)} seeds) | {_cell({s: v['full'] for s, v in te.items()})} | "
+        out.append(f"| {lbl} ({_seeds(len(te))}) | {_cell({s: v['full'] for s, v in te.items()})} | "
                    + " | ".join(_cell({s: v[f'keep-{k}'] for s, v in te.items()}) for k in t.keeps)
                    + f" | {_txt(_ratio({s: v[f'keep-{half}'] for s, v in te.items()}, base_half))}"
                    f" | {_txt(_ratio({s: v['full'] for s, v in te.items()}, ddp_full))} |")
