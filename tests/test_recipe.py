@@ -415,6 +415,32 @@ def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tm
     assert summary["rounds"] == 4
 
 
+def test_reverse_takes_the_recovery_stages_jobs_in_reverse_order(tmp_path, dense_run, monkeypatch):
+    """Two lanes on one folder (`--reverse` for the second) start at opposite ends of the recovery
+    stage (its sizes, and the plain and distilled variant of each), as of every other stage."""
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+
+    (tmp_path / "dense-s0").mkdir()
+    (tmp_path / "dense-s0" / "run").symlink_to(dense_run)
+    order = {}
+    for reverse in (False, True):
+        ft = Finetune(FinetuneOptions(out=str(tmp_path), seeds=1, stages="recovery", reverse=reverse,
+                                      twist_lrs=[1e-3], ddp_lrs=[1e-3]))
+        names = order[reverse] = []
+        monkeypatch.setattr(ft, "job", lambda name, flat, names=names: names.append(name) or {})
+        monkeypatch.setattr(ft, "best_lrs", lambda: {"twist": 1e-3, "ddp": 1e-3})
+        monkeypatch.setattr(ft, "recovery_plan", lambda: {"alpha": 0.5, "lr": 1e-3})
+        monkeypatch.setattr(ft, "record_plan", lambda best: None)
+        ft.run()
+    from twist_fl.tools.finetune import n_blocks_of
+
+    n = n_blocks_of(dense_run)
+    keeps = sorted({max(1, round(n * f)) for f in (.25, .5, .75)} - {n})
+    forward = [f"recovery{kd}-lr0.001-k{k}-F300-s0" for k in keeps for kd in ("", "-kd")]
+    assert order[False] == ["dense-s0", *forward]
+    assert order[True] == ["dense-s0", *reversed(forward)]
+
+
 # --- the recipe in one key ----------------------------------------------------------------------
 
 

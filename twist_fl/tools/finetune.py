@@ -353,8 +353,9 @@ class Finetune:
                                      self.ft("twist", best["twist"], f, seed, self.variants[name]))
                 elif stage == "recovery":
                     rec = self.recovery_plan()
-                    for keep in self.recovery_keeps():
-                        for kd in (False, True) if self.recovery_distill is not None else (False,):
+                    kds = (False, True) if self.recovery_distill is not None else (False,)
+                    for keep in (reversed(self.recovery_keeps()) if o.reverse else self.recovery_keeps()):
+                        for kd in (reversed(kds) if o.reverse else kds):
                             self.job(self.recovery_name(keep, o.ft_steps, seed, kd, rec["lr"]),
                                      self.recovery(seed, keep, rec, kd))
                 elif stage == "eqb":
