@@ -479,6 +479,7 @@ def test_recovery_distill_none_runs_the_plain_recovery_only(tmp_path, capsys):
     assert md.startswith("# Fine-tuning a dense model with TwIST: the recipe against every baseline (1 seed, paired)")
     assert "over the 1 seed among the rates run on every seed" in md and "1 seeds" not in md
     assert "| FLAP + recovery fine-tune (one run per size) |" in md
+    assert "| FLAP + recovery fine-tune, 1 size | | | | | | | " in md and " (its size) |" in md
     capsys.readouterr()
     for value, said in (("nothing", "--recovery-distill entry 'nothing' is not key=value"),
                         ("distill-weight=0", "--recovery-distill='distill-weight=0' must set distill-weight in (0, 1]"),
@@ -488,3 +489,23 @@ def test_recovery_distill_none_runs_the_plain_recovery_only(tmp_path, capsys):
     # a --variants entry's bad text is named by its flag and name, not as --run-config
     assert main([*argv, "--variants", "kd:oops"]) == 2
     assert "--variants 'kd': entry 'oops' is not key=value" in capsys.readouterr().err
+
+
+def test_the_rate_section_shows_a_one_seed_grid_and_skips_a_side_with_one_rate():
+    """A folder run on seed 0 only still shows the rates its grid compared (what its choice rests
+    on), each against the chosen one; a side with a single rate has no choice to show."""
+    from types import SimpleNamespace
+
+    from twist_fl.tools.finetune_table import _lr_section
+
+    scores = {"twist": {3e-3: {0: 4.913}, 4e-3: {0: 4.882}, 5e-3: {0: 4.978}}, "ddp": {3e-3: {0: 4.366}}}
+    t = SimpleNamespace(rate_scores=scores.get, best={"twist": 4e-3, "ddp": 3e-3}, half=4, n=8, F=2400,
+                        lr_choice="seeds", dense=SimpleNamespace(folders={0: None}),
+                        plan={"best_lrs": {"twist": 3e-3, "ddp": 3e-3}})
+    result = {}
+    md = "\n".join(_lr_section(t, result))
+    assert "## The learning rate over seeds (F = 2400, validation)" in md and "over the 1 seed among" in md
+    assert "| TwIST | 0.004 (chosen) | random 4/8 subnets | 1 | 4.882 |  |" in md
+    assert "| TwIST | 0.005 | random 4/8 subnets | 1 | 4.978 |" in md and "| DDP |" not in md
+    assert set(result["lr_over_seeds"]) == {"twist"} and result["lr_over_seeds"]["twist"]["0.005"]["valid"] == {
+        "0": 4.978}

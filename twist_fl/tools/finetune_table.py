@@ -375,8 +375,9 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
     lines.append(f"| DDP fine-tuned | | | | | 1 | {mb:.3f} | {sum(t.compute(s) for s in dsum) / len(dsum):.2f} |")
     for label, per_k in rec.items():
         costs = [t.compute(s) for k in per_k for s in runs[f"{label} k{k}"].summaries.values()]
-        lines.append(f"| {label}, {len(per_k)} sizes | | | | | | | {sum(costs) / max(1, len(costs)) * len(per_k):.2f} "
-                     f"(all sizes) |")
+        one = len(per_k) == 1
+        lines.append(f"| {label}, {len(per_k)} size{'' if one else 's'} | | | | | | | "
+                     f"{sum(costs) / max(1, len(costs)) * len(per_k):.2f} ({'its size' if one else 'all sizes'}) |")
 
     result: dict[str, Any] = {
         "root": shown(str(root.resolve())), "F": F, "best_lrs": best, "lr_choice": t.lr_choice, "seeds": seeds,
@@ -520,7 +521,7 @@ def _lr_section(t: Table, result) -> list[str]:
     for side, what in (("twist", f"random {t.half}/{t.n} subnets"), ("ddp", "full model")):
         vals = t.rate_scores(side)
         chosen = vals.get(float(t.best[side]), {})
-        if not any(len(v) > 1 for lr, v in vals.items() if lr != float(t.best[side])):
+        if len(vals) < 2:  # one rate: nothing was chosen
             continue
         for lr, v in vals.items():
             mark = " (chosen)" if lr == float(t.best[side]) else ""
