@@ -417,8 +417,8 @@ def test_a_finetune_job_another_process_is_training_is_waited_for_not_resumed(tm
 
 def test_reverse_takes_the_recovery_stages_jobs_in_reverse_order(tmp_path, dense_run, monkeypatch):
     """Two lanes on one folder (`--reverse` for the second) start at opposite ends of the recovery
-    stage (its sizes, and the plain and distilled variant of each), as of every other stage."""
-    from twist_fl.tools.finetune import Finetune, FinetuneOptions
+    stage (its sizes, and the plain and distilled variant of each), as in every other stage."""
+    from twist_fl.tools.finetune import Finetune, FinetuneOptions, n_blocks_of
 
     (tmp_path / "dense-s0").mkdir()
     (tmp_path / "dense-s0" / "run").symlink_to(dense_run)
@@ -432,8 +432,6 @@ def test_reverse_takes_the_recovery_stages_jobs_in_reverse_order(tmp_path, dense
         monkeypatch.setattr(ft, "recovery_plan", lambda: {"alpha": 0.5, "lr": 1e-3})
         monkeypatch.setattr(ft, "record_plan", lambda best: None)
         ft.run()
-    from twist_fl.tools.finetune import n_blocks_of
-
     n = n_blocks_of(dense_run)
     keeps = sorted({max(1, round(n * f)) for f in (.25, .5, .75)} - {n})
     forward = [f"recovery{kd}-lr0.001-k{k}-F300-s0" for k in keeps for kd in ("", "-kd")]
