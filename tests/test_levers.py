@@ -480,6 +480,19 @@ def test_recovery_distill_none_runs_the_plain_recovery_only(tmp_path, capsys):
     assert "over the 1 seed among the rates run on every seed" in md and "1 seeds" not in md
     assert "| FLAP + recovery fine-tune (one run per size) |" in md
     assert "| FLAP + recovery fine-tune, 1 size | | | | | | | " in md and " (its size) |" in md
+    # a --recovery-lrs naming a rate the kept grid lacks widens it: the new rate runs, the old one is
+    # read back (not run again), the alpha stays, and the choice is made over both
+    first = json.loads((out / "recovery.json").read_text())
+    mtime = (out / "recovery-lr0.001-k2-F4-s0" / "run" / "summary.json").stat().st_mtime_ns
+    wide = [a if a != "1e-3" or argv[i - 1] != "--recovery-lrs" else "1e-3,3e-2" for i, a in enumerate(argv)]
+    assert main(wide) == 0
+    rec = json.loads((out / "recovery.json").read_text())
+    assert set(rec["valid_by_lr"]) == {"0.001", "0.03"} and rec["alpha"] == first["alpha"]
+    assert rec["lr"] == float(min(rec["valid_by_lr"], key=rec["valid_by_lr"].get))
+    assert rec["valid_by_lr"]["0.001"] == first["valid_by_lr"]["0.001"]
+    assert (out / "recovery-lr0.001-k2-F4-s0" / "run" / "summary.json").stat().st_mtime_ns == mtime
+    assert (out / "recovery-lr0.03-k2-F4-s0" / "run" / "summary.json").is_file()
+    assert main(argv) == 0 and json.loads((out / "recovery.json").read_text()) == rec  # a subset: kept as is
     capsys.readouterr()
     for value, said in (("nothing", "--recovery-distill entry 'nothing' is not key=value"),
                         ("distill-weight=0", "--recovery-distill='distill-weight=0' must set distill-weight in (0, 1]"),

@@ -404,22 +404,34 @@ class Finetune:
     def recovery_plan(self) -> dict[str, Any]:
         """The recovery baseline's alpha (FLAP at N/2 on dense-s0's validation split, alpha 0 against
         the run's) and learning rate (its grid at N/2, seed 0, no distillation, by the validation
-        perplexity of the recovered model), each chosen once and kept in recovery.json."""
+        perplexity of the recovered model), each chosen once and kept in recovery.json. A
+        --recovery-lrs that names a rate the kept grid lacks widens it: the new rates run, the rates
+        already run are read back, and the choice is made again over all of them."""
         from ..core.model import GPT
         from ..core.train import evaluate
         from ..evaluation.loading import data_settings, load_model, windows_for
 
         f = self.out / "recovery.json"
-        if f.is_file():
-            return json.loads(f.read_text())
+        old = json.loads(f.read_text()) if f.is_file() else None
+        lrs = list(self.o.recovery_lrs)
+        if old is not None:
+            ran = [float(lr) for lr in old["valid_by_lr"]]
+            if set(lrs) <= set(ran):
+                return old
+            log.info("finetune: widening the recovery baseline's rates %s with %s", ran,
+                     sorted(set(lrs) - set(ran)))
+            lrs = sorted(set(ran) | set(lrs))
         keep = min(self.recovery_keeps(), key=lambda k: abs(2 * k - n_blocks_of(self.folder("dense-s0"))))
-        model, meta = load_model(str(self.folder("dense-s0")))
-        windows = windows_for(model, data_settings(meta), "valid", int(self.base["eval-tokens"]))
-        valid = {a: evaluate(GPT.load(self.pruned(0, keep, a)), windows)["ppl"]
-                 for a in sorted({0.0, float(self.base["alpha"])})}
-        alpha = min(valid, key=valid.get)
+        if old is not None:  # the alpha stays the one chosen first
+            valid, alpha = {float(a): v for a, v in old["valid_flap_by_alpha"].items()}, float(old["alpha"])
+        else:
+            model, meta = load_model(str(self.folder("dense-s0")))
+            windows = windows_for(model, data_settings(meta), "valid", int(self.base["eval-tokens"]))
+            valid = {a: evaluate(GPT.load(self.pruned(0, keep, a)), windows)["ppl"]
+                     for a in sorted({0.0, float(self.base["alpha"])})}
+            alpha = min(valid, key=valid.get)
         scores = {}
-        for lr in (reversed(self.o.recovery_lrs) if self.o.reverse else self.o.recovery_lrs):
+        for lr in (reversed(lrs) if self.o.reverse else lrs):
             summary = self.job(self.recovery_name(keep, self.o.ft_steps, 0, False, lr),
                                self.recovery(0, keep, {"alpha": alpha, "lr": lr}, False))
             scores[lr] = summary["final"]["full"]["ppl"]

@@ -434,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ablation-levers", default="", help="comma list of --variants names also run at every F of "
                    "--ft-ablation, every seed")
     f.add_argument("--recovery-lrs", default="5e-4,1e-3,2e-3", help="the recovery baseline's learning-rate grid "
-                   "(FLAP-pruned dense model fine-tuned at one size; seed 0, N/2, chosen on validation)")
+                   "(FLAP-pruned dense model fine-tuned at one size; seed 0, N/2, chosen on validation and kept "
+                   "in recovery.json; a rate the kept grid lacks widens it)")
     f.add_argument("--recovery-distill", default="distill-weight=0.8 distill-temperature=2.0",
                    help="the recovery baseline's distillation from the dense model (its second variant; 'none': "
                    "the plain variant only)")
