@@ -237,6 +237,12 @@ class Finetune:
 
     # --- running -------------------------------------------------------------------------
 
+    def in_order(self, items) -> list:
+        """`items` in the order this process takes them: reversed under --reverse, so that a second
+        process on the same --out starts at the other end of every stage."""
+        items = list(items)
+        return items[::-1] if self.o.reverse else items
+
     def job(self, name: str, flat: dict[str, Any]) -> dict[str, Any]:
         """Run one job, or return its summary when it is done. Several `finetune` processes may
         share a folder (`--reverse`, `--seed-list`): a job another process is running (its run
@@ -264,8 +270,6 @@ class Finetune:
                 time.sleep(5)
                 continue
             resume = resumable_round(d, flat)
-            if resume is not None:
-                check_same_job(name, d, json.loads((d / "config.json").read_text())["run"], flat)
             if resume is None:
                 try:
                     clear_interrupted(d, "finetune")
@@ -273,6 +277,7 @@ class Finetune:
                     time.sleep(5)
                     continue
             else:
+                check_same_job(name, d, json.loads((d / "config.json").read_text())["run"], flat)
                 log.info("finetune: %s was interrupted after round %d of %d; resuming it from that round's "
                          "checkpoint", name, resume, flat["num-server-rounds"])
             run = {**flat, "out-dir": str(d.parent), "run-name": "run",
@@ -295,7 +300,7 @@ class Finetune:
         best = {}
         for side, lrs in (("twist", o.twist_lrs), ("ddp", o.ddp_lrs)):
             scores = {}
-            for lr in (reversed(lrs) if o.reverse else lrs):
+            for lr in self.in_order(lrs):
                 s = self.job(f"{side}-lr{lr:g}-F{o.ft_steps}-s0", self.ft(side, lr, o.ft_steps, 0))
                 scores[lr] = side_validation(side, s, quarters_of(s["n_blocks"], 2))
             best[side] = min(scores, key=scores.get)
@@ -319,14 +324,12 @@ class Finetune:
         if unknown:
             raise ValueError(f"--stages has {sorted(unknown)}; allowed: {list(STAGES)}")
         self.check_plan()
-        seeds = list(range(o.seeds)) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds]
-        if o.reverse:
-            seeds.reverse()
+        seeds = self.in_order(range(o.seeds) if o.seed_list is None else [s for s in o.seed_list if 0 <= s < o.seeds])
         if set(stages) <= {"scratch"}:  # needs neither the dense models nor the fine-tune rates
             for seed in seeds:
                 self._scratch(seed)
             return {}
-        for seed in (reversed(range(o.seeds)) if o.reverse else range(o.seeds)):
+        for seed in self.in_order(range(o.seeds)):
             self.job(f"dense-s{seed}", self.dense(seed))
         if set(stages) <= {"dense"}:
             return {}
@@ -339,7 +342,7 @@ class Finetune:
                         self.job(self.pair_name(side, best[side], o.ft_steps, seed),
                                  self.ft(side, best[side], o.ft_steps, seed))
                 elif stage == "levers":
-                    for name, extra in (reversed(self.variants.items()) if o.reverse else self.variants.items()):
+                    for name, extra in self.in_order(self.variants.items()):
                         self.job(f"lever-{name}-s{seed}", self.ft("twist", best["twist"], o.ft_steps, seed, extra))
                 elif stage == "eqc" and o.equal_compute:
                     self.job(f"twist-eqc-F{o.ft_steps}-s{seed}",
@@ -353,9 +356,8 @@ class Finetune:
                                      self.ft("twist", best["twist"], f, seed, self.variants[name]))
                 elif stage == "recovery":
                     rec = self.recovery_plan()
-                    kds = (False, True) if self.recovery_distill is not None else (False,)
-                    for keep in (reversed(self.recovery_keeps()) if o.reverse else self.recovery_keeps()):
-                        for kd in (reversed(kds) if o.reverse else kds):
+                    for keep in self.in_order(self.recovery_keeps()):
+                        for kd in self.in_order((False, True) if self.recovery_distill is not None else (False,)):
                             self.job(self.recovery_name(keep, o.ft_steps, seed, kd, rec["lr"]),
                                      self.recovery(seed, keep, rec, kd))
                 elif stage == "eqb":
@@ -364,8 +366,8 @@ class Finetune:
                         self.job(f"ddp-eqb-{name or 'base'}-s{seed}",
                                  self.ft("ddp", best["ddp"], steps, seed, {"local-steps": 1}))
                 elif stage == "lr-seeds":
-                    for side in (("ddp", "twist") if o.reverse else ("twist", "ddp")):
-                        for lr in (reversed(o.lr_seeds) if o.reverse else o.lr_seeds):
+                    for side in self.in_order(("twist", "ddp")):
+                        for lr in self.in_order(o.lr_seeds):
                             self.job(self.pair_name(side, lr, o.ft_steps, seed), self.ft(side, lr, o.ft_steps, seed))
                 elif stage == "scratch":
                     self._scratch(seed)
@@ -431,7 +433,7 @@ class Finetune:
                      for a in sorted({0.0, float(self.base["alpha"])})}
             alpha = min(valid, key=valid.get)
         scores = {}
-        for lr in (reversed(lrs) if self.o.reverse else lrs):
+        for lr in self.in_order(lrs):
             summary = self.job(self.recovery_name(keep, self.o.ft_steps, 0, False, lr),
                                self.recovery(0, keep, {"alpha": alpha, "lr": lr}, False))
             scores[lr] = summary["final"]["full"]["ppl"]
