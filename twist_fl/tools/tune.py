@@ -40,6 +40,7 @@ from ..core.io import WriteError, atomic_write_text, claim_output, release_claim
 from ..evaluation.compare import test_ppl
 from ..evaluation.stats import paired_ratio
 from . import help as H
+from .finetune_table import LR_CHOICES
 from .help import shown
 
 log = logging.getLogger(__name__)
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keeps", default="", help="comma list; default N/4, N/2, 3N/4")
     g.add_argument("--recipe", default="", help="the lever the table's headline is about (default: the one whose "
                    "deployed N/2 subnets have the lowest validation perplexity)")
-    g.add_argument("--lr-choice", choices=("grid", "seeds"), default="grid", help="each side's fine-tune rate: "
+    g.add_argument("--lr-choice", choices=LR_CHOICES, default="grid", help="each side's fine-tune rate: "
                    "'grid', the seed-0 grid's choice that `tune finetune` made (plan.json); 'seeds', the lowest mean "
                    "validation perplexity over every seed among the rates run on every seed (the grid's and "
                    "--lr-seeds')")
