@@ -429,6 +429,9 @@ def test_a_finetune_folder_refuses_a_command_of_another_setting(tmp_path):
     with pytest.raises(ValueError, match=r"holds the jobs of another setting: \{'run_config'"):
         ft.check_plan()
     Finetune(FinetuneOptions(out=str(tmp_path), twist_lrs=[1e-3], ddp_lrs=[1e-3])).check_plan()  # the same: fine
+    Finetune(FinetuneOptions(out=str(tmp_path), twist_lrs=[5e-4, 1e-3], ddp_lrs=[1e-3, 2e-3])).check_plan()  # widened
+    with pytest.raises(ValueError, match=r"another setting: \{'twist_lrs': \(\[0.001\], \[0.0005\]\)\}"):
+        Finetune(FinetuneOptions(out=str(tmp_path), twist_lrs=[5e-4], ddp_lrs=[1e-3])).check_plan()  # a rate dropped
 
 
 def test_a_lever_with_its_own_local_steps_trains_the_same_tokens(tmp_path):

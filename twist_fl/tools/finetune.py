@@ -476,13 +476,19 @@ class Finetune:
 
     def check_plan(self) -> None:
         """A folder holds the jobs of one setting: a command whose F, dense stage, nodes or run config
-        differ from those recorded in its plan.json is refused (its jobs would not be comparable)."""
+        differ from those recorded in its plan.json is refused (its jobs would not be comparable).
+        Fine-tune rates that hold every recorded rate widen the grid: the new rates run, the rates
+        already run are read back, and each side's rate is chosen again over all of them (a stage
+        already run at the old choice then refuses to reuse its jobs: check_same_job)."""
         f = self.out / "plan.json"
         if not f.is_file():
             return
         plan = json.loads(f.read_text())
         mine = self._plan_settings()
-        differ = {k: (plan.get(k), v) for k, v in mine.items() if k in plan and plan[k] != v}
+        widened = {k for k in ("twist_lrs", "ddp_lrs") if k in plan and set(plan[k]) < set(mine[k])}
+        for k in sorted(widened):
+            log.info("finetune: widening %s %s with %s", k, plan[k], sorted(set(mine[k]) - set(plan[k])))
+        differ = {k: (plan.get(k), v) for k, v in mine.items() if k in plan and plan[k] != v and k not in widened}
         if differ:
             raise ValueError(f"{self.out} holds the jobs of another setting: {differ} (key: (recorded, now)); use "
                              "another --out, or --ft-ablation for other fine-tune lengths")
