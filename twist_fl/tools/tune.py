@@ -427,9 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--ft-steps", type=int, default=300, help="F: fine-tune steps of the main comparison")
     f.add_argument("--ft-ablation", default="150,600", help="other F values, both sides, every seed")
     f.add_argument("--twist-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3", help="TwIST's fine-tune grid (seed 0; "
-                   "chosen by validation at N/2)")
+                   "chosen by validation at N/2; a grid holding every rate the folder's plan.json records widens it)")
     f.add_argument("--ddp-lrs", default="2.5e-4,5e-4,1e-3,1.5e-3,2e-3", help="DDP's fine-tune grid (seed 0; chosen "
-                   "by validation of its full model)")
+                   "by validation of its full model; widened like --twist-lrs)")
     f.add_argument("--variants", default=None, help="levers: 'name:key=value ...;name2:...' (default: distill, "
                    "full1, mixed, nesterov, distill-full1)")
     f.add_argument("--ablation-levers", default="", help="comma list of --variants names also run at every F of "
