@@ -4,6 +4,7 @@ pipeline built on them (a dense run, then TwIST from it, then the comparison tab
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -395,6 +396,15 @@ def test_finetune_pipeline_runs_and_builds_its_table(tmp_path, capsys, monkeypat
     want = compare.test_ppl(str(out / f"ddp-lr{by_hand['ddp']:g}-F8-s0" / "run"), [2], 1, 256)["full"]
     assert res3["baselines"]["0"]["full"] == pytest.approx(want)
     assert "among the rates run on every seed (`--lr-choice seeds`" in (tmp_path / "t3" / "FINETUNE.md").read_text()
+
+    # a folder where no lever ran: TwIST as it ships, once, and no recipe section
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("lever-*", "*eqb-ls1*"))
+    assert main(["finetune-table", str(bare), "--out", str(tmp_path / "t4"), "--test-tokens", "256", "--draws", "1",
+                 "--keeps", "2"]) == 0
+    md4 = (tmp_path / "t4" / "FINETUNE.md").read_text()
+    assert "## TwIST as it ships" in md4 and "No lever was run into this folder" in md4
+    assert "## The recipe" not in md4 and "for reference" not in md4 and md4.count("- keep 2/4: TwIST (as today)") == 1
 
 
 def test_lr_choice_seeds_takes_the_best_mean_over_the_seeds_every_rate_ran(caplog):

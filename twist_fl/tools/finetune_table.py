@@ -318,13 +318,17 @@ def finetune_table(root: Path, out: Path, draws: int = 3, tokens: int = 32768, k
         out.append(f"- full: TwIST {what} / DDP = {_txt(_ratio(full, ddp_full))}.")
         return out
 
-    lines += [f"## The recipe: `{chosen[len('TwIST + '):] if chosen.startswith('TwIST + ') else 'as today'}`", "",
-              f"{'Chosen by --recipe' if recipe else 'Chosen on the validation split'}: the lever whose deployed "
-              f"{half}/{n} subnets have the lowest validation perplexity"
-              + ("" if recipe else " (among the levers run on the most seeds)")
-              + f". Its run-config keys: `{_keys(runs[chosen], tw)}`.", ""]
-    lines += ratio_lines(chosen, f"({chosen[len('TwIST + '):] if chosen.startswith('TwIST + ') else 'as today'})")
-    lines += ["", "TwIST as it ships (local-steps 15, no lever), for reference:", ""]
+    if candidates:
+        lines += [f"## The recipe: `{chosen[len('TwIST + '):]}`", "",
+                  f"{'Chosen by --recipe' if recipe else 'Chosen on the validation split'}: the lever whose deployed "
+                  f"{half}/{n} subnets have the lowest validation perplexity"
+                  + ("" if recipe else " (among the levers run on the most seeds)")
+                  + f". Its run-config keys: `{_keys(runs[chosen], tw)}`.", ""]
+        lines += ratio_lines(chosen, f"({chosen[len('TwIST + '):]})")
+        lines += ["", "TwIST as it ships (local-steps 15, no lever), for reference:", ""]
+    else:
+        lines += ["## TwIST as it ships", "", "No lever was run into this folder: TwIST as it ships (local-steps 15, "
+                  "no lever) against the baselines.", ""]
     lines += ratio_lines("TwIST (as today)", "(as today)")
 
     # every row, perplexities
