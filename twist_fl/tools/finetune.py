@@ -478,8 +478,9 @@ class Finetune:
         """A folder holds the jobs of one setting: a command whose F, dense stage, nodes or run config
         differ from those recorded in its plan.json is refused (its jobs would not be comparable).
         Fine-tune rates that hold every recorded rate widen the grid: the new rates run, the rates
-        already run are read back, and each side's rate is chosen again over all of them (a stage
-        already run at the old choice then refuses to reuse its jobs: check_same_job)."""
+        already run are read back, and each side's rate is chosen again over all of them (pair jobs
+        are named by their rate, so a new choice runs its own; a lever already run at the old rate
+        is refused, not reused: check_same_job)."""
         f = self.out / "plan.json"
         if not f.is_file():
             return
