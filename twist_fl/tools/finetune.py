@@ -487,12 +487,12 @@ class Finetune:
         plan = json.loads(f.read_text())
         mine = self._plan_settings()
         widened = {k for k in ("twist_lrs", "ddp_lrs") if k in plan and set(plan[k]) < set(mine[k])}
-        for k in sorted(widened):
-            log.info("finetune: widening %s %s with %s", k, plan[k], sorted(set(mine[k]) - set(plan[k])))
         differ = {k: (plan.get(k), v) for k, v in mine.items() if k in plan and plan[k] != v and k not in widened}
         if differ:
             raise ValueError(f"{self.out} holds the jobs of another setting: {differ} (key: (recorded, now)); use "
                              "another --out, or --ft-ablation for other fine-tune lengths")
+        for k in sorted(widened):  # logged once the command is known to be taken
+            log.info("finetune: widening %s %s with %s", k, plan[k], sorted(set(mine[k]) - set(plan[k])))
 
     def _plan_settings(self) -> dict[str, Any]:
         o = self.o
